@@ -1,0 +1,137 @@
+// The runner's edge: command-line parsing and exit codes. Everything below throws; this is where exceptions
+// become a one-line message and a status (0 ok, 1 failure, 2 bad input, 130 interrupted).
+
+#include <iostream>
+
+#include <boost/program_options.hpp>
+
+#include "ablate/sdk/error.hpp"
+#include "cli/commands.hpp"
+#include "host/plugin_host.hpp"
+#include "revision.hpp"
+
+namespace po = boost::program_options;
+using namespace ablate;
+
+namespace {
+
+constexpr const char* kUsage = R"(runner: VLM finetuning ablations on libtorch
+
+usage:
+  runner EXPERIMENT.toml... [options]   run every cell of the experiments' grids (alias: runner run ...)
+  runner plugins                        list the plugins found: kind, id, version, file
+  runner compare EXPERIMENT             one row per run: grid axes, eval loss, metrics
+  runner replay RUN [--step N]          the samples a run generated at a step
+
+Re-running an experiment skips finished cells, resumes interrupted ones from their last checkpoint and runs
+cells whose configuration changed. Results go to one SQLite file (--db), readable with sqlite3 or pandas.
+)";
+
+po::options_description common_options(cli::Common& c) {
+  po::options_description o("common options");
+  o.add_options()
+      ("help,h", "show this help")
+      ("version", "show the version and source revision")
+      ("db", po::value<std::string>()->default_value(c.db.string()), "results database (checkpoints go beside it)")
+      ("plugins", po::value<std::vector<std::string>>()->composing(),
+       "extra folder of plugin libraries (repeatable; searched before ABLATE_PLUGIN_PATH and the built-in folder)");
+  return o;
+}
+
+int dispatch(int argc, char** argv) {
+  cli::Common common;
+  common.executable = std::filesystem::absolute(std::filesystem::path(argv[0]));
+  if (std::filesystem::exists("/proc/self/exe")) common.executable = std::filesystem::read_symlink("/proc/self/exe");
+
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string command = "run";
+  if (!args.empty() && (args[0] == "run" || args[0] == "plugins" || args[0] == "compare" || args[0] == "replay")) {
+    command = args[0];
+    args.erase(args.begin());
+  }
+
+  auto opts = common_options(common);
+  po::options_description specific(command + " options");
+  po::positional_options_description positional;
+  cli::RunArgs run;
+  cli::CompareArgs cmp;
+  cli::ReplayArgs rep;
+  std::string images;
+  if (command == "run") {
+    specific.add_options()
+        ("experiment", po::value<std::vector<std::string>>()->composing(), "experiment TOML file(s)")
+        ("dry-run", po::bool_switch(&run.dry_run), "print the grid's cells and their keys; run nothing")
+        ("device", po::value<std::string>(&run.device)->default_value("auto"), "cpu, cuda, cuda:N or auto")
+        ("workers", po::value<int>(&run.workers)->default_value(1), "data worker threads")
+        ("threads", po::value<int>(&run.threads)->default_value(0), "libtorch intra-op threads (0: its default)");
+    positional.add("experiment", -1);
+  } else if (command == "compare") {
+    specific.add_options()
+        ("experiment", po::value<std::string>(&cmp.experiment), "experiment name or TOML file")
+        ("all", po::bool_switch(&cmp.all), "also show runs of cells no longer in the grid");
+    positional.add("experiment", 1);
+  } else if (command == "replay") {
+    specific.add_options()
+        ("run", po::value<std::int64_t>(&rep.run), "run id (see runner compare)")
+        ("step", po::value<std::int64_t>(&rep.step)->default_value(-1), "step (default: the last with samples)")
+        ("images", po::value<std::string>(&images), "write the samples' images into this folder");
+    positional.add("run", 1);
+  }
+  opts.add(specific);
+
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(opts).positional(positional).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::cerr << "runner: " << e.what() << " (see runner --help)\n";
+    return 2;
+  }
+  if (vm.count("help")) {
+    std::cout << kUsage << "\n" << opts << "\n";
+    return 0;
+  }
+  if (vm.count("version")) {
+    std::cout << "runner " << kVersion << " (" << kSourceRevision << ")\n";
+    return 0;
+  }
+  common.db = vm["db"].as<std::string>();
+  if (vm.count("plugins")) common.plugin_dirs = vm["plugins"].as<std::vector<std::string>>();
+  rep.images = images;
+
+  if (command == "plugins") return cli::plugins(common);
+  if (command == "compare") {
+    if (cmp.experiment.empty()) {
+      std::cerr << "runner compare: name an experiment (or its TOML file)\n";
+      return 2;
+    }
+    return cli::compare(common, cmp);
+  }
+  if (command == "replay") {
+    if (!vm.count("run")) {
+      std::cerr << "runner replay: give a run id (see runner compare)\n";
+      return 2;
+    }
+    return cli::replay(common, rep);
+  }
+  if (!vm.count("experiment")) {
+    std::cout << kUsage << "\n" << opts << "\n";
+    return 2;
+  }
+  for (const auto& e : vm["experiment"].as<std::vector<std::string>>()) run.experiments.emplace_back(e);
+  return cli::run(common, run);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return dispatch(argc, argv);
+  } catch (const sdk::InputError& e) {
+    std::cerr << "runner: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "runner: " << describe_exception(e) << "\n";
+    return 1;
+  }
+}

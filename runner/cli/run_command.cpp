@@ -1,0 +1,223 @@
+// runner EXPERIMENT.toml: expand the grid and run every cell, skipping finished ones, resuming interrupted
+// ones from their last checkpoint, and running cells whose configuration changed (they have a new key).
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <iostream>
+#include <set>
+
+#include <torch/torch.h>
+
+#include "ablate/sdk/error.hpp"
+#include "cli/commands.hpp"
+#include "grid/experiment.hpp"
+#include "host/plugin_host.hpp"
+#include "revision.hpp"
+#include "store/store.hpp"
+#include "train/trainer.hpp"
+
+namespace ablate::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<bool> g_interrupted{false};
+extern "C" void on_signal(int) { g_interrupted.store(true); }
+
+/// One runner per results database at a time: an exclusive lock on DB.lock, released when the process
+/// ends however it ends.
+class DbLock {
+ public:
+  explicit DbLock(const fs::path& db) {
+    const auto file = db.string() + ".lock";
+    fd_ = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw sdk::InputError(file + ": cannot create the lock file");
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      ::close(fd_);
+      throw sdk::InputError(db.string() + ": in use by another runner (wait for it, or use --db elsewhere)");
+    }
+  }
+  ~DbLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// Every experiment in the `requires` chain, requirements first, each once; cycles are an error.
+void collect(const fs::path& file, const PluginHost& host, std::vector<Experiment>& out, std::vector<fs::path>& stack) {
+  const auto canonical = fs::weakly_canonical(file);
+  for (const auto& e : out) {
+    if (fs::weakly_canonical(e.file) == canonical) return;
+  }
+  if (std::find(stack.begin(), stack.end(), canonical) != stack.end()) {
+    throw sdk::InputError(file.string() + ": [experiment] requires forms a cycle");
+  }
+  stack.push_back(canonical);
+  auto ex = load_experiment(file, host);
+  for (const auto& r : ex.requires) collect(r, host, out, stack);
+  stack.pop_back();
+  out.push_back(std::move(ex));
+}
+
+std::string short_key(const std::string& key) { return key.substr(0, 12); }
+
+void print_cells(const Experiment& ex, std::ostream& out) {
+  out << "experiment " << ex.name << " (" << ex.file.string() << "): " << ex.cells.size() << " cell"
+      << (ex.cells.size() == 1 ? "" : "s") << "\n";
+  for (const auto& c : ex.cells) {
+    out << "  [" << c.index + 1 << "/" << ex.cells.size() << "] " << (c.key.empty() ? "(key after requires)" : short_key(c.key))
+        << "  " << c.label << "\n";
+  }
+}
+
+torch::Device pick_device(const std::string& name) {
+  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  try {
+    torch::Device d(name);
+    if (d.is_cuda() && !torch::cuda::is_available()) throw sdk::InputError("--device " + name + ": no CUDA device is available");
+    return d;
+  } catch (const c10::Error&) {
+    throw sdk::InputError("--device " + name + ": not a device (cpu, cuda, cuda:N, auto)");
+  }
+}
+
+}  // namespace
+
+int run(const Common& common, const RunArgs& args) {
+  PluginHost host;
+  host.discover(PluginHost::search_path(common.executable, common.plugin_dirs), std::cerr);
+
+  // Every experiment is read and checked before anything runs or is recorded.
+  std::vector<Experiment> chain;
+  for (const auto& file : args.experiments) {
+    std::vector<fs::path> stack;
+    collect(file, host, chain, stack);
+  }
+  if (args.dry_run) {
+    for (auto& ex : chain) {
+      try {
+        compute_keys(ex);
+      } catch (const sdk::InputError&) {
+        if (ex.requires.empty()) throw;  // weights that a required experiment will write do not exist yet
+      }
+      print_cells(ex, std::cout);
+    }
+    return 0;
+  }
+
+  const auto device = pick_device(args.device);
+  if (args.threads > 0) torch::set_num_threads(args.threads);
+  if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
+  DbLock lock(common.db);
+  store::Store db(common.db);
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+
+  char hostname[256] = {};
+  ::gethostname(hostname, sizeof hostname - 1);
+  RunContext ctx{db, host};
+  ctx.device = device;
+  ctx.results_dir = common.db.parent_path().empty() ? fs::path(".") : common.db.parent_path();
+  ctx.workers = std::max(1, args.workers);
+  ctx.interrupted = &g_interrupted;
+  ctx.revision = kSourceRevision;
+  ctx.hostname = hostname;
+  ctx.interactive = ::isatty(STDERR_FILENO) != 0;
+
+  int failed = 0, done = 0, skipped = 0;
+  for (auto& ex : chain) {
+    compute_keys(ex);  // after the experiments it requires have written their weights
+    Json axes = ex.axes, keys = Json::array();
+    for (const auto& c : ex.cells) keys.push_back(c.key);
+    const auto exp_id = db.upsert_experiment(ex.name, fs::absolute(ex.file).string(), ex.text, ex.text_sha256, axes, keys);
+    if (auto stale = db.mark_stale_running(exp_id)) {
+      std::cerr << ex.name << ": " << stale << " run(s) were cut off last time; resuming from their checkpoints\n";
+    }
+    print_cells(ex, std::cerr);
+    for (const auto& cell : ex.cells) {
+      auto run = db.find_run(exp_id, cell.key);
+      std::int64_t run_id;
+      if (run) {
+        run_id = run->id;
+        db.update_cell(run_id, cell.index, cell.label, cell.axes);
+      } else {
+        store::NewRun nr;
+        nr.experiment_id = exp_id;
+        nr.cell_key = cell.key;
+        nr.cell_index = cell.index;
+        nr.label = cell.label;
+        nr.axes = cell.axes;
+        nr.config = cell.resolved;
+        Json plugins = Json::object();
+        for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
+          plugins[r->display] = r->qualified() + "@" + std::to_string(r->version);
+        }
+        for (const auto& r : cell.strategies) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
+        for (const auto& r : cell.eval.metrics) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
+        nr.plugins = plugins;
+        nr.seed = static_cast<std::int64_t>(cell.seed);
+        nr.steps_total = cell.train.steps;
+        run_id = db.create_run(nr);
+      }
+      const std::string prefix = "[" + ex.name + " " + std::to_string(cell.index + 1) + "/" +
+                                 std::to_string(ex.cells.size()) + (cell.label == ex.name ? "" : " " + cell.label) + "]";
+      if (run && (run->status == store::Status::done || run->status == store::Status::diverged)) {
+        std::cerr << prefix << " " << store::status_name(run->status) << " already (run " << run_id << "), skipping\n";
+        ++skipped;
+        continue;
+      }
+      std::cerr << prefix << " run " << run_id << " key " << short_key(cell.key) << " on " << device.str() << "\n";
+      ctx.progress_prefix = prefix;
+      try {
+        const auto outcome = run_cell(ex, cell, run_id, ctx);
+        if (outcome == Outcome::interrupted) {
+          std::cerr << "\ninterrupted: run " << run_id << " resumes from its last checkpoint next time\n";
+          return 130;
+        }
+        ++done;
+      } catch (const sdk::InputError& e) {
+        db.set_status(run_id, store::Status::failed, e.what());
+        throw;
+      } catch (const std::exception& e) {
+        const auto why = describe_exception(e);
+        db.set_status(run_id, store::Status::failed, why);
+        std::cerr << (ctx.interactive ? "\n" : "") << prefix << " failed: " << why << "\n";
+        ++failed;
+      }
+    }
+  }
+  std::cerr << "finished: " << done << " run, " << skipped << " skipped, " << failed << " failed ("
+            << common.db.string() << ")\n";
+  return failed > 0 ? 1 : 0;
+}
+
+int plugins(const Common& common) {
+  PluginHost host;
+  host.discover(PluginHost::search_path(common.executable, common.plugin_dirs), std::cerr);
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& p : host.list()) {
+    rows.push_back({sdk::kind_name(p.kind), p.id, std::to_string(p.version), p.file.string(), p.summary});
+  }
+  std::sort(rows.begin(), rows.end());
+  std::size_t w[4] = {4, 2, 7, 4};
+  for (const auto& r : rows) {
+    for (int i = 0; i < 4; ++i) w[i] = std::max(w[i], r[static_cast<std::size_t>(i)].size());
+  }
+  auto pad = [](const std::string& s, std::size_t n) { return s + std::string(n > s.size() ? n - s.size() : 0, ' '); };
+  std::cout << pad("kind", w[0]) << "  " << pad("id", w[1]) << "  " << pad("version", w[2]) << "  " << pad("file", w[3])
+            << "  summary\n";
+  for (const auto& r : rows) {
+    std::cout << pad(r[0], w[0]) << "  " << pad(r[1], w[1]) << "  " << pad(r[2], w[2]) << "  " << pad(r[3], w[3]) << "  "
+              << r[4] << "\n";
+  }
+  return 0;
+}
+
+}  // namespace ablate::cli

@@ -1,0 +1,112 @@
+#include "data/batches.hpp"
+
+#include <algorithm>
+#include <random>
+
+#include "ablate/sdk/image.hpp"
+
+namespace ablate {
+
+Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens,
+                   bool loss_on_text)
+    : tokenizer_(tokenizer), spec_(spec), max_text_tokens_(max_text_tokens), loss_on_text_(loss_on_text) {}
+
+Example Collator::prepare(sdk::Sample sample) const {
+  Example ex;
+  ex.pixels = sdk::prepare_image(sample.image, spec_);
+  ex.prompt_ids = tokenizer_.encode(sample.prompt, /*add_special_tokens=*/true);
+  ex.target_ids = tokenizer_.encode(sample.target, false);
+  if (tokenizer_.eos_id() >= 0) ex.target_ids.push_back(tokenizer_.eos_id());
+  ex.sample = std::move(sample);
+  return ex;
+}
+
+TrainBatch Collator::train_batch(const std::vector<Example>& examples) const {
+  TrainBatch b;
+  b.samples = static_cast<std::int64_t>(examples.size());
+  std::vector<std::vector<std::int64_t>> rows;
+  std::vector<std::vector<bool>> loss;
+  std::int64_t width = 0;
+  for (const auto& ex : examples) {
+    std::vector<std::int64_t> ids = ex.prompt_ids;
+    ids.insert(ids.end(), ex.target_ids.begin(), ex.target_ids.end());
+    std::vector<bool> carries(ids.size(), false);
+    for (std::size_t t = 1; t < ids.size(); ++t) {
+      carries[t] = loss_on_text_ || t >= ex.prompt_ids.size();
+    }
+    if (static_cast<std::int64_t>(ids.size()) > max_text_tokens_) {
+      ids.resize(static_cast<std::size_t>(max_text_tokens_));
+      carries.resize(ids.size());
+      ++b.truncated;
+    }
+    width = std::max<std::int64_t>(width, static_cast<std::int64_t>(ids.size()));
+    rows.push_back(std::move(ids));
+    loss.push_back(std::move(carries));
+  }
+  const auto pad = std::max<std::int64_t>(tokenizer_.pad_id(), 0);
+  b.ids = torch::full({b.samples, width}, pad, torch::kLong);
+  b.targets = torch::zeros({b.samples, width}, torch::kBool);
+  auto ids = b.ids.accessor<std::int64_t, 2>();
+  auto targets = b.targets.accessor<bool, 2>();
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    for (std::size_t t = 0; t < rows[i].size(); ++t) {
+      ids[static_cast<std::int64_t>(i)][static_cast<std::int64_t>(t)] = rows[i][t];
+      targets[static_cast<std::int64_t>(i)][static_cast<std::int64_t>(t)] = loss[i][t];
+      b.loss_tokens += loss[i][t] ? 1 : 0;
+    }
+    b.text_tokens += static_cast<std::int64_t>(rows[i].size());
+  }
+  std::vector<torch::Tensor> pixels;
+  for (const auto& ex : examples) pixels.push_back(ex.pixels);
+  b.pixels = torch::stack(pixels);
+  return b;
+}
+
+GenerationBatch Collator::generation_batch(std::vector<Example> examples) const {
+  GenerationBatch b;
+  std::int64_t width = 0;
+  for (auto& ex : examples) {
+    // Keep the end of long prompts: the question is usually last.
+    if (static_cast<std::int64_t>(ex.prompt_ids.size()) > max_text_tokens_) {
+      ex.prompt_ids.erase(ex.prompt_ids.begin(), ex.prompt_ids.end() - max_text_tokens_);
+    }
+    width = std::max<std::int64_t>(width, static_cast<std::int64_t>(ex.prompt_ids.size()));
+  }
+  const auto n = static_cast<std::int64_t>(examples.size());
+  b.ids = torch::full({n, width}, std::max<std::int64_t>(tokenizer_.pad_id(), 0), torch::kLong);
+  b.valid = torch::zeros({n, width}, torch::kBool);
+  auto ids = b.ids.accessor<std::int64_t, 2>();
+  auto valid = b.valid.accessor<bool, 2>();
+  std::vector<torch::Tensor> pixels;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto& p = examples[static_cast<std::size_t>(i)].prompt_ids;
+    const auto offset = width - static_cast<std::int64_t>(p.size());
+    for (std::size_t t = 0; t < p.size(); ++t) {
+      ids[i][offset + static_cast<std::int64_t>(t)] = p[t];
+      valid[i][offset + static_cast<std::int64_t>(t)] = true;
+    }
+    pixels.push_back(examples[static_cast<std::size_t>(i)].pixels);
+  }
+  b.pixels = torch::stack(pixels);
+  b.examples = std::move(examples);
+  return b;
+}
+
+SampleOrder::SampleOrder(std::size_t count, std::uint64_t seed) : count_(count), seed_(seed) {}
+
+std::size_t SampleOrder::at(std::uint64_t n) {
+  const std::uint64_t epoch = n / count_;
+  if (epoch != epoch_) {
+    perm_.resize(count_);
+    for (std::size_t i = 0; i < count_; ++i) perm_[i] = i;
+    // std::shuffle's algorithm is fixed by libstdc++; mt19937_64's sequence is fixed by the standard.
+    std::mt19937_64 rng(seed_ * 0x9e3779b97f4a7c15ULL + epoch + 1);
+    for (std::size_t i = count_; i > 1; --i) {
+      std::swap(perm_[i - 1], perm_[static_cast<std::size_t>(rng() % i)]);
+    }
+    epoch_ = epoch;
+  }
+  return perm_[n % count_];
+}
+
+}  // namespace ablate

@@ -1,0 +1,138 @@
+#pragma once
+// From dataset samples to tensors: tokenisation, image preparation and collation, and a prefetcher that
+// builds batches on worker threads, in order, while the model computes.
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "ablate/sdk/dataset.hpp"
+#include "ablate/sdk/encoder.hpp"
+#include "ablate/sdk/tokenizer.hpp"
+
+namespace ablate {
+
+/// One sample, tokenised and with its pixels prepared for the encoder.
+struct Example {
+  sdk::Sample sample;
+  torch::Tensor pixels;  ///< [3, H, W] float32
+  std::vector<std::int64_t> prompt_ids;  ///< BOS + prompt
+  std::vector<std::int64_t> target_ids;  ///< target + EOS
+};
+
+/// Teacher-forced batch. Text is right-padded, so causal attention never reaches padding from a real token.
+struct TrainBatch {
+  torch::Tensor pixels;   ///< [B, 3, H, W]
+  torch::Tensor ids;      ///< [B, T] int64, padded with the pad id
+  torch::Tensor targets;  ///< [B, T] bool: ids[:, t] carries loss (predicted from position t - 1)
+  std::int64_t samples = 0, text_tokens = 0, loss_tokens = 0;
+  std::int64_t truncated = 0;  ///< samples whose text max_text_tokens cut
+};
+
+/// Prompts for generation, left-padded so that every row's next token is at the same position.
+struct GenerationBatch {
+  torch::Tensor pixels;  ///< [B, 3, H, W]
+  torch::Tensor ids;     ///< [B, P] int64
+  torch::Tensor valid;   ///< [B, P] bool
+  std::vector<Example> examples;
+};
+
+class Collator {
+ public:
+  Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens, bool loss_on_text);
+  Example prepare(sdk::Sample sample) const;
+  TrainBatch train_batch(const std::vector<Example>& examples) const;
+  GenerationBatch generation_batch(std::vector<Example> examples) const;
+
+ private:
+  const sdk::Tokenizer& tokenizer_;
+  sdk::ImageSpec spec_;
+  std::int64_t max_text_tokens_;
+  bool loss_on_text_;
+};
+
+/// Which dataset index the n-th training sample is: a fresh permutation per epoch, seeded by (seed, epoch),
+/// so that any step's batch can be rebuilt exactly after a resume.
+class SampleOrder {
+ public:
+  SampleOrder(std::size_t count, std::uint64_t seed);
+  std::size_t at(std::uint64_t n);
+
+ private:
+  std::size_t count_;
+  std::uint64_t seed_;
+  std::uint64_t epoch_ = ~0ull;
+  std::vector<std::size_t> perm_;
+};
+
+/// Runs produce(i) for i in [first, last) on worker threads, at most `depth` items ahead of the consumer, and
+/// hands the results out in order. An exception in produce() is rethrown by next().
+template <class T>
+class Prefetcher {
+ public:
+  Prefetcher(std::int64_t first, std::int64_t last, int workers, int depth, std::function<T(std::int64_t)> produce)
+      : next_(first), last_(last), depth_(depth), produce_(std::move(produce)) {
+    for (int w = 0; w < workers; ++w) {
+      threads_.emplace_back([this, w, workers, first] {
+        for (std::int64_t i = first + w; i < last_; i += workers) {
+          {
+            std::unique_lock<std::mutex> lock(mu_);
+            cv_.wait(lock, [&] { return stop_ || i < next_ + depth_; });
+            if (stop_) return;
+          }
+          T item;
+          std::exception_ptr error;
+          try {
+            item = produce_(i);
+          } catch (...) {
+            error = std::current_exception();
+          }
+          std::lock_guard<std::mutex> lock(mu_);
+          ready_.emplace(i, std::make_pair(std::move(item), error));
+          cv_.notify_all();
+          if (error) return;
+        }
+      });
+    }
+  }
+  ~Prefetcher() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  Prefetcher(const Prefetcher&) = delete;
+  Prefetcher& operator=(const Prefetcher&) = delete;
+
+  bool done() const { return next_ >= last_; }
+  T next() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return ready_.count(next_) > 0; });
+    auto node = ready_.extract(next_);
+    ++next_;
+    cv_.notify_all();
+    if (node.mapped().second) std::rethrow_exception(node.mapped().second);
+    return std::move(node.mapped().first);
+  }
+
+ private:
+  std::int64_t next_, last_;
+  int depth_;
+  std::function<T(std::int64_t)> produce_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::int64_t, std::pair<T, std::exception_ptr>> ready_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace ablate

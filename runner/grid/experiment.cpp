@@ -1,0 +1,436 @@
+#include "grid/experiment.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <toml++/toml.h>
+
+#include "ablate/sdk/hash.hpp"
+#include "host/plugin_host.hpp"
+
+namespace ablate {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string escape(std::string_view key) {
+  std::string out;
+  for (char c : key) {
+    if (c == '~') out += "~0";
+    else if (c == '/') out += "~1";
+    else out += c;
+  }
+  return out;
+}
+
+// TOML -> JSON, remembering the line of every value by its JSON pointer.
+Json to_json(const toml::node& node, const std::string& pointer, const std::string& file, sdk::SourceMap& where) {
+  where[pointer] = {file, static_cast<int>(node.source().begin.line)};
+  if (const auto* t = node.as_table()) {
+    Json out = Json::object();
+    for (const auto& [k, v] : *t) {
+      const std::string key(k.str());
+      out[key] = to_json(v, pointer + "/" + escape(key), file, where);
+    }
+    return out;
+  }
+  if (const auto* a = node.as_array()) {
+    Json out = Json::array();
+    std::size_t i = 0;
+    for (const auto& v : *a) out.push_back(to_json(v, pointer + "/" + std::to_string(i++), file, where));
+    return out;
+  }
+  if (const auto* s = node.as_string()) return s->get();
+  if (const auto* i = node.as_integer()) return i->get();
+  if (const auto* f = node.as_floating_point()) return f->get();
+  if (const auto* b = node.as_boolean()) return b->get();
+  std::ostringstream os;  // dates and times: kept as their TOML text
+  if (const auto* d = node.as_date()) os << d->get();
+  else if (const auto* t = node.as_time()) os << t->get();
+  else if (const auto* dt = node.as_date_time()) os << dt->get();
+  return os.str();
+}
+
+std::string line_of(const sdk::SourceMap& where, const std::string& pointer, const std::string& file) {
+  for (std::string p = pointer;; p = p.substr(0, p.rfind('/'))) {
+    auto it = where.find(p);
+    if (it != where.end()) return it->second.file + ":" + std::to_string(it->second.line);
+    if (p.empty()) break;
+  }
+  return file;
+}
+
+std::string format_number(double v) {
+  std::ostringstream os;
+  os.precision(6);
+  os << v;
+  return os.str();
+}
+
+// Strings in lists of plugin tables are shorthand for { plugin = "..." }.
+void normalise_plugin_list(Json& list) {
+  if (!list.is_array()) return;
+  for (auto& item : list) {
+    if (item.is_string()) item = Json{{"plugin", item.get<std::string>()}};
+  }
+}
+
+// Keys that do not change what a run computes; left out of the cell key so changing them reruns nothing.
+const std::vector<std::string> kUnhashed = {"/experiment/name", "/experiment/description", "/experiment/requires",
+                                            "/train/log_every", "/train/checkpoint_every", "/train/keep_checkpoints"};
+
+}  // namespace
+
+Json GenerateConfig::to_json() const {
+  Json j = {{"max_new_tokens", max_new_tokens}, {"do_sample", do_sample}, {"stop", stop}};
+  if (do_sample) {
+    j["temperature"] = temperature;
+    j["top_p"] = top_p;
+    j["top_k"] = top_k;
+  }
+  return j;
+}
+
+std::string value_label(const Json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_number_float()) return format_number(v.get<double>());
+  if (v.is_array()) {
+    std::string out;
+    for (const auto& item : v) out += (out.empty() ? "" : "+") + value_label(item);
+    return out;
+  }
+  if (v.is_object()) {
+    std::string out = v.contains("plugin") ? value_label(v["plugin"]) : std::string();
+    std::string args;
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      if (it.key() == "plugin") continue;
+      args += (args.empty() ? "" : ",") + it.key() + "=" + value_label(it.value());
+    }
+    return args.empty() ? out : out + "(" + args + ")";
+  }
+  return v.dump();
+}
+
+sdk::Options Cell::options(const PluginRef& ref) const {
+  return sdk::Options(config.at(Json::json_pointer(ref.pointer)), ref.pointer, ref.display, where);
+}
+
+namespace {
+
+PluginRef plugin_ref(sdk::Options& table, sdk::Kind kind, const std::string& pointer, const PluginHost& host) {
+  PluginRef ref;
+  ref.kind = kind;
+  ref.pointer = pointer;
+  ref.display = table.display();
+  ref.id = table.require<std::string>("plugin");
+  ref.version = host.require(kind, ref.id, table.where("plugin") + ": " + table.display() + ".plugin").version;
+  host.parse(kind, ref.id, table);
+  return ref;
+}
+
+PluginRef component(sdk::Options& model, const char* name, sdk::Kind kind, const PluginHost& host) {
+  if (!model.has(name)) model.fail(name, "missing (a table with at least plugin = \"...\")");
+  auto t = model.table(name);
+  return plugin_ref(t, kind, std::string("/model/") + name, host);
+}
+
+DataRef data_ref(sdk::Options& data, const char* name, const PluginHost& host) {
+  if (!data.has(name)) data.fail(name, "missing (a table with at least plugin = \"...\")");
+  auto t = data.table(name);
+  DataRef ref;
+  ref.limit = t.get("limit", std::int64_t{0});
+  if (ref.limit < 0) t.fail("limit", "must be 0 (all) or positive");
+  ref.plugin = plugin_ref(t, sdk::Kind::dataset, std::string("/data/") + name, host);
+  return ref;
+}
+
+TrainConfig train_config(sdk::Options& t) {
+  TrainConfig c;
+  c.steps = t.get("steps", c.steps);
+  c.batch_size = t.get("batch_size", c.batch_size);
+  c.grad_accum = t.get("grad_accum", c.grad_accum);
+  c.lr = t.get("lr", c.lr);
+  c.weight_decay = t.get("weight_decay", c.weight_decay);
+  auto betas = t.get("betas", std::vector<double>{c.beta1, c.beta2});
+  if (betas.size() != 2) t.fail("betas", "must hold two numbers");
+  c.beta1 = betas[0];
+  c.beta2 = betas[1];
+  c.eps = t.get("eps", c.eps);
+  c.max_grad_norm = t.get("max_grad_norm", c.max_grad_norm);
+  auto s = t.table("schedule");
+  c.schedule.kind = s.get("kind", c.schedule.kind);
+  c.schedule.warmup_ratio = s.get("warmup_ratio", c.schedule.warmup_ratio);
+  c.schedule.warmup_steps = s.get("warmup_steps", c.schedule.warmup_steps);
+  c.checkpoint_every = t.get("checkpoint_every", c.checkpoint_every);
+  c.keep_checkpoints = t.get("keep_checkpoints", c.keep_checkpoints);
+  c.log_every = t.get("log_every", c.log_every);
+  c.max_text_tokens = t.get("max_text_tokens", c.max_text_tokens);
+  c.loss_on = t.get("loss_on", c.loss_on);
+  if (c.steps <= 0) t.fail("steps", "must be positive");
+  if (c.batch_size <= 0) t.fail("batch_size", "must be positive");
+  if (c.grad_accum <= 0) t.fail("grad_accum", "must be positive");
+  if (!(c.lr > 0)) t.fail("lr", "must be positive");
+  if (c.weight_decay < 0) t.fail("weight_decay", "must not be negative");
+  if (c.schedule.kind != "constant" && c.schedule.kind != "linear" && c.schedule.kind != "cosine") {
+    s.fail("kind", "must be \"constant\", \"linear\" or \"cosine\"");
+  }
+  if (c.schedule.warmup_ratio < 0 || c.schedule.warmup_ratio >= 1) s.fail("warmup_ratio", "must be in [0, 1)");
+  if (c.checkpoint_every < 0) t.fail("checkpoint_every", "must be 0 (only at the end) or positive");
+  if (c.keep_checkpoints < 1) t.fail("keep_checkpoints", "must be at least 1");
+  if (c.log_every <= 0) t.fail("log_every", "must be positive");
+  if (c.max_text_tokens < 2) t.fail("max_text_tokens", "must be at least 2");
+  if (c.loss_on != "target" && c.loss_on != "text") t.fail("loss_on", "must be \"target\" or \"text\"");
+  return c;
+}
+
+EvalConfig eval_config(sdk::Options& e, const PluginHost& host) {
+  EvalConfig c;
+  c.every = e.get("every", c.every);
+  c.at_start = e.get("at_start", c.at_start);
+  c.samples = e.get("samples", c.samples);
+  c.batch_size = e.get("batch_size", c.batch_size);
+  auto g = e.table("generate");
+  c.generate.max_new_tokens = g.get("max_new_tokens", c.generate.max_new_tokens);
+  c.generate.do_sample = g.get("do_sample", c.generate.do_sample);
+  c.generate.temperature = g.get("temperature", c.generate.temperature);
+  c.generate.top_p = g.get("top_p", c.generate.top_p);
+  c.generate.top_k = g.get("top_k", c.generate.top_k);
+  c.generate.stop = g.get("stop", c.generate.stop);
+  if (c.every < 0) e.fail("every", "must be 0 (only at the end) or positive");
+  if (c.samples < 0) e.fail("samples", "must not be negative");
+  if (c.batch_size <= 0) e.fail("batch_size", "must be positive");
+  if (c.generate.max_new_tokens <= 0) g.fail("max_new_tokens", "must be positive");
+  if (!(c.generate.temperature > 0)) g.fail("temperature", "must be positive");
+  if (!(c.generate.top_p > 0 && c.generate.top_p <= 1)) g.fail("top_p", "must be in (0, 1]");
+  if (c.generate.top_k < 0) g.fail("top_k", "must not be negative");
+  auto metrics = e.list("metrics");
+  for (std::size_t i = 0; i < metrics.size(); ++i) {
+    c.metrics.push_back(plugin_ref(metrics[i], sdk::Kind::metric, "/eval/metrics/" + std::to_string(i), host));
+  }
+  return c;
+}
+
+void resolve(Cell& cell, const std::string& file, const PluginHost& host) {
+  normalise_plugin_list(cell.config["strategy"]);
+  if (cell.config.contains("eval") && cell.config["eval"].is_object() && cell.config["eval"].contains("metrics")) {
+    normalise_plugin_list(cell.config["eval"]["metrics"]);
+  }
+  if (!cell.config.contains("strategy") || cell.config["strategy"].empty()) cell.config.erase("strategy");
+
+  sdk::Options root(cell.config, "", "", cell.where, file);
+  auto ex = root.table("experiment");
+  cell.name = ex.require<std::string>("name");
+  cell.seed = static_cast<std::uint64_t>(ex.get("seed", std::int64_t{0}));
+  (void)ex.get("description", std::string());
+  (void)ex.get("requires", std::vector<std::string>());
+
+  auto strategies = root.list("strategy");
+  if (strategies.empty()) {
+    root.fail("strategy", "missing: say what trains, e.g. strategy = [\"projector\"] (before the first table, or in [grid])");
+  }
+  for (std::size_t i = 0; i < strategies.size(); ++i) {
+    cell.strategies.push_back(plugin_ref(strategies[i], sdk::Kind::strategy, "/strategy/" + std::to_string(i), host));
+  }
+
+  auto model = root.table("model");
+  cell.layout = model.get("layout", cell.layout);
+  if (cell.layout != "prefix") model.fail("layout", "\"" + cell.layout + "\" is not supported yet (supported: prefix)");
+  cell.encoder = component(model, "encoder", sdk::Kind::encoder, host);
+  cell.projector = component(model, "projector", sdk::Kind::projector, host);
+  cell.backbone = component(model, "backbone", sdk::Kind::backbone, host);
+
+  auto data = root.table("data");
+  cell.train_data = data_ref(data, "train", host);
+  cell.eval_data = data_ref(data, "eval", host);
+
+  auto train = root.table("train");
+  cell.train = train_config(train);
+  auto eval = root.table("eval");
+  cell.eval = eval_config(eval, host);
+
+  auto exp = root.table("export");
+  for (const char* part : {"encoder", "projector", "backbone"}) {
+    if (auto dir = exp.maybe<std::string>(part)) cell.export_dirs[part] = *dir;
+  }
+  root.finish();
+  cell.resolved = root.resolved();
+}
+
+}  // namespace
+
+Experiment load_experiment(const fs::path& file, const PluginHost& host) {
+  Experiment ex;
+  ex.file = file;
+  ex.base_dir = fs::absolute(file).parent_path();
+  {
+    std::ifstream in(file, std::ios::binary);
+    if (!in) throw sdk::InputError(file.string() + ": cannot open experiment (missing or unreadable)");
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    ex.text = ss.str();
+  }
+  ex.text_sha256 = sdk::sha256_hex(ex.text);
+  toml::table doc;
+  try {
+    doc = toml::parse(ex.text, file.string());
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << file.string() << ":" << e.source().begin.line << ": " << e.description();
+    throw sdk::InputError(os.str());
+  }
+  auto where = std::make_shared<sdk::SourceMap>();
+  Json base = to_json(doc, "", file.string(), *where);
+
+  // [grid]: each key addresses the configuration (dotted keys for nested tables); values are arrays.
+  struct Axis {
+    std::string name;
+    std::vector<std::string> path;
+    Json values;
+    int line;
+  };
+  std::vector<Axis> axes;
+  if (base.contains("grid")) {
+    if (!base["grid"].is_object()) throw sdk::InputError(line_of(*where, "/grid", file.string()) + ": grid: must be a table");
+    for (auto it = base["grid"].begin(); it != base["grid"].end(); ++it) {
+      const std::string ptr = "/grid/" + escape(it.key());
+      if (!it->is_array() || it->empty()) {
+        throw sdk::InputError(line_of(*where, ptr, file.string()) + ": grid." + it.key() + ": expected a non-empty array of values");
+      }
+      Axis a{it.key(), {}, *it, (*where)[ptr].line};
+      std::stringstream ss(it.key());
+      for (std::string part; std::getline(ss, part, '.');) {
+        if (part.empty()) throw sdk::InputError(line_of(*where, ptr, file.string()) + ": grid." + it.key() + ": empty key segment");
+        a.path.push_back(part);
+      }
+      if (a.path.front() == "grid") throw sdk::InputError(line_of(*where, ptr, file.string()) + ": grid: an axis cannot address grid");
+      axes.push_back(std::move(a));
+    }
+    base.erase("grid");
+    std::sort(axes.begin(), axes.end(), [](const Axis& a, const Axis& b) { return a.line < b.line; });
+  }
+  for (const auto& a : axes) ex.axes.push_back(a.name);
+
+  // The cartesian product, first axis slowest.
+  std::size_t total = 1;
+  for (const auto& a : axes) total *= a.values.size();
+  for (std::size_t n = 0; n < total; ++n) {
+    Cell cell;
+    cell.index = static_cast<std::int64_t>(n);
+    cell.config = base;
+    auto cell_where = std::make_shared<sdk::SourceMap>(*where);
+    std::size_t rest = n;
+    std::vector<std::size_t> pick(axes.size());
+    for (std::size_t i = axes.size(); i-- > 0;) {
+      pick[i] = rest % axes[i].values.size();
+      rest /= axes[i].values.size();
+    }
+    std::string label;
+    for (std::size_t i = 0; i < axes.size(); ++i) {
+      const auto& a = axes[i];
+      const Json& value = a.values[pick[i]];
+      Json* node = &cell.config;
+      std::string target;
+      for (std::size_t k = 0; k < a.path.size(); ++k) {
+        target += "/" + escape(a.path[k]);
+        if (k + 1 < a.path.size()) {
+          if (!node->contains(a.path[k])) (*node)[a.path[k]] = Json::object();
+          node = &(*node)[a.path[k]];
+          if (!node->is_object()) {
+            throw sdk::InputError(std::to_string(a.line) + ": grid." + a.name + ": '" + a.path[k] + "' is not a table");
+          }
+        }
+      }
+      (*node)[a.path.back()] = value;
+      // Positions of the grid value now describe the cell's value.
+      const std::string from = "/grid/" + escape(a.name) + "/" + std::to_string(pick[i]);
+      for (auto it = where->lower_bound(from); it != where->end() && it->first.compare(0, from.size(), from) == 0; ++it) {
+        (*cell_where)[target + it->first.substr(from.size())] = it->second;
+      }
+      cell.axes[a.name] = value;
+      label += (label.empty() ? "" : ", ") + a.name + "=" + value_label(value);
+    }
+    cell.label = label;
+    cell.where = cell_where;
+    resolve(cell, file.string(), host);
+    if (cell.label.empty()) cell.label = cell.name;
+    ex.cells.push_back(std::move(cell));
+  }
+
+  ex.name = ex.cells.front().name;
+  if (ex.cells.size() > 1 && !ex.cells.front().export_dirs.empty()) {
+    throw sdk::InputError(line_of(*where, "/export", file.string()) +
+                          ": export: a grid of several cells cannot export to one folder");
+  }
+  Json requires = base.contains("experiment") ? base["experiment"].value("requires", Json::array()) : Json::array();
+  for (const auto& r : requires) ex.requires.push_back(sdk::resolve_path(ex.base_dir, r.get<std::string>()));
+  return ex;
+}
+
+std::string fingerprint_folder(const fs::path& dir) {
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (entry.is_regular_file()) files.push_back(entry.path());
+  }
+  std::sort(files.begin(), files.end());
+  sdk::Sha256 all;
+  constexpr std::uintmax_t kWhole = 64ull << 20, kChunk = 4ull << 20;
+  std::vector<char> buf(kChunk);
+  for (const auto& f : files) {
+    const auto size = fs::file_size(f);
+    all.update(fs::relative(f, dir).generic_string()).update(std::to_string(size));
+    std::ifstream in(f, std::ios::binary);
+    auto take = [&](std::uintmax_t offset, std::uintmax_t n) {
+      in.seekg(static_cast<std::streamoff>(offset));
+      while (n > 0 && in) {
+        const auto chunk = std::min<std::uintmax_t>(n, buf.size());
+        in.read(buf.data(), static_cast<std::streamsize>(chunk));
+        all.update(buf.data(), static_cast<std::size_t>(in.gcount()));
+        n -= chunk;
+      }
+    };
+    if (size <= kWhole) {
+      take(0, size);
+    } else {
+      take(0, kChunk);
+      take(size / 2, kChunk);
+      take(size - kChunk, kChunk);
+    }
+  }
+  return all.hex();
+}
+
+void compute_keys(Experiment& ex) {
+  for (auto& cell : ex.cells) {
+    Json hashed = cell.resolved;
+    for (const auto& p : kUnhashed) {
+      Json::json_pointer jp(p);
+      if (hashed.contains(jp)) hashed[jp.parent_pointer()].erase(jp.back());
+    }
+    Json plugins = Json::object();
+    for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
+      plugins[r->pointer] = r->qualified() + "@" + std::to_string(r->version);
+    }
+    for (const auto& r : cell.strategies) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
+    for (const auto& r : cell.eval.metrics) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
+
+    // Every `weights` folder the cell reads, fingerprinted: retrained weights make a new cell.
+    Json weights = Json::object();
+    for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone}) {
+      const Json& table = cell.resolved.at(Json::json_pointer(r->pointer));
+      if (!table.contains("weights") || !table["weights"].is_string() || table["weights"].get<std::string>().empty()) continue;
+      const auto dir = sdk::resolve_path(ex.base_dir, table["weights"].get<std::string>());
+      if (!fs::is_directory(dir)) {
+        throw sdk::InputError(line_of(*cell.where, r->pointer + "/weights", ex.file.string()) + ": " + r->display +
+                              ".weights: no folder " + dir.string() +
+                              (ex.requires.empty() ? "" : " (should an experiment in [experiment] requires make it?)"));
+      }
+      weights[r->pointer] = fingerprint_folder(dir);
+    }
+    cell.key = sdk::sha256_hex(Json{{"config", hashed}, {"plugins", plugins}, {"weights", weights}}.dump());
+  }
+}
+
+}  // namespace ablate

@@ -1,0 +1,67 @@
+#include "report/text.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+namespace ablate::report {
+
+std::string printable(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c == '\n') out += "\\n";
+    else if (c == '\t') out += "\\t";
+    else if (c == '\r') out += "\\r";
+    else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+namespace {
+bool is_number(const std::string& s) {
+  if (s.empty()) return false;
+  char* end = nullptr;
+  std::strtod(s.c_str(), &end);
+  return end && *end == '\0';
+}
+// Display width of UTF-8 text: one column per code point (good enough for labels and numbers).
+std::size_t width(const std::string& s) {
+  return static_cast<std::size_t>(std::count_if(s.begin(), s.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; }));
+}
+}  // namespace
+
+void print_table(std::ostream& out, const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> w(header.size());
+  for (std::size_t c = 0; c < header.size(); ++c) w[c] = width(header[c]);
+  for (const auto& r : rows) {
+    for (std::size_t c = 0; c < r.size() && c < w.size(); ++c) w[c] = std::max(w[c], width(r[c]));
+  }
+  auto line = [&](const std::vector<std::string>& cells, bool head) {
+    for (std::size_t c = 0; c < w.size(); ++c) {
+      const std::string cell = c < cells.size() ? printable(cells[c]) : "";
+      const std::string pad(w[c] - std::min(w[c], width(cell)), ' ');
+      const bool right = !head && is_number(cell);
+      out << (c ? "  " : "") << (right ? pad + cell : cell + (c + 1 < w.size() ? pad : ""));
+    }
+    out << "\n";
+  };
+  line(header, true);
+  std::vector<std::string> rule;
+  for (auto n : w) rule.push_back(std::string(n, '-'));
+  line(rule, true);
+  for (const auto& r : rows) line(r, false);
+}
+
+std::string fixed(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
+
+}  // namespace ablate::report

@@ -1,0 +1,552 @@
+#include "train/trainer.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <mutex>
+#include <sstream>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include "ablate/sdk/hash.hpp"
+#include "ablate/sdk/image.hpp"
+#include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/weights.hpp"
+#include "data/batches.hpp"
+#include "host/plugin_host.hpp"
+#include "model/vlm.hpp"
+
+namespace ablate {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double scheduled_lr(const TrainConfig& c, std::int64_t s) {
+  const std::int64_t total = c.steps;
+  const std::int64_t warmup = c.schedule.warmup_steps >= 0
+                                  ? c.schedule.warmup_steps
+                                  : static_cast<std::int64_t>(std::ceil(c.schedule.warmup_ratio * static_cast<double>(total)));
+  if (s < warmup) return c.lr * static_cast<double>(s) / static_cast<double>(std::max<std::int64_t>(1, warmup));
+  const double span = static_cast<double>(std::max<std::int64_t>(1, total - warmup));
+  if (c.schedule.kind == "constant") return c.lr;
+  if (c.schedule.kind == "linear") return c.lr * std::max(0.0, static_cast<double>(total - s) / span);
+  const double progress = static_cast<double>(s - warmup) / span;
+  return c.lr * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
+}
+
+namespace {
+
+std::string human_count(std::int64_t n) {
+  char buf[32];
+  if (n >= 1000000000) std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
+  else if (n >= 1000000) std::snprintf(buf, sizeof buf, "%.2fM", n / 1e6);
+  else if (n >= 1000) std::snprintf(buf, sizeof buf, "%.1fk", n / 1e3);
+  else std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(n));
+  return buf;
+}
+
+std::string human_seconds(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
+  else if (s >= 60) std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%.0fs", s);
+  return buf;
+}
+
+// Every module that owns parameters, with full / lora / frozen / partial and its parameter counts. An
+// adapted linear layer is one row ("lora") that counts its adapter too.
+std::vector<store::TrainableRow> trainables(torch::nn::Module& root) {
+  std::vector<store::TrainableRow> rows;
+  std::string skip;  // children of an adapted layer are counted with it
+  for (const auto& item : root.named_modules("", false)) {
+    const auto& name = item.key();
+    if (!skip.empty() && name.compare(0, skip.size(), skip) == 0) continue;
+    auto* module = item.value().get();
+    store::TrainableRow row{name, "frozen", 0, 0};
+    if (auto* linear = dynamic_cast<sdk::LinearImpl*>(module); linear && linear->has_lora()) {
+      for (const auto& p : module->parameters(true)) {
+        row.params += p.numel();
+        if (p.requires_grad()) row.trainable += p.numel();
+      }
+      row.mode = "lora";
+      rows.push_back(row);
+      skip = name + ".";
+      continue;
+    }
+    auto own = module->named_parameters(/*recurse=*/false);
+    if (own.is_empty()) continue;
+    for (const auto& p : own) {
+      row.params += p.value().numel();
+      if (p.value().requires_grad()) row.trainable += p.value().numel();
+    }
+    row.mode = row.trainable == 0 ? "frozen" : (row.trainable == row.params ? "full" : "partial");
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+void print_trainables(const std::vector<store::TrainableRow>& rows, std::ostream& out) {
+  struct Sum {
+    std::int64_t params = 0, trainable = 0;
+    std::map<std::string, std::int64_t> modes;
+  };
+  std::map<std::string, Sum> parts;
+  std::vector<std::string> order;
+  std::int64_t total = 0, trainable = 0;
+  for (const auto& r : rows) {
+    const auto part = r.module.substr(0, r.module.find('.'));
+    if (!parts.count(part)) order.push_back(part);
+    auto& s = parts[part];
+    s.params += r.params;
+    s.trainable += r.trainable;
+    s.modes[r.mode] += 1;
+    total += r.params;
+    trainable += r.trainable;
+  }
+  out << "  what trains:\n";
+  for (const auto& part : order) {
+    const auto& s = parts[part];
+    std::string modes;
+    for (const auto& [mode, n] : s.modes) modes += (modes.empty() ? "" : ", ") + std::to_string(n) + " " + mode;
+    char line[256];
+    std::snprintf(line, sizeof line, "    %-10s %9s params, %9s trainable  (%s modules)\n", part.c_str(),
+                  human_count(s.params).c_str(), human_count(s.trainable).c_str(), modes.c_str());
+    out << line;
+  }
+  char line[160];
+  std::snprintf(line, sizeof line, "    total      %9s params, %9s trainable (%.2f%%)\n", human_count(total).c_str(),
+                human_count(trainable).c_str(), total ? 100.0 * static_cast<double>(trainable) / static_cast<double>(total) : 0.0);
+  out << line;
+}
+
+std::string sanitize(const std::string& s) {
+  std::string out;
+  for (char c : s) out += (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_') ? c : '_';
+  return out;
+}
+
+// Adam(W) with decoupled weight decay on matrices only; biases and norms are not decayed (transformers'
+// Trainer does the same).
+std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& c) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& p : model.parameters()) {
+    if (!p.requires_grad()) continue;
+    (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  }
+  auto opts = torch::optim::AdamWOptions(c.lr).betas({c.beta1, c.beta2}).eps(c.eps).weight_decay(c.weight_decay);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decay.empty()) groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
+  if (!no_decay.empty()) {
+    auto nd = opts;
+    nd.weight_decay(0.0);
+    groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(nd));
+  }
+  return std::make_unique<torch::optim::AdamW>(std::move(groups), opts);
+}
+
+// clip_grad_norm_ without a host synchronisation: the total norm stays a tensor.
+torch::Tensor clip_gradients(const std::vector<torch::Tensor>& params, double max_norm) {
+  std::vector<torch::Tensor> norms;
+  for (const auto& p : params) {
+    if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2).to(torch::kFloat32));
+  }
+  if (norms.empty()) return torch::zeros({});
+  auto total = torch::stack(norms).norm(2);
+  if (max_norm > 0) {
+    auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
+    for (const auto& p : params) {
+      if (p.grad().defined()) p.grad().detach().mul_(coef.to(p.grad().dtype()));
+    }
+  }
+  return total;
+}
+
+struct PendingStep {
+  std::int64_t step;
+  torch::Tensor loss;  // mean over the step's loss tokens
+  double lr;
+  torch::Tensor grad_norm;
+  std::int64_t samples, tokens, loss_tokens;
+};
+
+}  // namespace
+
+Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx) {
+  auto& out = std::cerr;
+  const auto& host = ctx.host;
+  const TrainConfig& tc = cell.train;
+  const EvalConfig& ec = cell.eval;
+
+  sdk::BuildContext bctx;
+  bctx.base_dir = experiment.base_dir;
+  bctx.seed = cell.seed;
+
+  // ---- data
+  auto make_dataset = [&](const DataRef& ref) {
+    auto o = cell.options(ref.plugin);
+    return host.create_dataset(ref.plugin.id, o, bctx);
+  };
+  auto train_set = make_dataset(cell.train_data);
+  auto eval_set = make_dataset(cell.eval_data);
+  const auto train_count = cell.train_data.limit > 0 ? std::min<std::size_t>(train_set->size(), cell.train_data.limit) : train_set->size();
+  const auto eval_count = cell.eval_data.limit > 0 ? std::min<std::size_t>(eval_set->size(), cell.eval_data.limit) : eval_set->size();
+  if (train_count == 0) throw sdk::InputError(cell.train_data.plugin.display + ": the training set is empty");
+  bctx.vocabulary = guarded(cell.train_data.plugin.qualified(), "vocabulary", [&] { return train_set->vocabulary(); });
+
+  // ---- model. Each part is built from its own seed, so adding a part never shifts another's initialisation.
+  auto build = [&](const PluginRef& ref, std::uint64_t salt, auto create) {
+    torch::manual_seed(cell.seed * 1000 + salt);
+    auto o = cell.options(ref);
+    return create(ref.id, o);
+  };
+  auto encoder = build(cell.encoder, 1, [&](const std::string& id, sdk::Options& o) { return host.create_encoder(id, o, bctx); });
+  auto backbone = build(cell.backbone, 2, [&](const std::string& id, sdk::Options& o) { return host.create_backbone(id, o, bctx); });
+  bctx.in_features = encoder->hidden_size();
+  bctx.out_features = backbone->hidden_size();
+  auto projector = build(cell.projector, 3, [&](const std::string& id, sdk::Options& o) { return host.create_projector(id, o, bctx); });
+  auto model = std::make_shared<VlmModel>(Part<sdk::Encoder>{encoder, cell.encoder.qualified()},
+                                          Part<sdk::Projector>{projector, cell.projector.qualified()},
+                                          Part<sdk::Backbone>{backbone, cell.backbone.qualified()});
+
+  // ---- what trains: everything frozen, then each strategy of the list in order.
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  {
+    sdk::TrainTarget target(*model, model->head());
+    for (const auto& ref : cell.strategies) {
+      auto o = cell.options(ref);
+      auto strategy = host.create_strategy(ref.id, o, bctx);
+      guarded(ref.qualified(), "apply", [&] { strategy->apply(target); });
+    }
+  }
+  model->to(ctx.device);
+  model->refresh_frozen();
+  const auto rows = trainables(*model);
+  std::vector<torch::Tensor> params;
+  for (const auto& p : model->parameters()) {
+    if (p.requires_grad()) params.push_back(p);
+  }
+  if (params.empty()) {
+    std::string names;
+    for (const auto& r : cell.strategies) names += (names.empty() ? "" : ", ") + r.id;
+    throw sdk::InputError(experiment.file.string() + ": strategy [" + names + "] trains nothing in this model");
+  }
+  ctx.store.record_trainables(run_id, rows);
+  print_trainables(rows, out);
+
+  auto optimizer = make_optimizer(*model, tc);
+  const bool loss_on_text = tc.loss_on == "text";
+  Collator collator(backbone->tokenizer(), encoder->image_spec(), tc.max_text_tokens, loss_on_text);
+
+  // ---- resume from the last checkpoint whose files are intact
+  std::int64_t start = 0;
+  auto saved_checkpoints = ctx.store.checkpoints(run_id);
+  for (auto ck_it = saved_checkpoints.rbegin(); ck_it != saved_checkpoints.rend() && start == 0; ++ck_it) {
+    const auto& ck = *ck_it;
+    const fs::path dir(ck.path);
+    if (!fs::exists(dir / "trainable.safetensors") || sdk::sha256_file(dir / "trainable.safetensors") != ck.sha256) {
+      out << "  checkpoint at step " << ck.step << " is missing or damaged; not resuming from it\n";
+      continue;
+    }
+    start = ck.step;
+    auto saved = sdk::read_safetensors(dir / "trainable.safetensors");
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->named_parameters()) {
+      if (!p.value().requires_grad()) continue;
+      auto it = saved.find(p.key());
+      if (it == saved.end()) throw std::runtime_error(dir.string() + ": checkpoint lacks " + p.key());
+      p.value().copy_(it->second);
+    }
+    torch::load(*optimizer, (dir / "optimizer.pt").string());
+    auto rng = sdk::read_safetensors(dir / "rng.safetensors");
+    at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(rng.at("cpu").clone());
+  }
+  ctx.store.truncate_after(run_id, start == 0 ? -1 : start);
+  if (start > 0) out << "  resuming from the checkpoint at step " << start << "\n";
+  ctx.store.start_run(run_id, ctx.device.str(), ctx.hostname, ctx.revision, model->image_tokens());
+
+  // ---- evaluation
+  std::vector<Example> eval_examples;
+  for (std::size_t i = 0; i < eval_count; ++i) {
+    eval_examples.push_back(collator.prepare(guarded(cell.eval_data.plugin.qualified(), "get", [&] { return eval_set->get(i); })));
+  }
+  std::vector<std::pair<PluginRef, std::shared_ptr<sdk::Metric>>> metrics;
+  for (const auto& ref : ec.metrics) {
+    auto o = cell.options(ref);
+    metrics.emplace_back(ref, host.create_metric(ref.id, o, bctx));
+  }
+  const auto run_start = Clock::now();
+  auto evaluate = [&](std::int64_t step) {
+    const auto t0 = Clock::now();
+    model->eval();
+    torch::NoGradGuard no_grad;
+    double loss_sum = 0;
+    std::int64_t tokens = 0, loss_tokens = 0;
+    std::vector<std::string> predictions;
+    std::vector<std::vector<std::string>> references;
+    const auto bs = static_cast<std::size_t>(ec.batch_size);
+    for (std::size_t i = 0; i < eval_examples.size(); i += bs) {
+      std::vector<Example> chunk(eval_examples.begin() + static_cast<std::ptrdiff_t>(i),
+                                 eval_examples.begin() + static_cast<std::ptrdiff_t>(std::min(eval_examples.size(), i + bs)));
+      auto batch = collator.train_batch(chunk);
+      if (batch.loss_tokens > 0) {
+        loss_sum += model->loss_sum(batch).item<double>();
+        loss_tokens += batch.loss_tokens;
+        tokens += batch.text_tokens;
+      }
+      auto gen = model->generate(collator.generation_batch(chunk), ec.generate, cell.seed + static_cast<std::uint64_t>(step));
+      for (std::size_t j = 0; j < chunk.size(); ++j) {
+        predictions.push_back(gen.text[j]);
+        references.push_back(chunk[j].sample.references.empty() ? std::vector<std::string>{chunk[j].sample.target}
+                                                               : chunk[j].sample.references);
+      }
+    }
+    model->train();
+    std::vector<std::pair<std::string, double>> values;
+    std::vector<std::vector<double>> per_sample;
+    for (const auto& [ref, metric] : metrics) {
+      auto scores = guarded(ref.qualified(), "score", [&] { return metric->score(predictions, references); });
+      values.emplace_back(ref.id, guarded(ref.qualified(), "aggregate", [&] { return metric->aggregate(scores); }));
+      per_sample.push_back(std::move(scores));
+    }
+    std::vector<store::SampleRow> samples;
+    std::vector<store::ImageRow> images;
+    const auto decoding = ec.generate.to_json();
+    for (std::size_t j = 0; j < predictions.size() && j < static_cast<std::size_t>(ec.samples); ++j) {
+      const auto& s = eval_examples[j].sample;
+      store::SampleRow row;
+      row.step = step;
+      row.decoding = decoding;
+      row.sample_id = s.id;
+      row.prompt = s.prompt;
+      row.output = predictions[j];
+      row.references = references[j];
+      for (std::size_t m = 0; m < metrics.size(); ++m) row.scores[metrics[m].first.id] = per_sample[m][j];
+      if (!metrics.empty()) row.score = per_sample[0][j];
+      if (s.image.size() > 0) {
+        store::ImageRow im;
+        im.bytes = sdk::encode_png(s.image);
+        im.sha256 = sdk::sha256_hex(std::string_view(reinterpret_cast<const char*>(im.bytes.data()), im.bytes.size()));
+        im.format = "png";
+        im.height = static_cast<std::int64_t>(s.image.shape(0));
+        im.width = static_cast<std::int64_t>(s.image.shape(1));
+        row.image_sha256 = im.sha256;
+        images.push_back(std::move(im));
+      }
+      samples.push_back(std::move(row));
+    }
+    const double loss = loss_tokens ? loss_sum / static_cast<double>(loss_tokens) : 0.0;
+    store::StepRow row;
+    row.step = step;
+    row.split = "eval";
+    row.loss = loss;
+    row.tokens = tokens;
+    row.loss_tokens = loss_tokens;
+    row.elapsed_s = std::chrono::duration<double>(Clock::now() - run_start).count();
+    if (!std::isfinite(loss)) throw std::runtime_error("eval loss is not finite at step " + std::to_string(step));
+    ctx.store.record_eval(run_id, row, values, samples, images);
+    std::ostringstream line;
+    line << ctx.progress_prefix << " eval step " << step << ": loss " << loss;
+    for (const auto& [name, value] : values) line << ", " << name << " " << value;
+    line << " (" << human_seconds(std::chrono::duration<double>(Clock::now() - t0).count()) << ")";
+    out << (ctx.interactive ? "\r\033[K" : "") << line.str() << "\n";
+  };
+
+  // ---- checkpoints: trainable parameters, optimizer and generator state; written to a temporary folder,
+  // renamed into place, then recorded. Older ones beyond keep_checkpoints are removed after the record.
+  const fs::path ck_root = ctx.results_dir / "checkpoints" / sanitize(experiment.name) / cell.key.substr(0, 16);
+  auto checkpoint = [&](std::int64_t step) {
+    char name[32];
+    std::snprintf(name, sizeof name, "step-%07lld", static_cast<long long>(step));
+    const fs::path dir = ck_root / name;
+    fs::path tmp = dir;
+    tmp += ".tmp";
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    sdk::write_safetensors(tmp / "trainable.safetensors", sdk::state_dict(*model, /*trainable_only=*/true),
+                           {{"format", "pt"}, {"step", std::to_string(step)}});
+    torch::save(*optimizer, (tmp / "optimizer.pt").string());
+    sdk::write_safetensors(tmp / "rng.safetensors", {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
+    sdk::write_json(tmp / "state.json", {{"step", step}, {"experiment", experiment.name}, {"cell_key", cell.key}});
+    fs::remove_all(dir);
+    fs::rename(tmp, dir);
+    const auto sha = sdk::sha256_file(dir / "trainable.safetensors");
+    auto existing = ctx.store.checkpoints(run_id);
+    std::vector<std::string> dropped;
+    const auto keep = static_cast<std::size_t>(tc.keep_checkpoints);
+    if (existing.size() + 1 > keep) {
+      for (std::size_t i = 0; i + keep < existing.size() + 1; ++i) {
+        if (existing[i].path != dir.string()) dropped.push_back(existing[i].path);
+      }
+    }
+    ctx.store.record_checkpoint(run_id, {step, "main", dir.string(), sha}, dropped);
+    for (const auto& p : dropped) fs::remove_all(p);
+  };
+
+  if (start == 0 && ec.at_start) evaluate(0);
+
+  // ---- the loop
+  const std::int64_t per_step = tc.batch_size * tc.grad_accum;
+  SampleOrder order(train_count, cell.seed);
+  std::mutex order_mu;
+  auto produce = [&](std::int64_t step) {
+    std::vector<std::size_t> idx;
+    {
+      std::lock_guard<std::mutex> lock(order_mu);
+      for (std::int64_t j = 0; j < per_step; ++j) idx.push_back(order.at(static_cast<std::uint64_t>((step - 1) * per_step + j)));
+    }
+    std::vector<TrainBatch> micro;
+    for (std::int64_t m = 0; m < tc.grad_accum; ++m) {
+      std::vector<Example> examples;
+      for (std::int64_t j = 0; j < tc.batch_size; ++j) {
+        const auto i = idx[static_cast<std::size_t>(m * tc.batch_size + j)];
+        examples.push_back(collator.prepare(guarded(cell.train_data.plugin.qualified(), "get", [&] { return train_set->get(i); })));
+      }
+      auto b = collator.train_batch(examples);
+      if (ctx.device.is_cuda()) b.pixels = b.pixels.pin_memory();
+      micro.push_back(std::move(b));
+    }
+    return micro;
+  };
+  Prefetcher<std::vector<TrainBatch>> stream(start + 1, tc.steps + 1, ctx.workers, 4, produce);
+
+  model->train();
+  std::vector<PendingStep> pending;
+  auto interval_start = Clock::now();
+  const auto loop_start = Clock::now();
+  std::int64_t steps_done = 0;
+  Outcome outcome = Outcome::done;
+  std::string diverged_at;
+
+  auto flush = [&](std::int64_t step) -> bool {
+    const double secs = std::chrono::duration<double>(Clock::now() - interval_start).count();
+    std::int64_t samples = 0, tokens = 0;
+    for (const auto& p : pending) {
+      samples += p.samples;
+      tokens += p.tokens;
+    }
+    std::vector<store::StepRow> rows;
+    double last_loss = 0;
+    bool finite = true;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
+    for (const auto& p : pending) {
+      const double loss = p.loss.item<double>();
+      if (!std::isfinite(loss)) {
+        finite = false;
+        diverged_at = "loss became " + std::string(std::isnan(loss) ? "nan" : "inf") + " at step " + std::to_string(p.step);
+        break;
+      }
+      store::StepRow r;
+      r.step = p.step;
+      r.split = "train";
+      r.loss = loss;
+      r.lr = p.lr;
+      r.grad_norm = p.grad_norm.item<double>();
+      r.tokens = p.tokens;
+      r.loss_tokens = p.loss_tokens;
+      r.samples_per_s = secs > 0 ? samples / secs : 0;
+      r.tokens_per_s = secs > 0 ? tokens / secs : 0;
+      r.elapsed_s = elapsed;
+      rows.push_back(r);
+      last_loss = loss;
+    }
+    ctx.store.record_steps(run_id, rows);
+    if (!rows.empty()) {
+      const double per = std::chrono::duration<double>(Clock::now() - loop_start).count() / static_cast<double>(steps_done);
+      char line[320];
+      std::snprintf(line, sizeof line, "%s step %lld/%lld  loss %.4f  lr %.2e  %.1f samples/s  %.0f tok/s  eta %s",
+                    ctx.progress_prefix.c_str(), static_cast<long long>(step), static_cast<long long>(tc.steps), last_loss,
+                    rows.back().lr.value_or(0), rows.back().samples_per_s.value_or(0), rows.back().tokens_per_s.value_or(0),
+                    human_seconds(per * static_cast<double>(tc.steps - step)).c_str());
+      out << (ctx.interactive ? "\r\033[K" : "") << line << (ctx.interactive ? "" : "\n") << std::flush;
+    }
+    pending.clear();
+    interval_start = Clock::now();
+    return finite;
+  };
+
+  for (std::int64_t step = start + 1; step <= tc.steps; ++step) {
+    if (ctx.interrupted && ctx.interrupted->load()) {
+      flush(step - 1);
+      outcome = Outcome::interrupted;
+      break;
+    }
+    auto micro = stream.next();
+    std::int64_t loss_tokens = 0, tokens = 0, samples = 0;
+    for (const auto& b : micro) {
+      loss_tokens += b.loss_tokens;
+      tokens += b.text_tokens;
+      samples += b.samples;
+    }
+    if (loss_tokens == 0) {
+      throw sdk::InputError(cell.train_data.plugin.display + ": the batch of step " + std::to_string(step) +
+                            " has no loss tokens (train.max_text_tokens = " + std::to_string(tc.max_text_tokens) +
+                            " truncates every target)");
+    }
+    // Token-weighted over the whole step: each loss token counts the same whatever micro-batch holds it.
+    torch::Tensor step_loss = torch::zeros({}, torch::TensorOptions().device(ctx.device));
+    for (const auto& b : micro) {
+      if (b.loss_tokens == 0) continue;
+      auto loss = model->loss_sum(b) / static_cast<double>(loss_tokens);
+      loss.backward();
+      step_loss = step_loss + loss.detach();
+    }
+    auto grad_norm = clip_gradients(params, tc.max_grad_norm);
+    const double lr = scheduled_lr(tc, step - 1);
+    for (auto& group : optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    optimizer->step();
+    optimizer->zero_grad(true);
+    pending.push_back({step, step_loss, lr, grad_norm, samples, tokens, loss_tokens});
+    ++steps_done;
+
+    const bool last = step == tc.steps;
+    const bool do_eval = last || (ec.every > 0 && step % ec.every == 0);
+    const bool do_ckpt = last || (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0);
+    if (last || do_eval || do_ckpt || step % tc.log_every == 0) {
+      if (!flush(step)) {
+        outcome = Outcome::diverged;
+        break;
+      }
+    }
+    if (do_eval) evaluate(step);
+    if (do_ckpt) checkpoint(step);
+  }
+
+  if (outcome == Outcome::diverged) {
+    out << (ctx.interactive ? "\n" : "") << ctx.progress_prefix << " diverged: " << diverged_at << "\n";
+    ctx.store.set_status(run_id, store::Status::diverged, diverged_at);
+    return outcome;
+  }
+  if (outcome == Outcome::interrupted) {
+    ctx.store.set_status(run_id, store::Status::interrupted, "interrupted by a signal");
+    return outcome;
+  }
+
+  // ---- export in Hugging Face layout, adapters merged into the weights they adapt.
+  for (auto it = cell.export_dirs.begin(); it != cell.export_dirs.end(); ++it) {
+    sdk::Component* part = it.key() == "encoder" ? static_cast<sdk::Component*>(&model->encoder())
+                           : it.key() == "projector" ? static_cast<sdk::Component*>(&model->projector())
+                                                     : static_cast<sdk::Component*>(&model->backbone());
+    const auto dir = sdk::resolve_path(experiment.base_dir, it.value().get<std::string>());
+    auto& module = part->module();
+    for (const auto& m : module.modules()) {
+      if (auto* linear = dynamic_cast<sdk::LinearImpl*>(m.get()); linear && linear->has_lora()) linear->merge();
+    }
+    auto tensors = sdk::state_dict(module);
+    for (auto t = tensors.begin(); t != tensors.end();) {
+      t = t->first.find(".lora_") != std::string::npos ? tensors.erase(t) : std::next(t);
+    }
+    fs::create_directories(dir);
+    sdk::write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
+    if (auto cfg = part->hf_config(); !cfg.is_null()) sdk::write_json(dir / "config.json", cfg);
+    part->save_extras(dir);
+    out << "  exported " << it.key() << " to " << dir.string() << "\n";
+  }
+  ctx.store.set_status(run_id, store::Status::done);
+  return outcome;
+}
+
+}  // namespace ablate

@@ -1,0 +1,42 @@
+#pragma once
+// Trains and evaluates one cell of a grid, recording as it goes: steps, evaluations (loss, metrics,
+// generated samples), checkpoints and what trains. A run that was killed resumes from its last checkpoint
+// with exactly the model, optimizer, random generators and data position it had.
+
+#include <atomic>
+#include <filesystem>
+#include <functional>
+#include <string>
+
+#include <torch/types.h>
+
+#include "grid/experiment.hpp"
+#include "store/store.hpp"
+
+namespace ablate {
+
+class PluginHost;
+
+struct RunContext {
+  store::Store& store;
+  const PluginHost& host;
+  torch::Device device = torch::kCPU;
+  std::filesystem::path results_dir;  ///< checkpoints go under results_dir/checkpoints
+  int workers = 1;                     ///< data worker threads
+  const std::atomic<bool>* interrupted = nullptr;
+  std::string revision;                ///< source revision of this runner
+  std::string hostname;
+  std::string progress_prefix;         ///< "[2/5 strategy=projector]"
+  bool interactive = false;            ///< progress on one rewritten line (a terminal) or a line per log interval
+};
+
+enum class Outcome { done, diverged, interrupted };
+
+/// The learning rate of optimizer step `s` (0-based) out of `total`, as transformers' schedulers give it.
+double scheduled_lr(const TrainConfig& c, std::int64_t s);
+
+/// Runs (or resumes) cell `cell` as run `run_id`. Throws sdk::InputError on bad input, other exceptions on
+/// failures; the caller records them.
+Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx);
+
+}  // namespace ablate

@@ -1,0 +1,36 @@
+#pragma once
+// LLM backbones: token embeddings, the decoder stack with any attention mask and a KV cache, the LM head,
+// and the tokenizer the weights were trained with.
+
+#include <torch/types.h>
+
+#include "ablate/sdk/attention.hpp"
+#include "ablate/sdk/component.hpp"
+#include "ablate/sdk/tokenizer.hpp"
+
+namespace ablate::sdk {
+
+class Backbone : public Component {
+ public:
+  ~Backbone() override;
+  /// ids: [B, T] int64 -> [B, T, hidden_size()]: the inputs of the first decoder layer, before positions are
+  /// added (for OPT: embed_tokens, scaled, then project_in).
+  virtual torch::Tensor embed(const torch::Tensor& ids) = 0;
+  /// embeds: [B, T, hidden_size()]; positions: [B, T] int64, -1 where a token gets no position (image tokens
+  /// in the prefix layout; padding). With a cache, the new keys and values are appended to it and the
+  /// queries are the last T positions. Returns hidden states [B, T, output_size()], the LM head's input.
+  virtual torch::Tensor forward(const torch::Tensor& embeds, const torch::Tensor& positions,
+                                const AttentionMask& mask, KvCache* cache) = 0;
+  /// hidden: [..., output_size()] -> logits [..., vocab_size()].
+  virtual torch::Tensor logits(const torch::Tensor& hidden) = 0;
+  virtual const Tokenizer& tokenizer() const = 0;
+  virtual std::int64_t hidden_size() const = 0;
+  /// Width of forward()'s output (differs from hidden_size() where a model projects out, as opt-350m does).
+  virtual std::int64_t output_size() const { return hidden_size(); }
+  virtual std::int64_t vocab_size() const = 0;
+  /// Name (within module()) of the module that maps hidden states to logits, e.g. "lm_head". With tied
+  /// embeddings this is the embedding module that holds the shared matrix.
+  virtual std::string head_module() const = 0;
+};
+
+}  // namespace ablate::sdk

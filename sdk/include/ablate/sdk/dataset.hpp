@@ -1,0 +1,33 @@
+#pragma once
+// Datasets: indexed samples of image, prompt, target and references.
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "ablate/sdk/image.hpp"
+#include "ablate/sdk/options.hpp"
+
+namespace ablate::sdk {
+
+struct Sample {
+  std::string id;                       ///< stable across runs; samples of replays are matched on it
+  Image image;                          ///< RGB, height x width x 3
+  std::string prompt;                   ///< what the model is given (instruction and question)
+  std::string target;                   ///< the text trained on
+  std::vector<std::string> references;  ///< what metrics compare against; at least the target
+  Json metadata = Json::object();       ///< anything else (question type, ...)
+};
+
+class Dataset {
+ public:
+  virtual ~Dataset();
+  virtual std::size_t size() const = 0;
+  /// Sample `index` < size(). Must be thread-safe: the host calls it from several worker threads at once.
+  virtual Sample get(std::size_t index) const = 0;
+  /// Every word this dataset's text can contain, if it is a closed set (synthetic data); empty otherwise.
+  /// Lets a backbone built from scratch make a word-level tokenizer.
+  virtual std::vector<std::string> vocabulary() const;
+};
+
+}  // namespace ablate::sdk

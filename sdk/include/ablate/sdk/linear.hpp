@@ -1,0 +1,59 @@
+#pragma once
+// The linear layer every adaptable projection uses. It can carry a LoRA adapter (rank, alpha, dropout; merge
+// and unmerge) without its parent module being rebuilt; strategies find it by dynamic_cast, which works
+// across plugin libraries because its vtable and RTTI live in libablate_sdk.so.
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+namespace ablate::sdk {
+
+struct LoraConfig {
+  std::int64_t r = 8;
+  double alpha = 8.0;
+  double dropout = 0.0;
+  /// rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.
+  bool rslora = false;
+};
+
+/// y = x W^T + b (+ scaling * B A dropout(x) when an adapter is attached and not merged).
+/// Parameters: "weight" [out, in], "bias" [out]; with an adapter, "lora_A.weight" [r, in] and
+/// "lora_B.weight" [out, r], as PEFT names them in adapter_model.safetensors.
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(std::int64_t in_features, std::int64_t out_features, bool bias = true);
+  ~LinearImpl() override;
+
+  torch::Tensor forward(const torch::Tensor& x);
+  /// torch.nn.Linear's initialisation: Kaiming-uniform (a = sqrt(5)) weight, uniform bias.
+  void reset_parameters();
+
+  /// Attaches an adapter. A is Kaiming-uniform (a = sqrt(5)) and B zero, as PEFT initialises them, so the
+  /// layer's output does not change. The base weight and bias are frozen. Throws if one is attached.
+  void attach_lora(const LoraConfig& config);
+  bool has_lora() const { return static_cast<bool>(lora_A); }
+  const LoraConfig& lora_config() const { return lora_; }
+  double lora_scaling() const;
+  /// Folds the adapter into weight (W += scaling * B A); forward() then skips the adapter path.
+  void merge();
+  /// Undoes merge().
+  void unmerge();
+  bool merged() const { return merged_; }
+
+  std::int64_t in_features;
+  std::int64_t out_features;
+  torch::Tensor weight;
+  torch::Tensor bias;  ///< undefined without bias
+  torch::nn::Linear lora_A{nullptr};
+  torch::nn::Linear lora_B{nullptr};
+  torch::nn::Dropout lora_dropout{nullptr};
+
+ private:
+  LoraConfig lora_;
+  bool merged_ = false;
+};
+TORCH_MODULE(Linear);
+
+}  // namespace ablate::sdk

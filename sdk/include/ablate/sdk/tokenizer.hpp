@@ -1,0 +1,54 @@
+#pragma once
+// Tokenizers read from a Hugging Face tokenizer.json. Supported models so far: WordLevel (with the
+// Whitespace or WhitespaceSplit pre-tokenizer and an optional Lowercase normalizer). Anything else is
+// refused with an error naming the file and the unsupported part.
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace ablate::sdk {
+
+class Tokenizer {
+ public:
+  Tokenizer();
+  ~Tokenizer();
+  Tokenizer(const Tokenizer&);
+  Tokenizer& operator=(const Tokenizer&);
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+
+  /// Reads tokenizer.json; throws InputError naming the file on anything it cannot honour.
+  static Tokenizer from_file(const std::filesystem::path& file);
+  static Tokenizer from_json(const nlohmann::json& doc, const std::string& origin);
+  /// A word-level tokenizer over `words` (deduplicated, order kept) with the special tokens <pad>=0,
+  /// <s>=1, </s>=2, <unk>=3, a lowercasing normalizer, the Whitespace pre-tokenizer, and a post-processor
+  /// that prepends <s>. Its JSON loads in the `tokenizers` library.
+  static Tokenizer word_level(const std::vector<std::string>& words);
+
+  /// Token ids of `text`; with add_special_tokens, as the post-processor says (BOS first).
+  std::vector<std::int64_t> encode(std::string_view text, bool add_special_tokens = false) const;
+  /// Text of `ids`, tokens joined by the model's decoder (WordLevel: single spaces).
+  std::string decode(const std::vector<std::int64_t>& ids, bool skip_special_tokens = true) const;
+
+  std::int64_t vocab_size() const;
+  std::int64_t bos_id() const;  ///< -1 if none
+  std::int64_t eos_id() const;
+  std::int64_t pad_id() const;
+  std::int64_t unk_id() const;
+  std::string token(std::int64_t id) const;
+
+  nlohmann::json to_json() const;
+  void save(const std::filesystem::path& file) const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace ablate::sdk

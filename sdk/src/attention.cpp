@@ -1,0 +1,79 @@
+#include "ablate/sdk/attention.hpp"
+
+#include <ATen/ATen.h>
+
+namespace ablate::sdk {
+
+torch::Tensor dense_mask(const AttentionMask& mask, std::int64_t batch, std::int64_t q_len, std::int64_t k_len,
+                         std::int64_t q_offset, const torch::Device& device) {
+  auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
+  auto q_pos = torch::arange(q_offset, q_offset + q_len, opts).view({1, q_len, 1});
+  auto k_pos = torch::arange(k_len, opts).view({1, 1, k_len});
+  torch::Tensor allowed = mask.causal ? (k_pos <= q_pos) : torch::ones({1, q_len, k_len}, opts.dtype(torch::kBool));
+  if (mask.prefix.defined()) {
+    auto p = mask.prefix.to(device, torch::kLong).view({-1, 1, 1});
+    allowed = allowed | ((q_pos < p) & (k_pos < p));
+  }
+  allowed = allowed.expand({batch, q_len, k_len});
+  if (mask.key_valid.defined()) {
+    TORCH_CHECK(mask.key_valid.size(-1) == k_len, "key_valid covers ", mask.key_valid.size(-1), " keys, expected ",
+                k_len);
+    allowed = allowed & mask.key_valid.to(device, torch::kBool).view({batch, 1, k_len});
+  }
+  // A query that may see nothing (padding) attends to itself instead of producing NaN.
+  auto empty = ~allowed.any(-1, /*keepdim=*/true);
+  allowed = allowed | (empty & (k_pos == q_pos));
+  return allowed.unsqueeze(1);
+}
+
+std::pair<torch::Tensor, torch::Tensor> KvCache::append(std::size_t layer, const torch::Tensor& k,
+                                                        const torch::Tensor& v) {
+  if (layers_.size() <= layer) layers_.resize(layer + 1);
+  auto& [ck, cv] = layers_[layer];
+  if (!ck.defined()) {
+    ck = k;
+    cv = v;
+  } else {
+    ck = torch::cat({ck, k}, 2);
+    cv = torch::cat({cv, v}, 2);
+  }
+  return {ck, cv};
+}
+
+std::int64_t KvCache::past_length(std::size_t layer) const {
+  if (layer >= layers_.size() || !layers_[layer].first.defined()) return 0;
+  return layers_[layer].first.size(2);
+}
+
+void KvCache::select(const torch::Tensor& rows) {
+  for (auto& [k, v] : layers_) {
+    if (!k.defined()) continue;
+    k = k.index_select(0, rows);
+    v = v.index_select(0, rows);
+  }
+}
+
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const AttentionMask& mask,
+                     std::int64_t q_offset, double scale, double dropout_p) {
+  const auto heads = q.size(1), kv_heads = k.size(1);
+  torch::Tensor key = k, value = v;
+  if (kv_heads != heads) {
+    TORCH_CHECK(heads % kv_heads == 0, "query heads ", heads, " not a multiple of key/value heads ", kv_heads);
+    // Same order as Hugging Face's repeat_kv: each key/value head serves heads/kv_heads consecutive queries.
+    key = k.repeat_interleave(heads / kv_heads, 1);
+    value = v.repeat_interleave(heads / kv_heads, 1);
+  }
+  const auto q_len = q.size(2), k_len = key.size(2);
+  const bool plain = !mask.prefix.defined() && !mask.key_valid.defined();
+  if (plain && (!mask.causal || q_len == 1)) {
+    // No mask: every key is visible (encoders, or one new token at the end of a causal sequence).
+    return at::scaled_dot_product_attention(q, key, value, std::nullopt, dropout_p, false, scale);
+  }
+  if (plain && q_offset == 0 && q_len == k_len) {
+    return at::scaled_dot_product_attention(q, key, value, std::nullopt, dropout_p, true, scale);
+  }
+  auto m = dense_mask(mask, q.size(0), q_len, k_len, q_offset, q.device());
+  return at::scaled_dot_product_attention(q, key, value, m, dropout_p, false, scale);
+}
+
+}  // namespace ablate::sdk

@@ -1,0 +1,74 @@
+// Key functions of the SDK's interfaces. Defining them here puts every vtable and type_info in
+// libablate_sdk.so, so that dynamic_cast and exceptions work the same in the host and in every plugin.
+
+#include <torch/nn/module.h>
+
+#include "ablate/sdk/registry.hpp"
+
+namespace ablate::sdk {
+
+Component::~Component() = default;
+Json Component::hf_config() const { return nullptr; }
+void Component::save_extras(const std::filesystem::path&) const {}
+Encoder::~Encoder() = default;
+Projector::~Projector() = default;
+Backbone::~Backbone() = default;
+Strategy::~Strategy() = default;
+Dataset::~Dataset() = default;
+std::vector<std::string> Dataset::vocabulary() const { return {}; }
+Metric::~Metric() = default;
+double Metric::aggregate(const std::vector<double>& scores) const {
+  if (scores.empty()) return 0.0;
+  double sum = 0.0;
+  for (double s : scores) sum += s;
+  return sum / static_cast<double>(scores.size());
+}
+Registry::~Registry() = default;
+
+const char* kind_name(Kind kind) {
+  switch (kind) {
+    case Kind::encoder: return "encoder";
+    case Kind::projector: return "projector";
+    case Kind::backbone: return "backbone";
+    case Kind::strategy: return "strategy";
+    case Kind::dataset: return "dataset";
+    case Kind::metric: return "metric";
+  }
+  return "?";
+}
+
+std::filesystem::path resolve_path(const std::filesystem::path& base, const std::string& path) {
+  std::filesystem::path p(path);
+  if (p.is_absolute() || base.empty()) return p;
+  return (base / p).lexically_normal();
+}
+
+TrainTarget::TrainTarget(torch::nn::Module& root, std::string head) : root_(root), head_(std::move(head)) {
+  for (const auto& item : root_.named_modules("", /*include_self=*/false)) {
+    modules_.emplace_back(item.key(), item.value().get());
+  }
+}
+
+TrainTarget::~TrainTarget() = default;
+
+torch::nn::Module* TrainTarget::find(const std::string& name) const {
+  if (name.empty()) return &root_;
+  for (const auto& [n, m] : modules_) {
+    if (n == name) return m;
+  }
+  return nullptr;
+}
+
+std::int64_t TrainTarget::train(const std::string& name) {
+  torch::nn::Module* m = find(name);
+  if (!m) throw InputError("no module named '" + name + "' in the assembled model");
+  std::int64_t count = 0;
+  for (auto& p : m->parameters(/*recurse=*/true)) {
+    p.set_requires_grad(true);
+    ++count;
+  }
+  if (count == 0) throw InputError("module '" + name + "' has no parameters to train");
+  return count;
+}
+
+}  // namespace ablate::sdk

@@ -1,0 +1,79 @@
+#include "ablate/sdk/linear.hpp"
+
+#include <cmath>
+
+#include <torch/nn/functional/linear.h>
+#include <torch/nn/init.h>
+
+#include "ablate/sdk/error.hpp"
+
+namespace ablate::sdk {
+
+LinearImpl::LinearImpl(std::int64_t in, std::int64_t out, bool with_bias) : in_features(in), out_features(out) {
+  weight = register_parameter("weight", torch::empty({out, in}));
+  if (with_bias) bias = register_parameter("bias", torch::empty({out}));
+  reset_parameters();
+}
+
+LinearImpl::~LinearImpl() = default;
+
+void LinearImpl::reset_parameters() {
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (bias.defined()) {
+    const double bound = in_features > 0 ? 1.0 / std::sqrt(static_cast<double>(in_features)) : 0.0;
+    torch::nn::init::uniform_(bias, -bound, bound);
+  }
+}
+
+double LinearImpl::lora_scaling() const {
+  if (!has_lora()) return 0.0;
+  const double r = static_cast<double>(lora_.r);
+  return lora_.rslora ? lora_.alpha / std::sqrt(r) : lora_.alpha / r;
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  auto y = torch::nn::functional::linear(x, weight, bias.defined() ? bias : torch::Tensor());
+  if (has_lora() && !merged_) {
+    // PEFT's order: result + lora_B(lora_A(dropout(x))) * scaling.
+    y = y + lora_B(lora_A(lora_dropout(x))) * lora_scaling();
+  }
+  return y;
+}
+
+void LinearImpl::attach_lora(const LoraConfig& config) {
+  if (has_lora()) throw InputError("a LoRA adapter is already attached to this layer");
+  if (config.r <= 0) throw InputError("LoRA rank must be positive, got " + std::to_string(config.r));
+  lora_ = config;
+  const auto options = weight.options();
+  lora_dropout = register_module("lora_dropout", torch::nn::Dropout(config.dropout));
+  lora_A = register_module("lora_A", torch::nn::Linear(torch::nn::LinearOptions(in_features, config.r).bias(false)));
+  lora_B = register_module("lora_B", torch::nn::Linear(torch::nn::LinearOptions(config.r, out_features).bias(false)));
+  {
+    torch::NoGradGuard no_grad;
+    lora_A->weight.set_data(torch::empty({config.r, in_features}, options));
+    lora_B->weight.set_data(torch::zeros({out_features, config.r}, options));
+    torch::nn::init::kaiming_uniform_(lora_A->weight, std::sqrt(5.0));
+  }
+  lora_A->weight.set_requires_grad(true);
+  lora_B->weight.set_requires_grad(true);
+  weight.set_requires_grad(false);
+  if (bias.defined()) bias.set_requires_grad(false);
+  lora_dropout->train(is_training());
+}
+
+void LinearImpl::merge() {
+  if (!has_lora() || merged_) return;
+  torch::NoGradGuard no_grad;
+  weight.add_(torch::matmul(lora_B->weight, lora_A->weight).to(weight.dtype()) * lora_scaling());
+  merged_ = true;
+}
+
+void LinearImpl::unmerge() {
+  if (!has_lora() || !merged_) return;
+  torch::NoGradGuard no_grad;
+  weight.sub_(torch::matmul(lora_B->weight, lora_A->weight).to(weight.dtype()) * lora_scaling());
+  merged_ = false;
+}
+
+}  // namespace ablate::sdk
