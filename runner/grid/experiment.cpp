@@ -199,6 +199,7 @@ EvalConfig eval_config(sdk::Options& e, const PluginHost& host) {
   c.generate.top_p = g.get("top_p", c.generate.top_p);
   c.generate.top_k = g.get("top_k", c.generate.top_k);
   c.generate.stop = g.get("stop", c.generate.stop);
+  c.group_by = e.get("group_by", c.group_by);
   if (c.every < 0) e.fail("every", "must be 0 (only at the end) or positive");
   if (c.samples < 0) e.fail("samples", "must not be negative");
   if (c.batch_size <= 0) e.fail("batch_size", "must be positive");

@@ -71,6 +71,9 @@ struct EvalConfig {
   std::int64_t batch_size = 32;
   GenerateConfig generate;
   std::vector<PluginRef> metrics;
+  /// A sample metadata field ("task", "question_type"): each metric is also recorded per value of it, as
+  /// "exact_match[task=position]".
+  std::string group_by;
 };
 
 /// One cell of the grid, fully resolved.

@@ -310,6 +310,18 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     for (const auto& [ref, metric] : metrics) {
       auto scores = guarded(ref.qualified(), "score", [&] { return metric->score(predictions, references); });
       values.emplace_back(ref.id, guarded(ref.qualified(), "aggregate", [&] { return metric->aggregate(scores); }));
+      if (!ec.group_by.empty()) {
+        std::map<std::string, std::vector<double>> groups;
+        for (std::size_t j = 0; j < scores.size(); ++j) {
+          const auto& meta = eval_examples[j].sample.metadata;
+          const auto it = meta.find(ec.group_by);
+          if (it == meta.end()) continue;
+          groups[it->is_string() ? it->get<std::string>() : it->dump()].push_back(scores[j]);
+        }
+        for (const auto& [value, group] : groups) {
+          values.emplace_back(ref.id + "[" + ec.group_by + "=" + value + "]", metric->aggregate(group));
+        }
+      }
       per_sample.push_back(std::move(scores));
     }
     std::vector<store::SampleRow> samples;
@@ -350,7 +362,9 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     ctx.store.record_eval(run_id, row, values, samples, images);
     std::ostringstream line;
     line << ctx.progress_prefix << " eval step " << step << ": loss " << loss;
-    for (const auto& [name, value] : values) line << ", " << name << " " << value;
+    for (const auto& [name, value] : values) {
+      if (name.find('[') == std::string::npos) line << ", " << name << " " << value;
+    }
     line << " (" << human_seconds(std::chrono::duration<double>(Clock::now() - t0).count()) << ")";
     out << (ctx.interactive ? "\r\033[K" : "") << line.str() << "\n";
   };

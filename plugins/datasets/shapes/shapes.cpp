@@ -213,7 +213,7 @@ class Shapes : public sdk::Dataset {
         for (int c = 0; c < 3; ++c) img(y, x, c) = static_cast<std::uint8_t>(std::clamp(bg + noise(rng), 0, 255));
       }
     }
-    const double r_lo = half * 0.28, r_hi = half * 0.42;
+    const double r_lo = half * 0.36, r_hi = half * 0.46;
     for (const auto& it : items) {
       const double r = std::uniform_real_distribution<double>(r_lo, r_hi)(rng);
       const double jitter = half * 0.5 - r;

@@ -208,6 +208,10 @@ struct ClipVitOptions {
   sdk::Json config;               ///< CLIPVisionConfig keys, for a model built from scratch
   std::int64_t feature_layer = -1;  ///< index into hidden_states; negative counts from the end (LLaVA: -2)
   std::string tokens = "all";     ///< "all": CLS + patches (GIT); "patches": drop CLS (LLaVA)
+  /// From scratch only: standard deviation of the initial position embeddings (default: transformers'
+  /// initializer_range * initializer_factor). Tiny encoders trained briefly never learn where things are
+  /// when positions start 20x weaker than patch contents; a larger value avoids that plateau.
+  double position_init_std = -1;
 
   static ClipVitOptions parse(sdk::Options& o) {
     ClipVitOptions x;
@@ -219,6 +223,7 @@ struct ClipVitOptions {
     } else if (o.has("config")) {
       o.fail("config", "give either weights or config, not both");
     }
+    if (x.weights.empty()) x.position_init_std = o.get("position_init_std", x.position_init_std);
     x.feature_layer = o.get("feature_layer", x.feature_layer);
     x.tokens = o.get("tokens", x.tokens);
     if (x.tokens != "all" && x.tokens != "patches") o.fail("tokens", "must be \"all\" or \"patches\"");
@@ -247,7 +252,15 @@ class ClipVit : public sdk::Encoder {
     if (dir.empty()) {
       init_weights();
     } else {
-      sdk::load_state(*model_, sdk::read_weights(dir), dir.string(), true,
+      auto tensors = sdk::read_weights(dir);
+      // transformers 5 saves CLIPVisionModel without the "vision_model." prefix that CLIPModel checkpoints
+      // (and earlier versions) use; both load.
+      if (!tensors.count("vision_model.embeddings.class_embedding") && tensors.count("embeddings.class_embedding")) {
+        sdk::TensorMap renamed;
+        for (auto& [k, v] : tensors) renamed.emplace("vision_model." + k, v);
+        tensors = std::move(renamed);
+      }
+      sdk::load_state(*model_, tensors, dir.string(), true,
                       {"text_model.", "visual_projection.", "text_projection.", "logit_scale"});
     }
     spec_ = default_spec();
@@ -329,7 +342,8 @@ class ClipVit : public sdk::Encoder {
     auto& vm = *model_->vision_model;
     vm.embeddings->class_embedding.normal_(0.0, std::pow(d, -0.5) * f);
     vm.embeddings->patch_embedding->weight.normal_(0.0, config_.initializer_range * f);
-    vm.embeddings->position_embedding->weight.normal_(0.0, config_.initializer_range * f);
+    const double pos_std = options_.position_init_std > 0 ? options_.position_init_std : config_.initializer_range * f;
+    vm.embeddings->position_embedding->weight.normal_(0.0, pos_std);
     const double in_std = std::pow(d, -0.5) * std::pow(2.0 * config_.num_hidden_layers, -0.5) * f;
     const double out_std = std::pow(d, -0.5) * f;
     const double fc_std = std::pow(2.0 * d, -0.5) * f;
