@@ -29,11 +29,16 @@ function(ablate_warnings target)
   target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter)
 endfunction()
 
-# The torch 2.11 wheel's libtorch.so and libtorch_cpu.so export their own copies of std::filesystem
-# functions, and its remove_all() crashes (a call through a null pointer) when it has a folder to delete.
-# Symbols are looked up in the executable's libraries in link order, and libtorch comes before libstdc++
-# there; naming libstdc++ first makes the C++ runtime's own std::filesystem the one everything calls
-# (libtorch and the plugins included). Used on every executable we link.
-function(ablate_runtime_first target)
+# Settings every executable we link gets:
+#  - -fPIC rather than CMake's -fPIE, so that the one precompiled header (built -fPIC for the shared
+#    libraries) is valid in executables too; objects built -fPIC link into a PIE executable all the same.
+#  - libstdc++ first among its libraries. The torch 2.11 wheel's libtorch.so and libtorch_cpu.so export
+#    their own copies of std::filesystem functions, and that remove_all() crashes (a call through a null
+#    pointer) when it has a folder to delete. Symbols resolve in the executable's libraries in link order,
+#    where libtorch came before libstdc++; naming libstdc++ first makes the C++ runtime's own
+#    std::filesystem the one everything calls (libtorch and the plugins included).
+function(ablate_executable target)
+  set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE OFF)
+  target_compile_options(${target} PRIVATE -fPIC)
   target_link_options(${target} BEFORE PRIVATE "LINKER:--push-state,--no-as-needed" "-lstdc++" "LINKER:--pop-state")
 endfunction()

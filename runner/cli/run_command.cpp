@@ -122,7 +122,7 @@ int run(const Common& common, const RunArgs& args) {
 
   char hostname[256] = {};
   ::gethostname(hostname, sizeof hostname - 1);
-  RunContext ctx{db, host};
+  RunContext ctx(db, host);
   ctx.device = device;
   ctx.results_dir = common.db.parent_path().empty() ? fs::path(".") : common.db.parent_path();
   ctx.workers = std::max(1, args.workers);

@@ -18,6 +18,7 @@ namespace ablate {
 class PluginHost;
 
 struct RunContext {
+  RunContext(store::Store& s, const PluginHost& h) : store(s), host(h) {}
   store::Store& store;
   const PluginHost& host;
   torch::Device device = torch::kCPU;

@@ -1,0 +1,170 @@
+// Grid expansion, option resolution and cell keys.
+
+#include <catch2/catch.hpp>
+
+#include "ablate/sdk/error.hpp"
+#include "grid/experiment.hpp"
+#include "helpers.hpp"
+
+using namespace ablate;
+using ablate::test::TempDir;
+using ablate::test::builtin_plugins;
+using ablate::test::tiny_experiment;
+using ablate::test::write_file;
+
+namespace {
+
+Experiment load(const TempDir& dir, const std::string& text) {
+  return load_experiment(write_file(dir / "x.toml", text), builtin_plugins());
+}
+
+// The message of the InputError that loading `text` throws ("" if none).
+std::string error_of(const TempDir& dir, const std::string& text) {
+  try {
+    auto ex = load(dir, text);
+    compute_keys(ex);
+  } catch (const sdk::InputError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("grid axes expand to their cartesian product, first axis slowest", "[grid]") {
+  TempDir dir;
+  auto ex = load(dir, tiny_experiment("g", 8, 4,
+                                      "[grid]\n"
+                                      "strategy = [[\"projector\"], [\"projector\", \"head\"], [\"full\"]]\n"
+                                      "\"train.lr\" = [1e-3, 3e-4]\n"));
+  compute_keys(ex);
+  REQUIRE(ex.cells.size() == 6);
+  REQUIRE(ex.axes == std::vector<std::string>{"strategy", "train.lr"});
+  CHECK(ex.cells[0].label == "strategy=projector, train.lr=0.001");
+  CHECK(ex.cells[1].label == "strategy=projector, train.lr=0.0003");
+  CHECK(ex.cells[2].label == "strategy=projector+head, train.lr=0.001");
+  CHECK(ex.cells[5].label == "strategy=full, train.lr=0.0003");
+  CHECK(ex.cells[1].train.lr == Approx(3e-4));
+  CHECK(ex.cells[2].strategies.size() == 2);
+  CHECK(ex.cells[2].strategies[1].id == "head");
+  // Every cell has its own key.
+  std::set<std::string> keys;
+  for (const auto& c : ex.cells) keys.insert(c.key);
+  CHECK(keys.size() == 6);
+}
+
+TEST_CASE("a dotted axis overrides one nested value and keeps its siblings", "[grid]") {
+  TempDir dir;
+  auto ex = load(dir, tiny_experiment("g", 8, 4, "[grid]\n\"model.backbone.config.num_hidden_layers\" = [1, 2]\n"));
+  REQUIRE(ex.cells.size() == 2);
+  const auto& cfg = ex.cells[1].resolved["model"]["backbone"]["config"];
+  CHECK(cfg["num_hidden_layers"] == 2);
+  CHECK(cfg["hidden_size"] == 16);  // from the base file
+  CHECK(cfg["ffn_dim"] == 32);
+  // Plugin defaults are resolved into the configuration that is hashed and stored.
+  CHECK(cfg["activation_function"] == "relu");
+  CHECK(ex.cells[0].resolved["train"]["grad_accum"] == 1);
+}
+
+TEST_CASE("table values in a grid address plugin options", "[grid]") {
+  TempDir dir;
+  auto ex = load(dir, tiny_experiment("g", 8, 4,
+                                      "[grid]\nstrategy = [[\"projector\", { plugin = \"lora\", r = 4 }]]\n"));
+  REQUIRE(ex.cells.size() == 1);
+  CHECK(ex.cells[0].label == "strategy=projector+lora(r=4)");
+  CHECK(ex.cells[0].resolved["strategy"][1]["r"] == 4);
+  CHECK(ex.cells[0].resolved["strategy"][1]["alpha"] == 8.0);  // PEFT's default, resolved
+}
+
+TEST_CASE("cell keys: equal configurations agree, changed values differ, bookkeeping is ignored", "[grid]") {
+  TempDir a, b, c, d;
+  auto key = [](const TempDir& dir, const std::string& text) {
+    auto ex = load(dir, text);
+    compute_keys(ex);
+    return ex.cells[0].key;
+  };
+  const auto base = key(a, tiny_experiment("k"));
+  CHECK(base.size() == 64);
+  CHECK(key(b, tiny_experiment("k")) == base);
+  // A different name or log interval does not change what is computed.
+  std::string renamed = tiny_experiment("another-name");
+  CHECK(key(c, renamed) == base);
+  std::string relog = tiny_experiment("k");
+  relog.replace(relog.find("log_every = 2"), 13, "log_every = 7");
+  CHECK(key(d, relog) == base);
+  // An explicit default is the same configuration as the default itself.
+  TempDir e, f, g;
+  std::string explicit_default = tiny_experiment("k");
+  explicit_default.replace(explicit_default.find("batch_size = 4"), 14, "batch_size = 4\ngrad_accum = 1");
+  CHECK(key(e, explicit_default) == base);
+  // A value that changes the computation does.
+  std::string lr = tiny_experiment("k");
+  lr.replace(lr.find("lr = 1e-3"), 9, "lr = 2e-3");
+  CHECK(key(f, lr) != base);
+  std::string seed = tiny_experiment("k");
+  seed.replace(seed.find("seed = 3"), 8, "seed = 4");
+  CHECK(key(g, seed) != base);
+}
+
+TEST_CASE("cell keys follow the contents of the weights folders they read", "[grid]") {
+  TempDir dir;
+  write_file(dir / "w" / "config.json", "{\"hidden_size\": 16}");
+  write_file(dir / "w" / "model.safetensors", "first");
+  std::string text = tiny_experiment("k");
+  const auto from = text.find("encoder = {");
+  text.replace(from, text.find('\n', from) - from, "encoder = { plugin = \"clip_vit\", weights = \"w\" }");
+  auto first = load(dir, text);
+  compute_keys(first);
+  write_file(dir / "w" / "model.safetensors", "second");
+  auto second = load(dir, text);
+  compute_keys(second);
+  CHECK(first.cells[0].key != second.cells[0].key);
+  std::filesystem::remove_all(dir / "w");
+  auto missing = load(dir, text);
+  CHECK_THROWS_WITH(compute_keys(missing), Catch::Contains("model.encoder.weights: no folder"));
+}
+
+TEST_CASE("unknown keys fail with file, line and key", "[grid][errors]") {
+  TempDir dir;
+  std::string text = tiny_experiment("e");
+  text.replace(text.find("lr = 1e-3"), 9, "lr = 1e-3\nlearning_rate = 1");
+  const auto msg = error_of(dir, text);
+  CHECK_THAT(msg, Catch::StartsWith((dir / "x.toml").string() + ":"));
+  CHECK_THAT(msg, Catch::EndsWith("train.learning_rate: unknown key"));
+  // The line is the key's own.
+  const auto line = std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(text.find("learning_rate")), '\n') + 1;
+  CHECK_THAT(msg, Catch::Contains(":" + std::to_string(line) + ":"));
+
+  // Inside a plugin's options and its nested config.
+  std::string plugin = tiny_experiment("e");
+  plugin.replace(plugin.find("ffn_dim = 32"), 12, "ffn_dim = 32, ffn_size = 3");
+  CHECK_THAT(error_of(dir, plugin), Catch::EndsWith("model.backbone.config.ffn_size: unknown key"));
+  // A grid axis that addresses a key nobody reads names the grid's line.
+  const auto grid = error_of(dir, tiny_experiment("e", 8, 4, "[grid]\n\"train.warmup\" = [1, 2]\n"));
+  CHECK_THAT(grid, Catch::EndsWith("train.warmup: unknown key"));
+  CHECK_THAT(grid, Catch::Contains("x.toml:"));
+}
+
+TEST_CASE("bad values fail with file, line and key", "[grid][errors]") {
+  TempDir dir;
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string t = tiny_experiment("e");
+    t.replace(t.find(from), from.size(), to);
+    return error_of(dir, t);
+  };
+  CHECK_THAT(with("steps = 8", "steps = -1"), Catch::EndsWith("train.steps: must be positive"));
+  CHECK_THAT(with("lr = 1e-3", "lr = \"fast\""), Catch::EndsWith("train.lr: expected a number, got a string"));
+  CHECK_THAT(with("plugin = \"git\"", "plugin = \"gti\""), Catch::Contains("no projector plugin 'gti'"));
+  CHECK_THAT(with("layout = \"prefix\"", "layout = \"sideways\""), Catch::Contains("model.layout"));
+  CHECK_THAT(with("strategy = [\"full\"]", ""), Catch::Contains("strategy: missing"));
+  CHECK_THAT(with("[train]", "[train\n"), Catch::StartsWith((dir / "x.toml").string() + ":"));
+  const auto lora = with("strategy = [\"full\"]", "strategy = [{ plugin = \"lora\", r = 0 }]");
+  CHECK_THAT(lora, Catch::EndsWith("strategy[0].r: must be positive"));
+}
+
+TEST_CASE("a grid of several cells cannot export to one folder", "[grid][errors]") {
+  TempDir dir;
+  const auto msg = error_of(dir, tiny_experiment("e", 8, 4,
+                                                 "[export]\nbackbone = \"out\"\n[grid]\n\"train.lr\" = [1e-3, 2e-3]\n"));
+  CHECK_THAT(msg, Catch::Contains("export: a grid of several cells"));
+}

@@ -1,0 +1,125 @@
+// LoRA in the SDK's linear layer, and the lora strategy's targeting.
+
+#include <catch2/catch.hpp>
+
+#include <torch/torch.h>
+
+#include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/strategy.hpp"
+#include "helpers.hpp"
+#include "model/vlm.hpp"
+
+using namespace ablate;
+
+namespace {
+
+// The tiny VLM the grid tests use, built from scratch, every parameter frozen.
+std::shared_ptr<VlmModel> tiny_model() {
+  const auto& host = ablate::test::builtin_plugins();
+  sdk::BuildContext ctx;
+  ctx.vocabulary = {"a", "b", "c"};
+  sdk::Json enc = {{"config", {{"image_size", 16}, {"patch_size", 8}, {"hidden_size", 16}, {"intermediate_size", 32},
+                               {"num_hidden_layers", 2}, {"num_attention_heads", 2}}}};
+  sdk::Json bb = {{"config", {{"hidden_size", 16}, {"ffn_dim", 32}, {"num_hidden_layers", 2}, {"num_attention_heads", 2}}}};
+  sdk::Json proj = sdk::Json::object();
+  sdk::Options eo(enc, "", "encoder", nullptr), bo(bb, "", "backbone", nullptr), po(proj, "", "projector", nullptr);
+  auto encoder = host.create_encoder("clip_vit", eo, ctx);
+  auto backbone = host.create_backbone("opt", bo, ctx);
+  ctx.in_features = 16;
+  ctx.out_features = 16;
+  auto projector = host.create_projector("git", po, ctx);
+  auto model = std::make_shared<VlmModel>(Part<sdk::Encoder>{encoder, "encoder/clip_vit"},
+                                          Part<sdk::Projector>{projector, "projector/git"},
+                                          Part<sdk::Backbone>{backbone, "backbone/opt"});
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  return model;
+}
+
+void apply_lora(VlmModel& model, sdk::Json options) {
+  options["plugin"] = "lora";
+  sdk::Options o(options, "", "strategy[0]", nullptr);
+  auto strategy = ablate::test::builtin_plugins().create_strategy("lora", o, {});
+  sdk::TrainTarget target(model, model.head());
+  strategy->apply(target);
+}
+
+}  // namespace
+
+TEST_CASE("an attached adapter leaves the output unchanged: B starts at zero, as in PEFT", "[lora]") {
+  torch::manual_seed(0);
+  sdk::Linear layer(6, 5);
+  auto x = torch::randn({3, 6});
+  auto before = layer(x);
+  layer->attach_lora({4, 8.0, 0.0, false});
+  CHECK(torch::equal(layer(x), before));
+  CHECK(layer->lora_A->weight.abs().sum().item<double>() > 0);
+  CHECK(layer->lora_B->weight.abs().sum().item<double>() == 0);
+  CHECK_FALSE(layer->weight.requires_grad());
+  CHECK(layer->lora_A->weight.requires_grad());
+  CHECK_THROWS(layer->attach_lora({4, 8.0, 0.0, false}));
+}
+
+TEST_CASE("merged and unmerged adapters give the same outputs, and unmerge restores the weight", "[lora]") {
+  torch::manual_seed(1);
+  sdk::Linear layer(8, 7);
+  layer->attach_lora({3, 6.0, 0.0, false});
+  {
+    torch::NoGradGuard no_grad;
+    layer->lora_B->weight.normal_();  // as if trained
+  }
+  const auto original = layer->weight.clone();
+  auto x = torch::randn({4, 8});
+  auto unmerged = layer(x);
+  CHECK_FALSE(torch::allclose(unmerged, torch::nn::functional::linear(x, layer->weight, layer->bias)));
+  layer->merge();
+  CHECK(layer->merged());
+  CHECK(torch::allclose(layer(x), unmerged, 1e-5, 1e-6));
+  layer->unmerge();
+  CHECK(torch::allclose(layer->weight, original, 1e-6, 1e-7));
+  CHECK(torch::allclose(layer(x), unmerged, 1e-5, 1e-6));
+}
+
+TEST_CASE("scaling is alpha / r, or alpha / sqrt(r) with rsLoRA", "[lora]") {
+  sdk::Linear a(4, 4), b(4, 4);
+  a->attach_lora({16, 32.0, 0.0, false});
+  b->attach_lora({16, 32.0, 0.0, true});
+  CHECK(a->lora_scaling() == Approx(2.0));
+  CHECK(b->lora_scaling() == Approx(8.0));
+}
+
+TEST_CASE("lora targets are scoped to one component: v_proj in the backbone leaves the vision tower alone", "[lora]") {
+  auto model = tiny_model();
+  apply_lora(*model, {{"target_modules", {"v_proj"}}});
+  int backbone = 0, encoder = 0;
+  for (const auto& item : model->named_modules()) {
+    auto* linear = dynamic_cast<sdk::LinearImpl*>(item.value().get());
+    if (!linear || !linear->has_lora()) continue;
+    if (item.key().rfind("backbone.", 0) == 0) ++backbone;
+    if (item.key().rfind("encoder.", 0) == 0) ++encoder;
+  }
+  CHECK(backbone == 2);  // one v_proj per decoder layer
+  CHECK(encoder == 0);
+  // Only adapter weights train.
+  for (const auto& p : model->named_parameters()) {
+    CHECK(p.value().requires_grad() == (p.key().find(".lora_") != std::string::npos));
+  }
+  auto other = tiny_model();
+  apply_lora(*other, {{"target_modules", {"v_proj"}}, {"component", "encoder"}});
+  CHECK(dynamic_cast<sdk::LinearImpl*>(other->named_modules()["encoder.vision_model.encoder.layers.0.self_attn.v_proj"].get())->has_lora());
+}
+
+TEST_CASE("lora targets that match nothing are an error, and exclude removes matches", "[lora][errors]") {
+  auto model = tiny_model();
+  CHECK_THROWS_WITH(apply_lora(*model, {{"target_modules", {"w_proj"}}}),
+                    Catch::Contains("target_modules [w_proj] match no linear layer in backbone"));
+  auto excluded = tiny_model();
+  apply_lora(*excluded, {{"target_modules", {"q_proj", "v_proj"}}, {"exclude", {"layers.0."}}});
+  int adapted = 0;
+  for (const auto& item : excluded->named_modules()) {
+    if (auto* l = dynamic_cast<sdk::LinearImpl*>(item.value().get()); l && l->has_lora()) {
+      CHECK(item.key().find("layers.1.") != std::string::npos);
+      ++adapted;
+    }
+  }
+  CHECK(adapted == 2);
+}

@@ -1,0 +1,133 @@
+// The SDK's kit: typed options, SHA-256, safetensors, strict loading, tokenizer, images.
+
+#include <catch2/catch.hpp>
+
+#include <torch/torch.h>
+
+#include "ablate/sdk/error.hpp"
+#include "ablate/sdk/hash.hpp"
+#include "ablate/sdk/image.hpp"
+#include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/options.hpp"
+#include "ablate/sdk/tokenizer.hpp"
+#include "ablate/sdk/weights.hpp"
+#include "helpers.hpp"
+
+using namespace ablate;
+using ablate::test::TempDir;
+using ablate::test::write_file;
+
+TEST_CASE("options: typed reads with defaults, resolved values, unknown keys with their line", "[sdk][options]") {
+  sdk::Json table = {{"r", 8}, {"alpha", 16}, {"name", "x"}, {"nested", {{"a", 1}, {"typo", 2}}}, {"extra", true}};
+  auto where = std::make_shared<sdk::SourceMap>(sdk::SourceMap{
+      {"", {"f.toml", 1}}, {"/extra", {"f.toml", 7}}, {"/nested", {"f.toml", 4}}, {"/nested/typo", {"f.toml", 5}}});
+  sdk::Options o(table, "", "strategy", where);
+  CHECK(o.get("r", std::int64_t{1}) == 8);
+  CHECK(o.get("alpha", 1.0) == 16.0);  // integers read as floats
+  CHECK(o.get("dropout", 0.1) == 0.1);
+  CHECK(o.get("name", "default") == "x");
+  CHECK_THROWS_WITH(o.get("name", std::int64_t{0}), "f.toml:1: strategy.name: expected an integer, got a string");
+  auto nested = o.table("nested");
+  CHECK(nested.get("a", std::int64_t{0}) == 1);
+  CHECK_THROWS_WITH(o.finish(), "f.toml:7: strategy.extra: unknown key");  // keys are checked in sorted order
+  (void)o.get("extra", false);
+  CHECK_THROWS_WITH(o.finish(), "f.toml:5: strategy.nested.typo: unknown key");
+  (void)nested.get("typo", std::int64_t{0});
+  CHECK_NOTHROW(o.finish());
+  const auto resolved = o.resolved();
+  CHECK(resolved["dropout"] == 0.1);
+  CHECK(resolved["nested"]["a"] == 1);
+  CHECK_THROWS_WITH(o.require<std::string>("missing"), "f.toml:1: strategy.missing: missing (required)");
+}
+
+TEST_CASE("sha256 gives the standard test vectors", "[sdk]") {
+  CHECK(sdk::sha256_hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(sdk::sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(sdk::sha256_hex(std::string(1000000, 'a')) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST_CASE("safetensors round-trip float32, float16 and bfloat16, memory-mapped", "[sdk][weights]") {
+  TempDir dir;
+  torch::manual_seed(0);
+  sdk::TensorMap in = {{"a.weight", torch::randn({3, 4})},
+                       {"b.half", torch::randn({5}).to(torch::kFloat16)},
+                       {"c.bf16", torch::randn({2, 2, 2}).to(torch::kBFloat16)},
+                       {"d.ids", torch::arange(6)}};
+  sdk::write_safetensors(dir / "m.safetensors", in, {{"format", "pt"}});
+  auto out = sdk::read_safetensors(dir / "m.safetensors");
+  REQUIRE(out.size() == 4);
+  for (const auto& [name, t] : in) {
+    CHECK(out.at(name).dtype() == t.dtype());
+    CHECK(torch::equal(out.at(name), t));
+  }
+  // Header: 8-byte length, then JSON padded to a multiple of 8.
+  const auto bytes = ablate::test::read_file(dir / "m.safetensors");
+  std::uint64_t len = 0;
+  for (int i = 7; i >= 0; --i) len = (len << 8) | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
+  CHECK(len % 8 == 0);
+}
+
+TEST_CASE("malformed safetensors and JSON name the file and the problem", "[sdk][weights][errors]") {
+  TempDir dir;
+  write_file(dir / "short.safetensors", "abc");
+  CHECK_THROWS_WITH(sdk::read_safetensors(dir / "short.safetensors"), Catch::Contains("short.safetensors: not a safetensors file"));
+  std::string bad(8, '\0');
+  bad[0] = 100;
+  write_file(dir / "huge.safetensors", bad + "{}");
+  CHECK_THROWS_WITH(sdk::read_safetensors(dir / "huge.safetensors"), Catch::Contains("exceeds the file size"));
+  write_file(dir / "c.json", "{\"a\": ");
+  CHECK_THROWS_WITH(sdk::read_json(dir / "c.json"), Catch::Contains("c.json: malformed JSON at byte"));
+  CHECK_THROWS_WITH(sdk::read_weights(dir / "nowhere"), Catch::Contains("no model.safetensors"));
+}
+
+TEST_CASE("loading by name is strict and lists missing, unexpected and mis-shaped tensors", "[sdk][weights][errors]") {
+  sdk::Linear layer(3, 2);
+  sdk::TensorMap good = {{"weight", torch::ones({2, 3})}, {"bias", torch::zeros({2})}};
+  sdk::load_state(*layer, good, "ok");
+  CHECK(layer->weight.sum().item<double>() == 6.0);
+  sdk::TensorMap bad = {{"weight", torch::ones({3, 3})}, {"extra", torch::zeros({1})}};
+  CHECK_THROWS_WITH(sdk::load_state(*layer, bad, "folder"),
+                    "folder: weights do not fit the model: missing (1): bias; unexpected (1): extra; mis-shaped (1): "
+                    "weight: file [3, 3] vs model [2, 3];");
+  auto report = sdk::load_state(*layer, bad, "folder", /*strict=*/false, {"ext"});
+  CHECK(report.unexpected.empty());
+}
+
+TEST_CASE("the word-level tokenizer encodes, decodes and round-trips through its JSON", "[sdk][tokenizer]") {
+  TempDir dir;
+  auto tok = sdk::Tokenizer::word_level({"where", "is", "the", "red", "circle", "?", "top", "left"});
+  CHECK(tok.bos_id() == 1);
+  CHECK(tok.eos_id() == 2);
+  CHECK(tok.pad_id() == 0);
+  CHECK(tok.encode("Where is the red circle?", true) == std::vector<std::int64_t>{1, 4, 5, 6, 7, 8, 9});
+  CHECK(tok.encode("where is the blue circle", false) == std::vector<std::int64_t>{4, 5, 6, 3, 8});  // unknown -> <unk>
+  CHECK(tok.encode("top left</s>", false) == std::vector<std::int64_t>{10, 11, 2});
+  CHECK(tok.decode({1, 10, 11, 2}, true) == "top left");
+  CHECK(tok.decode({1, 10, 11, 2}, false) == "<s> top left </s>");
+  tok.save(dir / "tokenizer.json");
+  auto again = sdk::Tokenizer::from_file(dir / "tokenizer.json");
+  CHECK(again.encode("where is the red circle ?", true) == tok.encode("where is the red circle ?", true));
+  write_file(dir / "bpe.json", R"({"model": {"type": "Unigram", "vocab": []}})");
+  CHECK_THROWS_WITH(sdk::Tokenizer::from_file(dir / "bpe.json"), Catch::Contains("\"Unigram\" is not supported yet"));
+}
+
+TEST_CASE("images: PNG round-trips, corrupt files are named, resize keeps size-preserving calls exact", "[sdk][image]") {
+  TempDir dir;
+  sdk::Image img = xt::zeros<std::uint8_t>({std::size_t{5}, std::size_t{7}, std::size_t{3}});
+  for (std::size_t y = 0; y < 5; ++y) {
+    for (std::size_t x = 0; x < 7; ++x) {
+      for (std::size_t c = 0; c < 3; ++c) img(y, x, c) = static_cast<std::uint8_t>(y * 40 + x * 5 + c);
+    }
+  }
+  auto png = sdk::encode_png(img);
+  CHECK((sdk::decode_image(png, "mem") == img));
+  CHECK(sdk::encode_png(img) == png);  // equal images, equal bytes (content hashes are stable)
+  CHECK((sdk::resize(img, 7, 5, 3) == img));
+  auto half = sdk::resize(img, 4, 3, 3);
+  CHECK(half.shape(0) == 3);
+  CHECK(half.shape(1) == 4);
+  CHECK(sdk::center_crop(img, 3, 3).shape(1) == 3);
+  std::vector<std::uint8_t> broken(png.begin(), png.begin() + 20);
+  CHECK_THROWS_WITH(sdk::decode_image(broken, "pic.png"), Catch::StartsWith("pic.png: "));
+  CHECK_THROWS_WITH(sdk::decode_image({1, 2, 3, 4}, "x.bin"), "x.bin: not a PNG or JPEG image");
+}
