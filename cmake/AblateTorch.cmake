@@ -3,11 +3,13 @@
 
 set(ABLATE_VENV "$ENV{HOME}/.cache/ablate/venv" CACHE PATH "Python environment that holds torch==2.11.0")
 
+# The environment's Python also runs the parity and system tests.
+find_program(ABLATE_PYTHON NAMES python3 python PATHS ${ABLATE_VENV}/bin NO_DEFAULT_PATH)
+if(NOT ABLATE_PYTHON)
+  find_program(ABLATE_PYTHON NAMES python3 python)
+endif()
+
 if(NOT Torch_DIR)
-  find_program(ABLATE_PYTHON NAMES python3 python PATHS ${ABLATE_VENV}/bin NO_DEFAULT_PATH)
-  if(NOT ABLATE_PYTHON)
-    find_program(ABLATE_PYTHON NAMES python3 python)
-  endif()
   execute_process(
     COMMAND ${ABLATE_PYTHON} -c "import torch, os; print(os.path.join(torch.utils.cmake_prefix_path, 'Torch'))"
     OUTPUT_VARIABLE _ablate_torch_dir OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _ablate_rc)
@@ -23,9 +25,9 @@ endif()
 #  - with no GPU to probe it prints "Automatic GPU detection failed" and picks a dozen architectures, and it
 #    warns that CMAKE_CUDA_ARCHITECTURES is ignored. We compile no CUDA sources ourselves; libtorch's kernels
 #    are prebuilt. Naming one architecture (Hopper, the GPU machine's) keeps the check quiet and fast.
-#  - it adds the toolkit's libnvrtc to TORCH_LIBRARIES. We link the imported `torch` target only, whose
-#    libtorch_cuda.so finds the wheel's own CUDA libraries through its RPATH; so no second copy of CUDA
-#    libraries is pulled in from /usr/local/cuda at run time.
+#  - it puts the toolkit's libnvrtc (/usr/local/cuda/lib) on the link line of the `torch` target. We call
+#    nothing in it, so --as-needed leaves it out of our binaries; at run time libtorch_cuda.so finds the
+#    wheel's own CUDA libraries (nvidia/cu13/lib) through its RPATH, never a second copy from the toolkit.
 if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT TORCH_CUDA_ARCH_LIST)
   set(TORCH_CUDA_ARCH_LIST "9.0" CACHE STRING "CUDA architectures for torch's CMake checks")
 endif()

@@ -8,6 +8,7 @@
 #include <toml++/toml.h>
 
 #include "ablate/sdk/hash.hpp"
+#include "ablate/sdk/weights.hpp"
 #include "host/plugin_host.hpp"
 
 namespace ablate {
@@ -428,6 +429,10 @@ void compute_keys(Experiment& ex) {
                               ".weights: no folder " + dir.string() +
                               (ex.requires.empty() ? "" : " (should an experiment in [experiment] requires make it?)"));
       }
+      // Malformed files are bad input too: find them now, before anything is recorded. Only the JSON and
+      // the safetensors headers are read (tensors are memory-mapped, not loaded).
+      if (std::filesystem::exists(dir / "config.json")) (void)sdk::read_json(dir / "config.json");
+      (void)sdk::read_weights(dir);
       weights[r->pointer] = fingerprint_folder(dir);
     }
     cell.key = sdk::sha256_hex(Json{{"config", hashed}, {"plugins", plugins}, {"weights", weights}}.dump());

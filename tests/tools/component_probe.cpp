@@ -4,6 +4,8 @@
 //   component_probe encoder  ID WEIGHTS_DIR IN OUT [OPTIONS_JSON]   IN: pixels [B,3,H,W]     OUT: features
 //   component_probe backbone ID WEIGHTS_DIR IN OUT [OPTIONS_JSON]   IN: input_ids, attention_mask [B,T]
 //                                                                   OUT: hidden, logits
+//   component_probe tokenize TOKENIZER_JSON IN.json OUT.json         IN: a JSON array of strings
+//                                                                   OUT: {"ids": [[...]], "decoded": [...]}
 // The backbone sees a left- or right-padded batch the way transformers does: positions count real tokens
 // from 0, padding is never attended to. Plugins are found as the runner finds them (ABLATE_PLUGIN_PATH and
 // the build tree).
@@ -12,12 +14,29 @@
 
 #include <torch/torch.h>
 
+#include "ablate/sdk/tokenizer.hpp"
 #include "ablate/sdk/weights.hpp"
 #include "host/plugin_host.hpp"
 
 using namespace ablate;
 
 int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[1]) == "tokenize") {
+    try {
+      auto tok = sdk::Tokenizer::from_file(argv[2]);
+      sdk::Json out = {{"ids", sdk::Json::array()}, {"decoded", sdk::Json::array()}};
+      for (const auto& text : sdk::read_json(argv[3])) {
+        auto ids = tok.encode(text.get<std::string>(), /*add_special_tokens=*/true);
+        out["ids"].push_back(ids);
+        out["decoded"].push_back(tok.decode(ids, /*skip_special_tokens=*/true));
+      }
+      sdk::write_json(argv[4], out);
+      return 0;
+    } catch (const std::exception& e) {
+      std::cerr << "component_probe: " << e.what() << "\n";
+      return 1;
+    }
+  }
   if (argc < 6) {
     std::cerr << "usage: component_probe encoder|backbone ID WEIGHTS_DIR IN.safetensors OUT.safetensors [OPTIONS_JSON]\n";
     return 2;

@@ -2,7 +2,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <torch/torch.h>
+
 #include "ablate/sdk/error.hpp"
+#include "ablate/sdk/weights.hpp"
 #include "grid/experiment.hpp"
 #include "helpers.hpp"
 
@@ -109,16 +112,19 @@ TEST_CASE("cell keys: equal configurations agree, changed values differ, bookkee
 TEST_CASE("cell keys follow the contents of the weights folders they read", "[grid]") {
   TempDir dir;
   write_file(dir / "w" / "config.json", "{\"hidden_size\": 16}");
-  write_file(dir / "w" / "model.safetensors", "first");
+  sdk::write_safetensors(dir / "w" / "model.safetensors", {{"a", torch::zeros({2})}});
   std::string text = tiny_experiment("k");
   const auto from = text.find("encoder = {");
   text.replace(from, text.find('\n', from) - from, "encoder = { plugin = \"clip_vit\", weights = \"w\" }");
   auto first = load(dir, text);
   compute_keys(first);
-  write_file(dir / "w" / "model.safetensors", "second");
+  sdk::write_safetensors(dir / "w" / "model.safetensors", {{"a", torch::ones({2})}});
   auto second = load(dir, text);
   compute_keys(second);
   CHECK(first.cells[0].key != second.cells[0].key);
+  write_file(dir / "w" / "config.json", "{\"hidden_size\": ");
+  auto malformed = load(dir, text);
+  CHECK_THROWS_WITH(compute_keys(malformed), Catch::Contains("config.json: malformed JSON"));
   std::filesystem::remove_all(dir / "w");
   auto missing = load(dir, text);
   CHECK_THROWS_WITH(compute_keys(missing), Catch::Contains("model.encoder.weights: no folder"));

@@ -1,0 +1,182 @@
+"""Parity with the Python references installed on this machine: the plugins load Hugging Face folders that
+transformers wrote and compute what transformers computes; folders that ablate exports load in transformers and
+compute what ablate computes; the word-level tokenizer gives the `tokenizers` library's ids."""
+import json
+import random
+import subprocess
+import unittest
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
+
+from ablate_testing import PROBE, TempDirTest, run, tiny_experiment
+
+TOLERANCE = 1e-4  # float32, max absolute difference
+
+
+def word_level_tokenizer_json(path, vocab_size):
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    path.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None,
+                                "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+                                "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
+
+
+class ComponentParityTest(TempDirTest):
+    def probe(self, kind, plugin, folder, inputs, options=None):
+        save_file(inputs, str(self.dir / "in.safetensors"))
+        args = [str(PROBE), kind, plugin, str(folder), str(self.dir / "in.safetensors"), str(self.dir / "out.safetensors")]
+        if options:
+            args.append(json.dumps(options))
+        out = subprocess.run(args, capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return load_file(str(self.dir / "out.safetensors"))
+
+    def assert_close(self, ours, ref, what):
+        diff = (ours - ref).abs().max().item()
+        print(f"{what}: max abs difference {diff:.3g}")
+        self.assertLessEqual(diff, TOLERANCE, what)
+
+    def test_clip_vision(self):
+        torch.manual_seed(0)
+        for act in ("quick_gelu", "gelu"):
+            config = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                      image_size=32, patch_size=8, hidden_act=act)
+            model = CLIPVisionModel(config).eval()
+            folder = self.dir / f"clip-{act}"
+            model.save_pretrained(folder)
+            pixels = torch.randn(3, 3, 32, 32)
+            with torch.no_grad():
+                ref = model(pixel_values=pixels, output_hidden_states=True)
+            ours = self.probe("encoder", "clip_vit", folder, {"pixels": pixels})["features"]
+            self.assert_close(ours, ref.last_hidden_state, f"CLIP vision ({act}) last_hidden_state")
+            # LLaVA's features: the penultimate layer without the CLS token.
+            ours = self.probe("encoder", "clip_vit", folder, {"pixels": pixels},
+                              {"feature_layer": -2, "tokens": "patches"})["features"]
+            self.assert_close(ours, ref.hidden_states[-2][:, 1:], f"CLIP vision ({act}) hidden_states[-2], patches")
+
+    def test_clip_vision_from_a_full_clip_checkpoint(self):
+        torch.manual_seed(1)
+        config = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=16),
+                            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=99), projection_dim=16)
+        model = CLIPModel(config).eval()
+        model.save_pretrained(self.dir / "clip-full")
+        pixels = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            ref = model.vision_model(pixel_values=pixels).last_hidden_state
+        ours = self.probe("encoder", "clip_vit", self.dir / "clip-full", {"pixels": pixels})["features"]
+        self.assert_close(ours, ref, "CLIP vision tower of a full CLIPModel checkpoint")
+
+    def opt_parity(self, name, **config):
+        torch.manual_seed(2)
+        model = OPTForCausalLM(OPTConfig(vocab_size=120, max_position_embeddings=64, **config)).eval()
+        folder = self.dir / name
+        model.save_pretrained(folder)
+        word_level_tokenizer_json(folder / "tokenizer.json", 120)
+        ids = torch.randint(4, 120, (3, 9))
+        mask = torch.ones(3, 9, dtype=torch.long)
+        mask[1, :3] = 0  # left padding, as batched generation has it
+        mask[2, :6] = 0
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ours = self.probe("backbone", "opt", folder, {"input_ids": ids, "attention_mask": mask})
+        valid = mask.bool()
+        self.assert_close(ours["logits"][valid], ref.logits[valid], f"{name} logits (padded batch)")
+        return ours, ref, valid
+
+    def test_opt_pre_layernorm_tied(self):
+        self.opt_parity("opt-125m-shaped", hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4)
+
+    def test_opt_350m_shaped(self):
+        # opt-350m: post-layernorm, no final layer norm, project_in / project_out around a wider decoder.
+        self.opt_parity("opt-350m-shaped", hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                        word_embed_proj_dim=32, do_layer_norm_before=False)
+
+    def test_opt_untied_gelu(self):
+        self.opt_parity("opt-untied", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=8,
+                        tie_word_embeddings=False, activation_function="gelu")
+
+
+class ExportParityTest(TempDirTest):
+    """A tiny model trained by ablate and exported in Hugging Face layout loads in transformers and tokenizers and
+    computes what ablate computes."""
+
+    def test_exported_folders_load_in_transformers(self):
+        extra = '[export]\nencoder = "out/encoder"\nbackbone = "out/backbone"\n'
+        toml = self.write("export.toml", tiny_experiment("export", steps=4, every=4, extra=extra))
+        done = run([toml, "--db", self.dir / "r.db"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+        encoder = CLIPVisionModel.from_pretrained(self.dir / "out" / "encoder").eval()
+        pixels = torch.randn(2, 3, 16, 16)
+        save_file({"pixels": pixels}, str(self.dir / "px.safetensors"))
+        subprocess.run([str(PROBE), "encoder", "clip_vit", str(self.dir / "out" / "encoder"), str(self.dir / "px.safetensors"),
+                        str(self.dir / "f.safetensors")], check=True)
+        with torch.no_grad():
+            diff = (load_file(str(self.dir / "f.safetensors"))["features"] - encoder(pixel_values=pixels).last_hidden_state)
+        self.assertLessEqual(diff.abs().max().item(), TOLERANCE)
+
+        backbone = OPTForCausalLM.from_pretrained(self.dir / "out" / "backbone").eval()
+        tokenizer = Tokenizer.from_file(str(self.dir / "out" / "backbone" / "tokenizer.json"))
+        ids = torch.tensor([tokenizer.encode("where is the red circle ?").ids, tokenizer.encode("how many shapes are there ?").ids])
+        self.assertEqual(ids[0, 0].item(), 1)  # <s> from the post-processor
+        mask = torch.ones_like(ids)
+        save_file({"input_ids": ids, "attention_mask": mask}, str(self.dir / "ids.safetensors"))
+        subprocess.run([str(PROBE), "backbone", "opt", str(self.dir / "out" / "backbone"), str(self.dir / "ids.safetensors"),
+                        str(self.dir / "l.safetensors")], check=True)
+        with torch.no_grad():
+            diff = load_file(str(self.dir / "l.safetensors"))["logits"] - backbone(input_ids=ids, attention_mask=mask).logits
+        self.assertLessEqual(diff.abs().max().item(), TOLERANCE)
+        config = json.loads((self.dir / "out" / "encoder" / "preprocessor_config.json").read_text())
+        self.assertEqual(config["crop_size"], {"height": 16, "width": 16})
+
+
+class TokenizerParityTest(TempDirTest):
+    def test_word_level_matches_tokenizers_on_2000_strings(self):
+        words = ["where", "is", "the", "red", "circle", "top", "left", "a", "b", "café", "中文", "x_y", "42", "?", ".", "!?"]
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+        for w in words:
+            vocab.setdefault(w, len(vocab))
+        doc = {"version": "1.0", "truncation": None, "padding": None,
+               "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                                 "normalized": False, "special": True} for t, i in list(vocab.items())[:4]],
+               "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
+               "post_processor": {"type": "TemplateProcessing",
+                                  "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                                  "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                           {"Sequence": {"id": "B", "type_id": 1}}],
+                                  "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+               "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+        path = self.dir / "tokenizer.json"
+        path.write_text(json.dumps(doc))
+        reference = Tokenizer.from_file(str(path))
+
+        rng = random.Random(7)
+        pieces = words + ["WHERE", "Red", "unknown", "zzz", "</s>", "<s>", "<pad>", "??", "...", ",", "-", "'s", "Café",
+                          "中文字", "x_y_z", "3.14", "a-b", "(", ")"]
+        spaces = [" ", "  ", "\t", "\n", " \n ", "", "   "]
+        texts = []
+        for _ in range(2000):
+            texts.append("".join(rng.choice(pieces) + rng.choice(spaces) for _ in range(rng.randint(0, 12))))
+        (self.dir / "in.json").write_text(json.dumps(texts))
+        out = subprocess.run([str(PROBE), "tokenize", str(path), str(self.dir / "in.json"), str(self.dir / "out.json")],
+                             capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        ours = json.loads((self.dir / "out.json").read_text())
+        mismatches = 0
+        for i, text in enumerate(texts):
+            ref = reference.encode(text)
+            if ours["ids"][i] != ref.ids or ours["decoded"][i] != reference.decode(ref.ids, skip_special_tokens=True):
+                mismatches += 1
+                if mismatches <= 5:
+                    print(repr(text), ours["ids"][i], ref.ids, repr(ours["decoded"][i]))
+        print(f"{len(texts)} strings, {mismatches} mismatches")
+        self.assertEqual(mismatches, 0)
+
+
+if __name__ == "__main__":
+    unittest.main()

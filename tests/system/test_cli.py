@@ -1,0 +1,212 @@
+"""The runner as a user meets it: bad input gets one line naming the file and the problem, exit status 2, and
+the database untouched; plugin failures and divergence mark one run and the grid goes on; interrupting resumes;
+one runner per database; outputs are escaped when shown."""
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import unittest
+
+from ablate_testing import RUNNER, TEST_PLUGINS, TempDirTest, query, run, tiny_experiment
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+class BadInputTest(TempDirTest):
+    """Each case: exit 2, a single line on stderr that names the file, and no change to the database."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.dir / "results.db"
+        good = self.write("good.toml", tiny_experiment("good", steps=2, every=2))
+        done = run([good, "--db", self.db])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.before = digest(self.db)
+
+    def expect_bad(self, args, *fragments):
+        out = run([*args, "--db", self.db])
+        self.assertEqual(out.returncode, 2, out.stderr)
+        lines = [l for l in out.stderr.splitlines() if l.strip()]
+        self.assertEqual(len(lines), 1, out.stderr)
+        self.assertTrue(lines[0].startswith("runner: "), lines[0])
+        for f in fragments:
+            self.assertIn(f, lines[0])
+        self.assertEqual(digest(self.db), self.before, "the database changed")
+        self.assertFalse(self.db.with_name(self.db.name + "-wal").exists())
+        return lines[0]
+
+    def experiment(self, name, before, after):
+        text = tiny_experiment("bad")
+        self.assertIn(before, text)
+        return self.write(name, text.replace(before, after))
+
+    def test_toml_syntax_error(self):
+        f = self.experiment("syntax.toml", "[train]", "[train")
+        self.expect_bad([f], "syntax.toml:")
+
+    def test_unknown_key(self):
+        f = self.experiment("key.toml", "batch_size = 4", "batch_size = 4\nbatch = 8")
+        line = self.expect_bad([f], "key.toml:", "train.batch: unknown key")
+        self.assertRegex(line, r"key\.toml:\d+: train\.batch")
+
+    def test_bad_value(self):
+        f = self.experiment("value.toml", "steps = 8", 'steps = "many"')
+        self.expect_bad([f], "value.toml:", "train.steps: expected an integer, got a string")
+
+    def test_unknown_plugin(self):
+        f = self.experiment("plugin.toml", 'plugin = "git"', 'plugin = "gitt"')
+        self.expect_bad([f], "plugin.toml:", "no projector plugin 'gitt'")
+
+    def test_missing_experiment_file(self):
+        self.expect_bad([self.dir / "nowhere.toml"], "nowhere.toml: cannot open experiment")
+
+    def weights_experiment(self, name):
+        lines = [('backbone = { plugin = "opt", weights = "w" }' if l.startswith("backbone =") else l)
+                 for l in tiny_experiment("bad").splitlines()]
+        return self.write(name, "\n".join(lines))
+
+    def test_malformed_config_json_in_weights(self):
+        (self.dir / "w").mkdir()
+        (self.dir / "w" / "config.json").write_text('{"hidden_size": ')
+        self.expect_bad([self.weights_experiment("weights.toml")], "config.json: malformed JSON at byte")
+
+    def test_corrupt_safetensors_in_weights(self):
+        (self.dir / "w").mkdir()
+        (self.dir / "w" / "config.json").write_text("{}")
+        (self.dir / "w" / "model.safetensors").write_bytes(b"\xff" * 16)
+        self.expect_bad([self.weights_experiment("st.toml")], "model.safetensors: header length")
+
+    def test_requires_cycle(self):
+        a = self.experiment("a.toml", 'name = "bad"', 'name = "a"\nrequires = ["b.toml"]')
+        self.experiment("b.toml", 'name = "bad"', 'name = "b"\nrequires = ["a.toml"]')
+        self.expect_bad([a], "requires forms a cycle")
+
+    def test_bad_device(self):
+        f = self.write("ok.toml", tiny_experiment("bad"))
+        self.expect_bad([f, "--device", "tpu:9"], "--device tpu:9")
+
+    def test_unknown_option(self):
+        out = run(["--frobnicate"])
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(len(out.stderr.strip().splitlines()), 1)
+
+    def test_not_a_database(self):
+        other = self.dir / "notes.db"
+        other.write_text("not a database, just notes " * 20)
+        before = digest(other)
+        out = run([self.write("ok.toml", tiny_experiment("bad")), "--db", other])
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn("notes.db", out.stderr)
+        self.assertEqual(digest(other), before)
+
+    def test_compare_and_replay_of_unknown_things(self):
+        self.expect_bad(["compare", "nope"], "no experiment named 'nope'", "good")
+        self.expect_bad(["replay", "999"], "no run 999")
+
+
+class RunOutcomesTest(TempDirTest):
+    def test_plugin_failure_marks_one_run_and_the_grid_goes_on(self):
+        toml = self.write("explode.toml", tiny_experiment(
+            "explode", steps=4, every=2,
+            extra='[grid]\n"model.projector" = [{ plugin = "explode" }, { plugin = "git" }]\n'))
+        db = self.dir / "r.db"
+        out = run([toml, "--db", db, "--plugins", TEST_PLUGINS / "throws_forward"])
+        self.assertEqual(out.returncode, 1, out.stderr)
+        rows = query(db, "SELECT status, error FROM runs ORDER BY cell_index")
+        self.assertEqual(rows[0][0], "failed")
+        self.assertIn("projector/explode: forward: boom in forward", rows[0][1])
+        self.assertEqual(rows[1][0], "done")
+        self.assertIn("failed: projector/explode: forward: boom in forward", out.stderr)
+
+    def test_divergence_marks_the_run_and_the_grid_goes_on(self):
+        toml = self.write("div.toml", tiny_experiment(
+            "div", steps=20, every=10, extra='[grid]\n"train.lr" = [1e30, 1e-3]\n'))
+        db = self.dir / "r.db"
+        out = run([toml, "--db", db])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        rows = query(db, "SELECT status, error FROM runs ORDER BY cell_index")
+        self.assertEqual(rows[0][0], "diverged")
+        self.assertRegex(rows[0][1], r"loss became (nan|inf) at step \d+")
+        self.assertEqual(rows[1][0], "done")
+        # Steps before the divergence are kept; none is NULL.
+        self.assertEqual(query(db, "SELECT count(*) FROM steps WHERE loss IS NULL"), [(0,)])
+        again = run([toml, "--db", db])
+        self.assertIn("diverged already", again.stderr)
+
+    def test_sigint_interrupts_and_the_run_resumes(self):
+        toml = self.write("int.toml", tiny_experiment("int", steps=400, every=20))
+        db = self.dir / "r.db"
+        with open(self.dir / "log", "w") as log:
+            proc = subprocess.Popen([str(RUNNER), str(toml), "--db", str(db)], stderr=log, stdout=subprocess.DEVNULL)
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    if query(db, "SELECT count(*) FROM checkpoints")[0][0] >= 1:
+                        break
+                except sqlite3.Error:
+                    pass
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            self.assertEqual(proc.wait(timeout=60), 130)
+        self.assertEqual(query(db, "SELECT status FROM runs"), [("interrupted",)])
+        self.assertIn("resumes from its last checkpoint", (self.dir / "log").read_text())
+        done = run([toml, "--db", db])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("resuming from the checkpoint", done.stderr)
+        self.assertEqual(query(db, "SELECT count(*), min(step), max(step) FROM steps WHERE split = 'train'"), [(400, 1, 400)])
+
+    def test_one_runner_per_database(self):
+        toml = self.write("lock.toml", tiny_experiment("lock", steps=400, every=200))
+        db = self.dir / "r.db"
+        with open(self.dir / "log", "w") as log:
+            first = subprocess.Popen([str(RUNNER), str(toml), "--db", str(db)], stderr=log, stdout=subprocess.DEVNULL)
+            try:
+                deadline = time.time() + 60
+                while not db.exists() and time.time() < deadline:
+                    time.sleep(0.02)
+                second = run([toml, "--db", db])
+                self.assertEqual(second.returncode, 2)
+                self.assertIn("in use by another runner", second.stderr)
+            finally:
+                first.kill()
+                first.wait()
+
+    def test_dry_run_prints_cells_and_records_nothing(self):
+        toml = self.write("dry.toml", tiny_experiment("dry", extra='[grid]\n"train.lr" = [1e-3, 2e-3, 3e-3]\n'))
+        out = run([toml, "--dry-run", "--db", self.dir / "r.db"])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("3 cells", out.stdout)
+        self.assertRegex(out.stdout, r"\[3/3\] [0-9a-f]{12}  train\.lr=0\.003")
+        self.assertFalse((self.dir / "r.db").exists())
+
+    def test_replay_escapes_what_models_and_datasets_wrote(self):
+        toml = self.write("esc.toml", tiny_experiment("esc", steps=2, every=2))
+        db = self.dir / "r.db"
+        self.assertEqual(run([toml, "--db", db]).returncode, 0)
+        con = sqlite3.connect(db)
+        con.execute("UPDATE samples SET output = ?, prompt = ? WHERE rowid = (SELECT min(rowid) FROM samples WHERE step = 2)",
+                    ("<script>alert(1)</script>\x1b[31mred\x07", "line one\nline two"))
+        con.commit()
+        con.close()
+        out = run(["replay", "1", "--db", db])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertNotIn("\x1b", out.stdout)
+        self.assertNotIn("\x07", out.stdout)
+        self.assertIn("<script>alert(1)</script>\\x1b[31mred\\x07", out.stdout)
+        self.assertIn("line one\\nline two", out.stdout)
+
+    def test_plugins_lists_and_reports_bad_files(self):
+        out = run(["plugins"], env={"ABLATE_PLUGIN_PATH": f"{TEST_PLUGINS / 'bad_abi'}:{TEST_PLUGINS / 'no_entry'}"})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertRegex(out.stdout, r"backbone\s+opt\s+1\s+\S+libablate_backbone_opt\.so")
+        self.assertIn("ABI mismatch in sdk_abi", out.stderr)
+        self.assertIn("not an ablate plugin", out.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
