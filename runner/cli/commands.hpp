@@ -29,6 +29,7 @@ int plugins(const Common& common);
 struct CompareArgs {
   std::string experiment;  ///< a name, or a path to the experiment's TOML
   bool all = false;        ///< also runs of cells no longer in the grid
+  bool groups = false;     ///< also per-group metrics ("exact_match[task=position]")
 };
 int compare(const Common& common, const CompareArgs& args);
 

@@ -68,7 +68,8 @@ int dispatch(int argc, char** argv) {
   } else if (command == "compare") {
     specific.add_options()
         ("experiment", po::value<std::string>(&cmp.experiment), "experiment name or TOML file")
-        ("all", po::bool_switch(&cmp.all), "also show runs of cells no longer in the grid");
+        ("all", po::bool_switch(&cmp.all), "also show runs of cells no longer in the grid")
+        ("groups", po::bool_switch(&cmp.groups), "also show per-group metrics ([eval] group_by)");
     positional.add("experiment", 1);
   } else if (command == "replay") {
     specific.add_options()

@@ -77,6 +77,7 @@ int compare(const Common& common, const CompareArgs& args) {
     }
     r.trainable_pct = total ? 100.0 * static_cast<double>(trainable) / static_cast<double>(total) : 0.0;
     for (const auto& [m, v] : r.metrics) {
+      if (!args.groups && m.find('[') != std::string::npos) continue;
       if (std::find(metric_names.begin(), metric_names.end(), m) == metric_names.end()) metric_names.push_back(m);
     }
     rows.push_back(std::move(r));
