@@ -17,16 +17,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string escape(std::string_view key) {
-  std::string out;
-  for (char c : key) {
-    if (c == '~') out += "~0";
-    else if (c == '/') out += "~1";
-    else out += c;
-  }
-  return out;
-}
-
 // TOML -> JSON, remembering the line of every value by its JSON pointer.
 Json to_json(const toml::node& node, const std::string& pointer, const std::string& file, sdk::SourceMap& where) {
   where[pointer] = {file, static_cast<int>(node.source().begin.line)};
@@ -34,7 +24,7 @@ Json to_json(const toml::node& node, const std::string& pointer, const std::stri
     Json out = Json::object();
     for (const auto& [k, v] : *t) {
       const std::string key(k.str());
-      out[key] = to_json(v, pointer + "/" + escape(key), file, where);
+      out[key] = to_json(v, pointer + "/" + sdk::pointer_token(key), file, where);
     }
     return out;
   }
@@ -53,15 +43,6 @@ Json to_json(const toml::node& node, const std::string& pointer, const std::stri
   else if (const auto* t = node.as_time()) os << t->get();
   else if (const auto* dt = node.as_date_time()) os << dt->get();
   return os.str();
-}
-
-std::string line_of(const sdk::SourceMap& where, const std::string& pointer, const std::string& file) {
-  for (std::string p = pointer;; p = p.substr(0, p.rfind('/'))) {
-    auto it = where.find(p);
-    if (it != where.end()) return it->second.file + ":" + std::to_string(it->second.line);
-    if (p.empty()) break;
-  }
-  return file;
 }
 
 std::string format_number(double v) {
@@ -295,19 +276,19 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
   };
   std::vector<Axis> axes;
   if (base.contains("grid")) {
-    if (!base["grid"].is_object()) throw sdk::InputError(line_of(*where, "/grid", file.string()) + ": grid: must be a table");
+    if (!base["grid"].is_object()) throw sdk::InputError(sdk::locate(*where, "/grid", file.string()) + ": grid: must be a table");
     for (auto it = base["grid"].begin(); it != base["grid"].end(); ++it) {
-      const std::string ptr = "/grid/" + escape(it.key());
+      const std::string ptr = "/grid/" + sdk::pointer_token(it.key());
       if (!it->is_array() || it->empty()) {
-        throw sdk::InputError(line_of(*where, ptr, file.string()) + ": grid." + it.key() + ": expected a non-empty array of values");
+        throw sdk::InputError(sdk::locate(*where, ptr, file.string()) + ": grid." + it.key() + ": expected a non-empty array of values");
       }
       Axis a{it.key(), {}, *it, (*where)[ptr].line};
       std::stringstream ss(it.key());
       for (std::string part; std::getline(ss, part, '.');) {
-        if (part.empty()) throw sdk::InputError(line_of(*where, ptr, file.string()) + ": grid." + it.key() + ": empty key segment");
+        if (part.empty()) throw sdk::InputError(sdk::locate(*where, ptr, file.string()) + ": grid." + it.key() + ": empty key segment");
         a.path.push_back(part);
       }
-      if (a.path.front() == "grid") throw sdk::InputError(line_of(*where, ptr, file.string()) + ": grid: an axis cannot address grid");
+      if (a.path.front() == "grid") throw sdk::InputError(sdk::locate(*where, ptr, file.string()) + ": grid: an axis cannot address grid");
       axes.push_back(std::move(a));
     }
     base.erase("grid");
@@ -336,18 +317,19 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
       Json* node = &cell.config;
       std::string target;
       for (std::size_t k = 0; k < a.path.size(); ++k) {
-        target += "/" + escape(a.path[k]);
+        target += "/" + sdk::pointer_token(a.path[k]);
         if (k + 1 < a.path.size()) {
           if (!node->contains(a.path[k])) (*node)[a.path[k]] = Json::object();
           node = &(*node)[a.path[k]];
           if (!node->is_object()) {
-            throw sdk::InputError(std::to_string(a.line) + ": grid." + a.name + ": '" + a.path[k] + "' is not a table");
+            throw sdk::InputError(file.string() + ":" + std::to_string(a.line) + ": grid." + a.name + ": '" + a.path[k] +
+                                  "' is not a table");
           }
         }
       }
       (*node)[a.path.back()] = value;
       // Positions of the grid value now describe the cell's value.
-      const std::string from = "/grid/" + escape(a.name) + "/" + std::to_string(pick[i]);
+      const std::string from = "/grid/" + sdk::pointer_token(a.name) + "/" + std::to_string(pick[i]);
       for (auto it = where->lower_bound(from); it != where->end() && it->first.compare(0, from.size(), from) == 0; ++it) {
         (*cell_where)[target + it->first.substr(from.size())] = it->second;
       }
@@ -363,7 +345,7 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
 
   ex.name = ex.cells.front().name;
   if (ex.cells.size() > 1 && !ex.cells.front().export_dirs.empty()) {
-    throw sdk::InputError(line_of(*where, "/export", file.string()) +
+    throw sdk::InputError(sdk::locate(*where, "/export", file.string()) +
                           ": export: a grid of several cells cannot export to one folder");
   }
   Json requires = base.contains("experiment") ? base["experiment"].value("requires", Json::array()) : Json::array();
@@ -425,7 +407,7 @@ void compute_keys(Experiment& ex) {
       if (!table.contains("weights") || !table["weights"].is_string() || table["weights"].get<std::string>().empty()) continue;
       const auto dir = sdk::resolve_path(ex.base_dir, table["weights"].get<std::string>());
       if (!fs::is_directory(dir)) {
-        throw sdk::InputError(line_of(*cell.where, r->pointer + "/weights", ex.file.string()) + ": " + r->display +
+        throw sdk::InputError(sdk::locate(*cell.where, r->pointer + "/weights", ex.file.string()) + ": " + r->display +
                               ".weights: no folder " + dir.string() +
                               (ex.requires.empty() ? "" : " (should an experiment in [experiment] requires make it?)"));
       }

@@ -12,16 +12,6 @@ OptionError::~OptionError() = default;
 
 namespace {
 
-std::string escape_pointer_token(std::string_view key) {
-  std::string out;
-  for (char c : key) {
-    if (c == '~') out += "~0";
-    else if (c == '/') out += "~1";
-    else out += c;
-  }
-  return out;
-}
-
 const char* type_name(const Json& v) {
   switch (v.type()) {
     case Json::value_t::null: return "nothing";
@@ -37,6 +27,25 @@ const char* type_name(const Json& v) {
 }
 
 }  // namespace
+
+std::string pointer_token(std::string_view key) {
+  std::string out;
+  for (char c : key) {
+    if (c == '~') out += "~0";
+    else if (c == '/') out += "~1";
+    else out += c;
+  }
+  return out;
+}
+
+std::string locate(const SourceMap& where, const std::string& pointer, const std::string& fallback) {
+  for (std::string p = pointer;; p = p.substr(0, p.rfind('/'))) {
+    auto it = where.find(p);
+    if (it != where.end()) return it->second.file + ":" + std::to_string(it->second.line);
+    if (p.empty()) break;
+  }
+  return fallback;
+}
 
 // What every view over one document shares: which pointers were read (a key read as a whole counts for its
 // subtree) and the resolved tree.
@@ -85,17 +94,9 @@ std::string Options::qualified(std::string_view key) const {
 }
 
 std::string Options::where(std::string_view key) const {
-  std::string ptr = key.empty() ? pointer_ : pointer_ + "/" + escape_pointer_token(key);
-  if (where_) {
-    // The closest enclosing node with a position (a key inside an inline table has none of its own).
-    for (std::string p = ptr;; ) {
-      auto it = where_->find(p);
-      if (it != where_->end()) return it->second.file + ":" + std::to_string(it->second.line);
-      if (p.empty()) break;
-      p = p.substr(0, p.rfind('/'));
-    }
-  }
-  return fallback_file_.empty() ? std::string("<options>") : fallback_file_;
+  const std::string ptr = key.empty() ? pointer_ : pointer_ + "/" + pointer_token(key);
+  const std::string fallback = fallback_file_.empty() ? std::string("<options>") : fallback_file_;
+  return where_ ? locate(*where_, ptr, fallback) : fallback;
 }
 
 void Options::fail(std::string_view key, std::string_view message) const {
@@ -105,8 +106,8 @@ void Options::fail(std::string_view key, std::string_view message) const {
 }
 
 void Options::note(std::string_view key, const Json& value) {
-  record_->read.insert(pointer_ + "/" + escape_pointer_token(key));
-  Json::json_pointer ptr(pointer_ + "/" + escape_pointer_token(key));
+  record_->read.insert(pointer_ + "/" + pointer_token(key));
+  Json::json_pointer ptr(pointer_ + "/" + pointer_token(key));
   record_->resolved[ptr] = value;
 }
 
@@ -181,7 +182,7 @@ std::optional<T> Options::maybe(std::string_view key) {
 Options Options::table(std::string_view key) {
   static const Json kEmpty = Json::object();
   const Json* v = find(key);
-  std::string ptr = pointer_ + "/" + escape_pointer_token(key);
+  std::string ptr = pointer_ + "/" + pointer_token(key);
   if (v && !v->is_object()) fail(key, std::string("expected a table, got ") + type_name(*v));
   // The table itself is not marked read: finish() checks its keys one by one.
   Json::json_pointer jp(ptr);
@@ -194,7 +195,7 @@ std::vector<Options> Options::list(std::string_view key) {
   const Json* v = find(key);
   if (!v) return out;
   if (!v->is_array()) fail(key, std::string("expected an array of tables, got ") + type_name(*v));
-  const std::string ptr = pointer_ + "/" + escape_pointer_token(key);
+  const std::string ptr = pointer_ + "/" + pointer_token(key);
   record_->lists.insert(ptr);
   Json::json_pointer jp(ptr);
   record_->resolved[jp] = Json::array();
@@ -222,7 +223,7 @@ void Options::finish() const {
     const Options& self;
     void operator()(const Json& node, const std::string& ptr, const std::string& display) const {
       for (auto it = node.begin(); it != node.end(); ++it) {
-        std::string p = ptr + "/" + escape_pointer_token(it.key());
+        std::string p = ptr + "/" + pointer_token(it.key());
         if (self.record_->read.count(p)) continue;
         Json::json_pointer jp(p);
         const std::string name = display.empty() ? it.key() : display + "." + it.key();
@@ -237,15 +238,8 @@ void Options::finish() const {
           }
           continue;
         }
-        std::string where = self.fallback_file_.empty() ? "<options>" : self.fallback_file_;
-        if (self.where_) {
-          for (std::string q = p;; q = q.substr(0, q.rfind('/'))) {
-            auto f = self.where_->find(q);
-            if (f != self.where_->end()) { where = f->second.file + ":" + std::to_string(f->second.line); break; }
-            if (q.empty()) break;
-          }
-        }
-        throw OptionError(where + ": " + name + ": unknown key");
+        const std::string fallback = self.fallback_file_.empty() ? "<options>" : self.fallback_file_;
+        throw OptionError((self.where_ ? locate(*self.where_, p, fallback) : fallback) + ": " + name + ": unknown key");
       }
     }
   };

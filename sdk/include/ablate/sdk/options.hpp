@@ -31,6 +31,12 @@ struct SourcePos {
 /// from the TOML parser's source regions; empty for trees without a source.
 using SourceMap = std::map<std::string, SourcePos>;
 
+/// `key` escaped as one JSON pointer segment ("a/b" -> "a~1b").
+std::string pointer_token(std::string_view key);
+/// "FILE:LINE" of the value at `pointer`, or of its closest ancestor that has a position (keys inside an
+/// inline table have none of their own); `fallback` when nothing on the path has one.
+std::string locate(const SourceMap& where, const std::string& pointer, const std::string& fallback);
+
 /// Read-only view of one table. Not thread-safe; cheap to copy (copies share the record of keys read).
 class Options {
  public:
