@@ -30,9 +30,11 @@ TrainBatch Collator::train_batch(const std::vector<Example>& examples) const {
   for (const auto& ex : examples) {
     std::vector<std::int64_t> ids = ex.prompt_ids;
     ids.insert(ids.end(), ex.target_ids.begin(), ex.target_ids.end());
+    // The first token carries loss only when it is already the target (no BOS, no prompt): it is then
+    // predicted from the image. A BOS never does, as in GIT-LLM.
     std::vector<bool> carries(ids.size(), false);
-    for (std::size_t t = 1; t < ids.size(); ++t) {
-      carries[t] = loss_on_text_ || t >= ex.prompt_ids.size();
+    for (std::size_t t = 0; t < ids.size(); ++t) {
+      carries[t] = t >= ex.prompt_ids.size() || (loss_on_text_ && t > 0);
     }
     if (static_cast<std::int64_t>(ids.size()) > max_text_tokens_) {
       ids.resize(static_cast<std::size_t>(max_text_tokens_));
@@ -46,11 +48,17 @@ TrainBatch Collator::train_batch(const std::vector<Example>& examples) const {
   const auto pad = std::max<std::int64_t>(tokenizer_.pad_id(), 0);
   b.ids = torch::full({b.samples, width}, pad, torch::kLong);
   b.targets = torch::zeros({b.samples, width}, torch::kBool);
+  b.valid = torch::zeros({b.samples, width}, torch::kBool);
+  b.prompt_len = torch::zeros({b.samples}, torch::kLong);
   auto ids = b.ids.accessor<std::int64_t, 2>();
   auto targets = b.targets.accessor<bool, 2>();
+  auto valid = b.valid.accessor<bool, 2>();
   for (std::size_t i = 0; i < rows.size(); ++i) {
+    b.prompt_len[static_cast<std::int64_t>(i)] =
+        std::min<std::int64_t>(static_cast<std::int64_t>(examples[i].prompt_ids.size()), static_cast<std::int64_t>(rows[i].size()));
     for (std::size_t t = 0; t < rows[i].size(); ++t) {
       ids[static_cast<std::int64_t>(i)][static_cast<std::int64_t>(t)] = rows[i][t];
+      valid[static_cast<std::int64_t>(i)][static_cast<std::int64_t>(t)] = true;
       targets[static_cast<std::int64_t>(i)][static_cast<std::int64_t>(t)] = loss[i][t];
       b.loss_tokens += loss[i][t] ? 1 : 0;
     }

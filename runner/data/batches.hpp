@@ -31,7 +31,9 @@ struct Example {
 struct TrainBatch {
   torch::Tensor pixels;   ///< [B, 3, H, W]
   torch::Tensor ids;      ///< [B, T] int64, padded with the pad id
-  torch::Tensor targets;  ///< [B, T] bool: ids[:, t] carries loss (predicted from position t - 1)
+  torch::Tensor targets;  ///< [B, T] bool: ids[:, t] carries loss (predicted from the position before it)
+  torch::Tensor valid;    ///< [B, T] bool: real tokens (not padding)
+  torch::Tensor prompt_len;  ///< [B] int64: tokens of BOS + prompt (the prefix_lm layout's bidirectional part)
   std::int64_t samples = 0, text_tokens = 0, loss_tokens = 0;
   std::int64_t truncated = 0;  ///< samples whose text max_text_tokens cut
 };

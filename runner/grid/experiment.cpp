@@ -220,7 +220,10 @@ void resolve(Cell& cell, const std::string& file, const PluginHost& host) {
 
   auto model = root.table("model");
   cell.layout = model.get("layout", cell.layout);
-  if (cell.layout != "prefix") model.fail("layout", "\"" + cell.layout + "\" is not supported yet (supported: prefix)");
+  if (cell.layout != "prefix" && cell.layout != "inline" && cell.layout != "prefix_lm") {
+    model.fail("layout", "must be \"prefix\" (GIT), \"inline\" (LLaVA) or \"prefix_lm\" (PaliGemma)");
+  }
+  if (cell.layout == "inline") cell.image_token = model.get("image_token", cell.image_token);
   cell.encoder = component(model, "encoder", sdk::Kind::encoder, host);
   cell.projector = component(model, "projector", sdk::Kind::projector, host);
   cell.backbone = component(model, "backbone", sdk::Kind::backbone, host);

@@ -88,7 +88,8 @@ struct Cell {
 
   std::string name;            ///< experiment name
   std::uint64_t seed = 0;
-  std::string layout = "prefix";
+  std::string layout = "prefix";  ///< prefix (GIT), inline (LLaVA), prefix_lm (PaliGemma)
+  std::string image_token = "<image>";  ///< inline: the text token the image replaces
   PluginRef encoder, projector, backbone;
   std::vector<PluginRef> strategies;
   DataRef train_data, eval_data;

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include "ablate/sdk/error.hpp"
 #include "host/plugin_host.hpp"
 
 namespace ablate {
@@ -31,10 +32,28 @@ std::string trim(const std::string& s) {
   return s.substr(b, e - b + 1);
 }
 
+// Positions that count real tokens from 0; -1 elsewhere.
+torch::Tensor count_positions(const torch::Tensor& valid) {
+  auto pos = valid.to(torch::kLong).cumsum(1) - 1;
+  return torch::where(valid, pos, torch::full_like(pos, -1));
+}
+
 }  // namespace
 
-VlmModel::VlmModel(Part<sdk::Encoder> encoder, Part<sdk::Projector> projector, Part<sdk::Backbone> backbone)
-    : encoder_(std::move(encoder)), projector_(std::move(projector)), backbone_(std::move(backbone)) {
+Layout parse_layout(const std::string& name) {
+  if (name == "prefix") return Layout::prefix;
+  if (name == "inline") return Layout::inline_;
+  if (name == "prefix_lm") return Layout::prefix_lm;
+  throw sdk::InputError("unknown layout '" + name + "' (prefix, inline, prefix_lm)");
+}
+
+VlmModel::VlmModel(Part<sdk::Encoder> encoder, Part<sdk::Projector> projector, Part<sdk::Backbone> backbone, Layout layout,
+                   std::int64_t image_token)
+    : encoder_(std::move(encoder)),
+      projector_(std::move(projector)),
+      backbone_(std::move(backbone)),
+      layout_(layout),
+      image_token_(image_token) {
   register_module("encoder", module_of(encoder_.object));
   register_module("projector", module_of(projector_.object));
   register_module("backbone", module_of(backbone_.object));
@@ -42,6 +61,8 @@ VlmModel::VlmModel(Part<sdk::Encoder> encoder, Part<sdk::Projector> projector, P
 }
 
 std::string VlmModel::head() const { return "backbone." + backbone_.object->head_module(); }
+
+torch::Device VlmModel::device() const { return backbone_.object->module().parameters().front().device(); }
 
 void VlmModel::refresh_frozen() {
   encoder_frozen_ = !any_trainable(encoder_.object->module());
@@ -61,59 +82,167 @@ torch::Tensor VlmModel::image_embeddings(const torch::Tensor& pixels) {
   return guarded(projector_.plugin, "forward", [&] { return projector_.object->project(features); });
 }
 
+Sequence VlmModel::assemble(const torch::Tensor& pixels_in, const torch::Tensor& ids_in, const torch::Tensor& valid_in,
+                            const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in) {
+  auto& bb = *backbone_.object;
+  const auto dev = device();
+  auto ids = ids_in.to(dev, /*non_blocking=*/true);
+  auto valid = valid_in.to(dev, true);
+  const bool training = targets_in.defined();
+  auto targets = training ? targets_in.to(dev, true) : torch::Tensor();
+  const auto b = ids.size(0), t = ids.size(1);
+
+  auto image = image_embeddings(pixels_in.to(dev, true));
+  auto text = guarded(backbone_.plugin, "embed", [&] { return bb.embed(ids); });
+  image = image.to(text.dtype());
+  const auto n = image.size(1);
+  auto long_opts = ids.options();
+
+  Sequence s;
+  if (layout_ != Layout::inline_) {
+    s.embeds = torch::cat({image, text}, 1);
+    s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids}, 1);
+    if (training) s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets}, 1);
+    auto key_valid = torch::cat({torch::ones({b, n}, valid.options()), valid}, 1);
+    if (layout_ == Layout::prefix) {
+      s.positions = torch::cat({torch::full({b, n}, -1, long_opts), count_positions(valid)}, 1);
+      s.mask = sdk::AttentionMask::with_prefix(torch::full({b}, n, long_opts));
+    } else {
+      // Generation: every prompt token is in the bidirectional prefix. Training: image + BOS + prompt.
+      s.positions = count_positions(key_valid);
+      s.mask = sdk::AttentionMask::with_prefix(training ? prompt_len_in.to(dev) + n : torch::full({b}, n + t, long_opts));
+    }
+    s.mask.key_valid = key_valid;
+    return s;
+  }
+
+  // inline: per row, an index into [image (n) | text (t) | blank] for each output position. A row's image
+  // token is replaced by the n image tokens; a row without one gets them after its first token if that is
+  // BOS, else at its start. Rows keep their padding side: right for training, left for generation.
+  const auto width = t + n;
+  auto ids_cpu = ids.cpu(), valid_cpu = valid.cpu();
+  auto ia = ids_cpu.accessor<std::int64_t, 2>();
+  auto va = valid_cpu.accessor<bool, 2>();
+  const auto bos = bb.tokenizer().bos_id();
+  auto index = torch::full({b, width}, n + t, torch::kLong);  // blank by default
+  auto ia_out = index.accessor<std::int64_t, 2>();
+  std::int64_t used = 0;  // the widest row, so that the output has no all-blank column
+  for (std::int64_t r = 0; r < b; ++r) {
+    std::vector<std::int64_t> row;  // indices into [image | text]
+    std::int64_t first = -1, placeholder = -1;
+    for (std::int64_t j = 0; j < t; ++j) {
+      if (!va[r][j]) continue;
+      if (first < 0) first = j;
+      if (ia[r][j] == image_token_ && image_token_ >= 0) {
+        if (placeholder >= 0) throw sdk::InputError("a prompt holds more than one image token (one image per sample so far)");
+        placeholder = j;
+      }
+    }
+    const std::int64_t insert_at = placeholder >= 0 ? placeholder : (first >= 0 && ia[r][first] == bos ? first + 1 : std::max<std::int64_t>(first, 0));
+    bool inserted = false;
+    for (std::int64_t j = 0; j < t; ++j) {
+      if (!va[r][j]) continue;
+      if (j == insert_at) {
+        for (std::int64_t k = 0; k < n; ++k) row.push_back(k);
+        inserted = true;
+      }
+      if (j != placeholder) row.push_back(n + j);
+    }
+    if (!inserted) {  // a prompt of BOS alone, or an empty row: the image goes last
+      for (std::int64_t k = 0; k < n; ++k) row.push_back(k);
+    }
+    used = std::max<std::int64_t>(used, static_cast<std::int64_t>(row.size()));
+    const auto offset = training ? 0 : width - static_cast<std::int64_t>(row.size());
+    for (std::size_t k = 0; k < row.size(); ++k) ia_out[r][offset + static_cast<std::int64_t>(k)] = row[k];
+  }
+  if (!training) index = index.slice(1, width - used);
+  else index = index.slice(1, 0, used);
+  index = index.to(dev);
+
+  const auto d = text.size(2);
+  auto source = torch::cat({image, text, torch::zeros({b, 1, d}, text.options())}, 1);
+  s.embeds = source.gather(1, index.unsqueeze(-1).expand({b, index.size(1), d}));
+  auto blank = torch::full({b, 1}, -1, long_opts);
+  s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids, blank}, 1).gather(1, index);
+  auto source_valid = torch::cat({torch::ones({b, n}, valid.options()), valid, torch::zeros({b, 1}, valid.options())}, 1);
+  auto valid_out = source_valid.gather(1, index);
+  if (training) {
+    s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets, torch::zeros({b, 1}, targets.options())}, 1)
+                    .gather(1, index);
+  }
+  s.positions = count_positions(valid_out);
+  s.mask = sdk::AttentionMask::make_causal();
+  s.mask.key_valid = valid_out;
+  return s;
+}
+
+void VlmModel::check_length(std::int64_t positions) const {
+  const auto limit = backbone_.object->max_positions();
+  if (limit > 0 && positions > limit) {
+    throw sdk::InputError(backbone_.plugin + ": " + std::to_string(positions) + " positions (image and text) exceed the " +
+                          std::to_string(limit) + " the model has; lower train.max_text_tokens or eval.generate.max_new_tokens");
+  }
+}
+
+torch::Tensor VlmModel::logits(const Sequence& s) {
+  auto& bb = *backbone_.object;
+  auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
+  return guarded(backbone_.plugin, "logits", [&] { return bb.logits(hidden); });
+}
+
 torch::Tensor VlmModel::loss_sum(const TrainBatch& batch) {
   if (batch.loss_tokens == 0) {
     throw std::runtime_error("a batch has no loss tokens (is max_text_tokens cutting every target?)");
   }
   auto& bb = *backbone_.object;
-  const auto device = bb.module().parameters().front().device();
-  auto pixels = batch.pixels.to(device, /*non_blocking=*/true);
-  auto ids = batch.ids.to(device, true);
-  auto targets = batch.targets.to(device, true);
-  const auto b = ids.size(0), t = ids.size(1);
-
-  auto image = image_embeddings(pixels);
-  const auto n = image.size(1);
-  auto text = guarded(backbone_.plugin, "embed", [&] { return bb.embed(ids); });
-  auto x = torch::cat({image.to(text.dtype()), text}, 1);
-  auto positions = torch::cat({torch::full({b, n}, -1, ids.options()), torch::arange(t, ids.options()).expand({b, t})}, 1);
-  auto mask = sdk::AttentionMask::with_prefix(torch::full({b}, n, ids.options()));
-  auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(x, positions, mask, nullptr); });
-  // Hidden state at position n + t - 1 predicts text token t; only loss positions go through the head.
-  auto predictors = hidden.slice(1, n - 1, n + t - 1);
-  auto selected = predictors.index({targets});
+  auto s = assemble(batch.pixels, batch.ids, batch.valid, batch.targets, batch.prompt_len);
+  // Positions count from 0 over the (right-padded) sequence, so its length bounds them; no device read.
+  check_length(layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1));
+  auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
+  // The hidden state at position j predicts the token at j + 1; only loss positions go through the head.
+  const auto len = hidden.size(1);
+  auto carries = s.targets.slice(1, 1);
+  auto selected = hidden.slice(1, 0, len - 1).index({carries});
   auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(selected); });
-  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), ids.index({targets}),
+  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.slice(1, 1).index({carries}),
                                               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+}
+
+torch::Tensor sample_next(const torch::Tensor& scores, const GenerateConfig& cfg, at::Generator& generator) {
+  if (!cfg.do_sample) return scores.argmax(-1);
+  auto logits = scores / cfg.temperature;
+  if (cfg.top_k > 0 && cfg.top_k < logits.size(-1)) {
+    auto kth = std::get<0>(logits.topk(cfg.top_k, -1)).select(-1, cfg.top_k - 1).unsqueeze(-1);
+    logits = logits.masked_fill(logits < kth, -std::numeric_limits<float>::infinity());
+  }
+  if (cfg.top_p < 1.0) {
+    // As transformers' TopPLogitsWarper: drop the tokens whose cumulative probability, in ascending order,
+    // stays within 1 - top_p; the most likely token always survives.
+    auto sorted = logits.sort(-1, /*descending=*/false);
+    auto probs = std::get<0>(sorted).softmax(-1).cumsum(-1);
+    auto remove_sorted = probs <= (1.0 - cfg.top_p);
+    remove_sorted.select(-1, remove_sorted.size(-1) - 1).fill_(false);
+    auto remove = remove_sorted.scatter(-1, std::get<1>(sorted), remove_sorted);
+    logits = logits.masked_fill(remove, -std::numeric_limits<float>::infinity());
+  }
+  // Drawn on the CPU generator, as transformers' sampling draws with a seeded torch generator.
+  return torch::multinomial(logits.softmax(-1).cpu(), 1, false, generator).squeeze(-1).to(scores.device());
 }
 
 VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const GenerateConfig& cfg, std::uint64_t seed) {
   torch::NoGradGuard no_grad;
   auto& bb = *backbone_.object;
   const auto& tok = bb.tokenizer();
-  const auto device = bb.module().parameters().front().device();
-  auto pixels = batch.pixels.to(device);
-  auto ids = batch.ids.to(device);
-  auto valid = batch.valid.to(device);
-  const auto b = ids.size(0);
-
+  const auto dev = device();
+  auto s = assemble(batch.pixels, batch.ids, batch.valid, torch::Tensor(), torch::Tensor());
+  check_length((layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1)) + cfg.max_new_tokens - 1);
+  const auto b = s.embeds.size(0);
   auto gen = at::detail::createCPUGenerator(seed);
-  auto image = image_embeddings(pixels);
-  const auto n = image.size(1);
-  auto text = guarded(backbone_.plugin, "embed", [&] { return bb.embed(ids); });
-  auto x = torch::cat({image.to(text.dtype()), text}, 1);
-  // Left padding: text positions count real tokens only; padding gets no position and is never attended to.
-  auto text_pos = valid.to(torch::kLong).cumsum(1) - 1;
-  text_pos = torch::where(valid, text_pos, torch::full_like(text_pos, -1));
-  auto positions = torch::cat({torch::full({b, n}, -1, ids.options()), text_pos}, 1);
-  auto key_valid = torch::cat({torch::ones({b, n}, valid.options()), valid}, 1);
-  auto next_pos = std::get<0>(text_pos.max(1)) + 1;
 
   sdk::KvCache cache;
-  sdk::AttentionMask mask = sdk::AttentionMask::with_prefix(torch::full({b}, n, ids.options()));
-  mask.key_valid = key_valid;
-  auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(x, positions, mask, &cache); });
+  auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, &cache); });
   auto last = hidden.select(1, hidden.size(1) - 1);
+  auto next_pos = std::get<0>(s.positions.max(1)) + 1;
 
   Generated out;
   out.ids.assign(static_cast<std::size_t>(b), {});
@@ -121,59 +250,37 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   const auto eos = tok.eos_id();
   for (std::int64_t step = 0; step < cfg.max_new_tokens; ++step) {
     auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(last); });
-    logits = logits.to(torch::kFloat32);
-    torch::Tensor next;
-    if (!cfg.do_sample) {
-      next = logits.argmax(-1);
-    } else {
-      logits = logits / cfg.temperature;
-      if (cfg.top_k > 0 && cfg.top_k < logits.size(-1)) {
-        auto kth = std::get<0>(logits.topk(cfg.top_k, -1)).select(-1, cfg.top_k - 1).unsqueeze(-1);
-        logits = logits.masked_fill(logits < kth, -std::numeric_limits<float>::infinity());
-      }
-      if (cfg.top_p < 1.0) {
-        // As transformers' TopPLogitsWarper: drop the tokens whose cumulative probability, in ascending
-        // order, stays within 1 - top_p; the most likely token always survives.
-        auto sorted = logits.sort(-1, /*descending=*/false);
-        auto probs = std::get<0>(sorted).softmax(-1).cumsum(-1);
-        auto remove_sorted = probs <= (1.0 - cfg.top_p);
-        remove_sorted.select(-1, remove_sorted.size(-1) - 1).fill_(false);
-        auto remove = remove_sorted.scatter(-1, std::get<1>(sorted), remove_sorted);
-        logits = logits.masked_fill(remove, -std::numeric_limits<float>::infinity());
-      }
-      next = torch::multinomial(logits.softmax(-1).cpu(), 1, false, gen).squeeze(-1).to(device);
-    }
+    auto next = sample_next(logits.to(torch::kFloat32), cfg, gen);
     auto next_cpu = next.cpu();
+    auto na = next_cpu.accessor<std::int64_t, 1>();
     bool all_done = true;
     for (std::int64_t i = 0; i < b; ++i) {
-      if (finished[static_cast<std::size_t>(i)]) continue;
-      const auto id = next_cpu[i].item<std::int64_t>();
-      if (id == eos) {
-        finished[static_cast<std::size_t>(i)] = true;
+      const auto r = static_cast<std::size_t>(i);
+      if (finished[r]) continue;
+      if (na[i] == eos) {
+        finished[r] = true;
         continue;
       }
-      auto& row = out.ids[static_cast<std::size_t>(i)];
-      row.push_back(id);
+      out.ids[r].push_back(na[i]);
       if (!cfg.stop.empty()) {
-        const auto text_so_far = tok.decode(row, true);
-        for (const auto& s : cfg.stop) {
-          if (text_so_far.find(s) != std::string::npos) finished[static_cast<std::size_t>(i)] = true;
+        const auto so_far = tok.decode(out.ids[r], true);
+        for (const auto& stop : cfg.stop) {
+          if (so_far.find(stop) != std::string::npos) finished[r] = true;
         }
       }
-      all_done = all_done && finished[static_cast<std::size_t>(i)];
+      all_done = all_done && finished[r];
     }
     if (all_done || step + 1 == cfg.max_new_tokens) break;
     auto step_embeds = guarded(backbone_.plugin, "embed", [&] { return bb.embed(next.unsqueeze(1)); });
-    mask.key_valid = torch::cat({mask.key_valid, torch::ones({b, 1}, valid.options())}, 1);
-    hidden = guarded(backbone_.plugin, "forward",
-                     [&] { return bb.forward(step_embeds, next_pos.unsqueeze(1), mask, &cache); });
+    s.mask.key_valid = torch::cat({s.mask.key_valid, torch::ones({b, 1}, s.mask.key_valid.options())}, 1);
+    hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(step_embeds, next_pos.unsqueeze(1), s.mask, &cache); });
     next_pos = next_pos + 1;
     last = hidden.select(1, 0);
   }
   for (const auto& row : out.ids) {
     auto text_out = tok.decode(row, true);
     std::size_t cut = text_out.size();
-    for (const auto& s : cfg.stop) cut = std::min(cut, text_out.find(s));
+    for (const auto& stop : cfg.stop) cut = std::min(cut, text_out.find(stop));
     out.text.push_back(trim(text_out.substr(0, cut)));
   }
   return out;

@@ -1,12 +1,18 @@
 #pragma once
 // The assembled model: encoder -> projector -> backbone, one torch module whose parameters are named
-// encoder.*, projector.*, backbone.*. Layout "prefix" (GIT): image tokens first, bidirectional among
-// themselves; text causal over the image and earlier text; positions for text only, starting at 0.
+// encoder.*, projector.*, backbone.*. Three layouts place the image among the text:
+//  - prefix (GIT): image tokens first, bidirectional among themselves; text causal over the image and earlier
+//    text; positions for text only, starting at 0;
+//  - inline (LLaVA): the image features take the place of the image token in the text (the start, after BOS,
+//    when a prompt has none); causal over the whole sequence; positions over everything;
+//  - prefix_lm (PaliGemma): image then text; bidirectional over the image and the prompt, causal over the
+//    answer; positions over everything.
 
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <ATen/core/Generator.h>
 #include <torch/nn/module.h>
 
 #include "ablate/sdk/backbone.hpp"
@@ -24,24 +30,50 @@ struct Part {
   std::string plugin;
 };
 
+enum class Layout { prefix, inline_, prefix_lm };
+Layout parse_layout(const std::string& name);
+
+/// What the backbone is given for one batch, once the layout has placed image and text.
+struct Sequence {
+  torch::Tensor embeds;     ///< [B, S, D]
+  torch::Tensor positions;  ///< [B, S] int64, -1 where a token gets no position
+  sdk::AttentionMask mask;
+  torch::Tensor ids;        ///< [B, S] the text token at each position, -1 at image positions
+  torch::Tensor targets;    ///< [B, S] bool: the token there carries loss (undefined when generating)
+};
+
+/// The next token from scores [B, V] (float32): the argmax, or a sample after temperature, top-k and top-p,
+/// applied in transformers' order (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper).
+torch::Tensor sample_next(const torch::Tensor& scores, const GenerateConfig& config, at::Generator& generator);
+
 class VlmModel : public torch::nn::Module {
  public:
-  VlmModel(Part<sdk::Encoder> encoder, Part<sdk::Projector> projector, Part<sdk::Backbone> backbone);
+  /// `image_token`: the token id the inline layout replaces (-1: none; the image then goes after BOS).
+  VlmModel(Part<sdk::Encoder> encoder, Part<sdk::Projector> projector, Part<sdk::Backbone> backbone,
+           Layout layout = Layout::prefix, std::int64_t image_token = -1);
+
+  /// Places image and text for the backbone. ids/valid: [B, T], right-padded for training (with targets and
+  /// prompt_len) or left-padded for generation (targets and prompt_len undefined).
+  Sequence assemble(const torch::Tensor& pixels, const torch::Tensor& ids, const torch::Tensor& valid,
+                    const torch::Tensor& targets, const torch::Tensor& prompt_len);
 
   /// Sum of the cross-entropy over the batch's loss tokens (divide by the step's loss-token count).
   /// Throws if the batch has no loss token.
   torch::Tensor loss_sum(const TrainBatch& batch);
+  /// Logits at every position of an assembled sequence: [B, S, V].
+  torch::Tensor logits(const Sequence& sequence);
 
   struct Generated {
     std::vector<std::vector<std::int64_t>> ids;  ///< new tokens per row, EOS excluded
     std::vector<std::string> text;               ///< decoded, cut at the first stop string, trimmed
   };
-  /// Greedy or sampled generation with a KV cache. `generator` seeds sampling.
+  /// Greedy or sampled generation with a KV cache; `seed` seeds sampling.
   Generated generate(const GenerationBatch& batch, const GenerateConfig& config, std::uint64_t seed);
 
   /// Call after strategies changed what trains: frozen components then run without autograd.
   void refresh_frozen();
 
+  Layout layout() const { return layout_; }
   std::int64_t image_tokens() const { return image_tokens_; }
   /// Qualified name of the LM head ("backbone.lm_head").
   std::string head() const;
@@ -55,10 +87,15 @@ class VlmModel : public torch::nn::Module {
  private:
   /// Image tokens in the backbone's space: [B, N', D].
   torch::Tensor image_embeddings(const torch::Tensor& pixels);
+  torch::Device device() const;
+  /// Throws InputError when a sequence needs more positions than the backbone has.
+  void check_length(std::int64_t positions) const;
 
   Part<sdk::Encoder> encoder_;
   Part<sdk::Projector> projector_;
   Part<sdk::Backbone> backbone_;
+  Layout layout_;
+  std::int64_t image_token_;
   std::int64_t image_tokens_ = 0;
   bool encoder_frozen_ = false, projector_frozen_ = false;
 };

@@ -206,9 +206,11 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   bctx.in_features = encoder->hidden_size();
   bctx.out_features = backbone->hidden_size();
   auto projector = build(cell.projector, 3, [&](const std::string& id, sdk::Options& o) { return host.create_projector(id, o, bctx); });
+  const auto layout = parse_layout(cell.layout);
+  const auto image_token = layout == Layout::inline_ ? backbone->tokenizer().token_to_id(cell.image_token) : -1;
   auto model = std::make_shared<VlmModel>(Part<sdk::Encoder>{encoder, cell.encoder.qualified()},
                                           Part<sdk::Projector>{projector, cell.projector.qualified()},
-                                          Part<sdk::Backbone>{backbone, cell.backbone.qualified()});
+                                          Part<sdk::Backbone>{backbone, cell.backbone.qualified()}, layout, image_token);
 
   // ---- what trains: everything frozen, then each strategy of the list in order.
   for (auto& p : model->parameters()) p.set_requires_grad(false);

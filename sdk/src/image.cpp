@@ -3,6 +3,7 @@
 #include <csetjmp>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 
@@ -37,19 +38,68 @@ std::vector<std::uint8_t> encode_png(const Image& image) {
 
 namespace {
 
-Image decode_png(const std::vector<std::uint8_t>& bytes, const std::string& origin) {
-  png_image png{};
-  png.version = PNG_IMAGE_VERSION;
-  if (!png_image_begin_read_from_memory(&png, bytes.data(), bytes.size())) {
-    throw InputError(origin + ": unreadable PNG (" + png.message + ")");
+// PNG as PIL's Image.open(...).convert("RGB") reads it: palettes expanded, grey replicated, 16-bit samples
+// cut to their high byte, alpha dropped (not composited), gamma chunks ignored. libpng reports errors with
+// longjmp: nothing with a destructor is created between setjmp and the end of decoding in this function.
+struct PngSource {
+  const std::uint8_t* data;
+  std::size_t size, offset;
+};
+
+void png_read_from_memory(png_structp png, png_bytep out, png_size_t n) {
+  auto* src = static_cast<PngSource*>(png_get_io_ptr(png));
+  if (src->offset + n > src->size) png_error(png, "truncated file");
+  std::memcpy(out, src->data + src->offset, n);
+  src->offset += n;
+}
+
+void png_error_to_jump(png_structp png, png_const_charp message) {
+  auto* error = static_cast<std::string*>(png_get_error_ptr(png));
+  if (error) *error = message;
+  png_longjmp(png, 1);
+}
+
+void png_ignore_warning(png_structp, png_const_charp) {}
+
+bool decode_png_into(const std::vector<std::uint8_t>& bytes, Image& out, std::string& error) {
+  PngSource src{bytes.data(), bytes.size(), 0};
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &error, png_error_to_jump, png_ignore_warning);
+  if (!png) {
+    error = "out of memory";
+    return false;
   }
-  png.format = PNG_FORMAT_RGB;  // libpng converts grey, palette and alpha (composited on black) to RGB
-  Image out = xt::zeros<std::uint8_t>({static_cast<std::size_t>(png.height), static_cast<std::size_t>(png.width),
-                                       std::size_t{3}});
-  if (!png_image_finish_read(&png, nullptr, out.data(), 0, nullptr)) {
-    throw InputError(origin + ": corrupt PNG (" + png.message + ")");
+  png_infop info = png_create_info_struct(png);
+  std::vector<png_bytep> rows;
+  std::vector<std::uint8_t> rgba;
+  if (!info || setjmp(png_jmpbuf(png))) {
+    png_destroy_read_struct(&png, info ? &info : nullptr, nullptr);
+    return false;
   }
-  return out;
+  png_set_read_fn(png, &src, png_read_from_memory);
+  png_read_info(png, info);
+  const auto type = png_get_color_type(png, info);
+  if (type == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
+  if (type == PNG_COLOR_TYPE_GRAY || type == PNG_COLOR_TYPE_GRAY_ALPHA) {
+    if (png_get_bit_depth(png, info) < 8) png_set_expand_gray_1_2_4_to_8(png);
+    png_set_gray_to_rgb(png);
+  }
+  if (png_get_valid(png, info, PNG_INFO_tRNS)) png_set_tRNS_to_alpha(png);
+  png_set_strip_16(png);
+  png_set_add_alpha(png, 0xFF, PNG_FILLER_AFTER);  // every row becomes RGBA; alpha is dropped below
+  png_set_interlace_handling(png);
+  png_read_update_info(png, info);
+  const auto width = png_get_image_width(png, info), height = png_get_image_height(png, info);
+  rgba.resize(static_cast<std::size_t>(width) * height * 4);
+  rows.resize(height);
+  for (png_uint_32 y = 0; y < height; ++y) rows[y] = rgba.data() + static_cast<std::size_t>(y) * width * 4;
+  png_read_image(png, rows.data());
+  png_read_end(png, nullptr);
+  png_destroy_read_struct(&png, &info, nullptr);
+  out.resize({static_cast<std::size_t>(height), static_cast<std::size_t>(width), std::size_t{3}});
+  for (std::size_t i = 0, n = static_cast<std::size_t>(width) * height; i < n; ++i) {
+    for (std::size_t c = 0; c < 3; ++c) out.data()[i * 3 + c] = rgba[i * 4 + c];
+  }
+  return true;
 }
 
 struct JpegError {
@@ -95,7 +145,12 @@ bool decode_jpeg_into(const std::vector<std::uint8_t>& bytes, Image& out, std::s
 
 Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& origin) {
   static const std::uint8_t kPng[] = {0x89, 'P', 'N', 'G'};
-  if (bytes.size() >= 4 && std::equal(kPng, kPng + 4, bytes.begin())) return decode_png(bytes, origin);
+  if (bytes.size() >= 4 && std::equal(kPng, kPng + 4, bytes.begin())) {
+    Image out;
+    std::string error;
+    if (!decode_png_into(bytes, out, error)) throw InputError(origin + ": corrupt PNG (" + error + ")");
+    return out;
+  }
   if (bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) {
     Image out;
     std::string error;
@@ -229,22 +284,16 @@ Image resize(const Image& image, std::int64_t width, std::int64_t height, int fi
   }
   const Filter f = filter_for(filter_code);
   const Coeffs horiz = precompute(in_w, out_w, f);
-  Coeffs vert = precompute(in_h, out_h, f);
+  const Coeffs vert = precompute(in_h, out_h, f);
   const bool need_h = out_w != in_w, need_v = out_h != in_h;
 
-  const Image* src = &image;
-  Image temp;
-  int row0 = 0;
-  if (need_h) {
-    // Only the source rows the vertical pass will read, as Pillow does.
-    const int first = vert.bounds[0];
-    const int last = vert.bounds[2 * out_h - 2] + vert.bounds[2 * out_h - 1];
-    const int rows = need_v ? last - first : in_h;
-    row0 = need_v ? first : 0;
-    temp = xt::zeros<std::uint8_t>({std::size_t(rows), std::size_t(out_w), std::size_t{3}});
+  // One pass along a row (horizontal) of `rows` rows of src starting at src row `row0`.
+  auto horizontal = [&](const Image& src, int row0, int rows) {
+    const int w = static_cast<int>(src.shape(1));
+    Image out = xt::zeros<std::uint8_t>({std::size_t(rows), std::size_t(out_w), std::size_t{3}});
     for (int y = 0; y < rows; ++y) {
-      const std::uint8_t* in_row = image.data() + static_cast<std::size_t>(y + row0) * in_w * 3;
-      std::uint8_t* out_row = temp.data() + static_cast<std::size_t>(y) * out_w * 3;
+      const std::uint8_t* in_row = src.data() + static_cast<std::size_t>(y + row0) * w * 3;
+      std::uint8_t* out_row = out.data() + static_cast<std::size_t>(y) * out_w * 3;
       for (int xx = 0; xx < out_w; ++xx) {
         const int xmin = horiz.bounds[2 * xx], xmax = horiz.bounds[2 * xx + 1];
         const int* k = &horiz.k[static_cast<std::size_t>(xx) * horiz.ksize];
@@ -260,29 +309,47 @@ Image resize(const Image& image, std::int64_t width, std::int64_t height, int fi
         out_row[xx * 3 + 2] = clip8(s2);
       }
     }
-    src = &temp;
-  }
-  if (!need_v) return need_h ? temp : image;
-  const int w = static_cast<int>(src->shape(1));
-  Image out = xt::zeros<std::uint8_t>({std::size_t(out_h), std::size_t(w), std::size_t{3}});
-  for (int yy = 0; yy < out_h; ++yy) {
-    const int ymin = vert.bounds[2 * yy] - row0, ymax = vert.bounds[2 * yy + 1];
-    const int* k = &vert.k[static_cast<std::size_t>(yy) * vert.ksize];
-    std::uint8_t* out_row = out.data() + static_cast<std::size_t>(yy) * w * 3;
-    for (int xx = 0; xx < w; ++xx) {
-      int s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
-      for (int y = 0; y < ymax; ++y) {
-        const std::uint8_t* px = src->data() + (static_cast<std::size_t>(y + ymin) * w + xx) * 3;
-        s0 += px[0] * k[y];
-        s1 += px[1] * k[y];
-        s2 += px[2] * k[y];
+    return out;
+  };
+  // One pass along columns; src row 0 is source row `row0` (the horizontal pass may have kept only the
+  // rows the vertical pass reads).
+  auto vertical = [&](const Image& src, int row0) {
+    const int w = static_cast<int>(src.shape(1));
+    Image out = xt::zeros<std::uint8_t>({std::size_t(out_h), std::size_t(w), std::size_t{3}});
+    for (int yy = 0; yy < out_h; ++yy) {
+      const int ymin = vert.bounds[2 * yy] - row0, ymax = vert.bounds[2 * yy + 1];
+      const int* k = &vert.k[static_cast<std::size_t>(yy) * vert.ksize];
+      std::uint8_t* out_row = out.data() + static_cast<std::size_t>(yy) * w * 3;
+      for (int xx = 0; xx < w; ++xx) {
+        int s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+        for (int y = 0; y < ymax; ++y) {
+          const std::uint8_t* px = src.data() + (static_cast<std::size_t>(y + ymin) * w + xx) * 3;
+          s0 += px[0] * k[y];
+          s1 += px[1] * k[y];
+          s2 += px[2] * k[y];
+        }
+        out_row[xx * 3] = clip8(s0);
+        out_row[xx * 3 + 1] = clip8(s1);
+        out_row[xx * 3 + 2] = clip8(s2);
       }
-      out_row[xx * 3] = clip8(s0);
-      out_row[xx * 3 + 1] = clip8(s1);
-      out_row[xx * 3 + 2] = clip8(s2);
     }
+    return out;
+  };
+
+  // Pillow (13) runs the vertical pass first when the height shrinks by more than twice what the width
+  // does; the order changes the 8-bit intermediate, so it is followed exactly.
+  const bool horizontal_first = !((in_h - out_h) > 0 && (in_h - out_h) > (in_w - out_w) * 2);
+  if (horizontal_first) {
+    if (!need_h) return vertical(image, 0);
+    // Only the source rows the vertical pass will read.
+    const int first = need_v ? vert.bounds[0] : 0;
+    const int last = need_v ? vert.bounds[2 * out_h - 2] + vert.bounds[2 * out_h - 1] : in_h;
+    Image temp = horizontal(image, first, last - first);
+    return need_v ? vertical(temp, first) : temp;
   }
-  return out;
+  if (!need_v) return horizontal(image, 0, in_h);
+  Image temp = vertical(image, 0);
+  return need_h ? horizontal(temp, 0, out_h) : temp;
 }
 
 Image center_crop(const Image& image, std::int64_t height, std::int64_t width) {

@@ -9,8 +9,9 @@
 
 namespace ablate::sdk {
 
-LinearImpl::LinearImpl(std::int64_t in, std::int64_t out, bool with_bias) : in_features(in), out_features(out) {
-  weight = register_parameter("weight", torch::empty({out, in}));
+LinearImpl::LinearImpl(std::int64_t in, std::int64_t out, bool with_bias, bool fan_in_fan_out)
+    : in_features(in), out_features(out), fan_in_fan_out(fan_in_fan_out) {
+  weight = register_parameter("weight", fan_in_fan_out ? torch::empty({in, out}) : torch::empty({out, in}));
   if (with_bias) bias = register_parameter("bias", torch::empty({out}));
   reset_parameters();
 }
@@ -19,9 +20,14 @@ LinearImpl::~LinearImpl() = default;
 
 void LinearImpl::reset_parameters() {
   torch::NoGradGuard no_grad;
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  // Kaiming-uniform with a = sqrt(5) is uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) whatever the layout.
+  const double bound = in_features > 0 ? 1.0 / std::sqrt(static_cast<double>(in_features)) : 0.0;
+  if (fan_in_fan_out) {
+    torch::nn::init::uniform_(weight, -bound, bound);
+  } else {
+    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  }
   if (bias.defined()) {
-    const double bound = in_features > 0 ? 1.0 / std::sqrt(static_cast<double>(in_features)) : 0.0;
     torch::nn::init::uniform_(bias, -bound, bound);
   }
 }
@@ -33,7 +39,16 @@ double LinearImpl::lora_scaling() const {
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  auto y = torch::nn::functional::linear(x, weight, bias.defined() ? bias : torch::Tensor());
+  torch::Tensor y;
+  if (fan_in_fan_out) {
+    // As transformers' Conv1D: addmm over the flattened batch.
+    auto shape = x.sizes().vec();
+    shape.back() = out_features;
+    auto flat = x.reshape({-1, in_features});
+    y = (bias.defined() ? torch::addmm(bias, flat, weight) : torch::mm(flat, weight)).view(shape);
+  } else {
+    y = torch::nn::functional::linear(x, weight, bias.defined() ? bias : torch::Tensor());
+  }
   if (has_lora() && !merged_) {
     // PEFT's order: result + lora_B(lora_A(dropout(x))) * scaling.
     y = y + lora_B(lora_A(lora_dropout(x))) * lora_scaling();
@@ -62,17 +77,22 @@ void LinearImpl::attach_lora(const LoraConfig& config) {
   lora_dropout->train(is_training());
 }
 
+torch::Tensor LinearImpl::delta_weight() const {
+  auto delta = torch::matmul(lora_B->weight, lora_A->weight) * lora_scaling();
+  return (fan_in_fan_out ? delta.t() : delta).to(weight.dtype());
+}
+
 void LinearImpl::merge() {
   if (!has_lora() || merged_) return;
   torch::NoGradGuard no_grad;
-  weight.add_(torch::matmul(lora_B->weight, lora_A->weight).to(weight.dtype()) * lora_scaling());
+  weight.add_(delta_weight());
   merged_ = true;
 }
 
 void LinearImpl::unmerge() {
   if (!has_lora() || !merged_) return;
   torch::NoGradGuard no_grad;
-  weight.sub_(torch::matmul(lora_B->weight, lora_A->weight).to(weight.dtype()) * lora_scaling());
+  weight.sub_(delta_weight());
   merged_ = false;
 }
 

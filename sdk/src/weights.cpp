@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -246,8 +247,13 @@ LoadReport load_state(torch::nn::Module& module, const TensorMap& tensors, const
   for (const auto& [name, t] : tensors) {
     if (targets.count(name)) continue;
     bool ignored = false;
-    for (const auto& prefix : ignore_unexpected) {
-      if (name.compare(0, prefix.size(), prefix) == 0) ignored = true;
+    for (const auto& pattern : ignore_unexpected) {
+      if (!pattern.empty() && pattern[0] == '*') {
+        const auto suffix = std::string_view(pattern).substr(1);
+        if (name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) ignored = true;
+      } else if (name.compare(0, pattern.size(), pattern) == 0) {
+        ignored = true;
+      }
     }
     if (!ignored) report.unexpected.push_back(name);
   }
@@ -267,6 +273,21 @@ LoadReport load_state(torch::nn::Module& module, const TensorMap& tensors, const
     throw InputError(os.str());
   }
   return report;
+}
+
+void load_weights_with_prefix(torch::nn::Module& module, const fs::path& path, const std::vector<std::string>& prefixes) {
+  auto tensors = fs::is_directory(path) ? read_weights(path) : read_safetensors(path);
+  for (const auto& prefix : prefixes) {
+    const bool all = !tensors.empty() && std::all_of(tensors.begin(), tensors.end(), [&](const auto& kv) {
+      return kv.first.compare(0, prefix.size(), prefix) == 0;
+    });
+    if (!all) continue;
+    TensorMap stripped;
+    for (auto& [k, v] : tensors) stripped.emplace(k.substr(prefix.size()), v);
+    tensors = std::move(stripped);
+    break;
+  }
+  load_state(module, tensors, path.string());
 }
 
 void save_pretrained(const fs::path& dir, const torch::nn::Module& module, const nlohmann::json& config) {

@@ -9,7 +9,9 @@ import unittest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, SiglipConfig, SiglipModel, SiglipVisionConfig,
+                          SiglipVisionModel)
 
 from ablate_testing import PROBE, TempDirTest, run, tiny_experiment
 
@@ -24,7 +26,9 @@ def word_level_tokenizer_json(path, vocab_size):
                                 "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
 
 
-class ComponentParityTest(TempDirTest):
+class ParityCase(TempDirTest):
+    """Runs component_probe and compares with a reference."""
+
     def probe(self, kind, plugin, folder, inputs, options=None):
         save_file(inputs, str(self.dir / "in.safetensors"))
         args = [str(PROBE), kind, plugin, str(folder), str(self.dir / "in.safetensors"), str(self.dir / "out.safetensors")]
@@ -39,6 +43,35 @@ class ComponentParityTest(TempDirTest):
         print(f"{what}: max abs difference {diff:.3g}")
         self.assertLessEqual(diff, TOLERANCE, what)
 
+    def padded_batch(self, vocab, length=9):
+        ids = torch.randint(4, vocab, (3, length))
+        mask = torch.ones(3, length, dtype=torch.long)
+        mask[1, :3] = 0
+        mask[2, :6] = 0
+        # The positions ablate gives a left-padded batch (and transformers' generate()): real tokens from 0.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return ids, mask, positions
+
+    def backbone_parity(self, name, model, folder_setup=None, length=9):
+        folder = self.dir / name
+        model.eval().save_pretrained(folder)
+        word_level_tokenizer_json(folder / "tokenizer.json", model.config.vocab_size)
+        if folder_setup:
+            folder_setup(folder)
+        ids, mask, positions = self.padded_batch(model.config.vocab_size, length)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        ours = self.probe("backbone", name.split("-")[0], folder, {"input_ids": ids, "attention_mask": mask})
+        valid = mask.bool()
+        self.assert_close(ours["logits"][valid], ref[valid], f"{name} logits (padded batch)")
+
+    def llama(self, **config):
+        base = dict(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64)
+        base.update(config)
+        return LlamaForCausalLM(LlamaConfig(**base))
+
+class ClipOptParityTest(ParityCase):
     def test_clip_vision(self):
         torch.manual_seed(0)
         for act in ("quick_gelu", "gelu"):
@@ -99,6 +132,125 @@ class ComponentParityTest(TempDirTest):
     def test_opt_untied_gelu(self):
         self.opt_parity("opt-untied", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=8,
                         tie_word_embeddings=False, activation_function="gelu")
+
+
+class MoreComponentsParityTest(ParityCase):
+    """SigLIP, GPT-2 and LLaMA (grouped-query attention, every rope scaling kind) on padded batches."""
+
+    def test_siglip_vision(self):
+        torch.manual_seed(3)
+        config = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                    image_size=32, patch_size=8)
+        model = SiglipVisionModel(config).eval()
+        model.save_pretrained(self.dir / "siglip")
+        pixels = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            ref = model(pixel_values=pixels, output_hidden_states=True)
+        ours = self.probe("encoder", "siglip", self.dir / "siglip", {"pixels": pixels})["features"]
+        self.assert_close(ours, ref.last_hidden_state, "SigLIP vision last_hidden_state")
+        ours = self.probe("encoder", "siglip", self.dir / "siglip", {"pixels": pixels}, {"feature_layer": -2})["features"]
+        self.assert_close(ours, ref.hidden_states[-2], "SigLIP vision hidden_states[-2]")
+
+    def test_siglip_vision_from_a_full_siglip_checkpoint(self):
+        torch.manual_seed(4)
+        config = SiglipConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 image_size=32, patch_size=16),
+                              text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               vocab_size=99))
+        model = SiglipModel(config).eval()
+        model.save_pretrained(self.dir / "siglip-full")
+        pixels = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            ref = model.vision_model(pixel_values=pixels).last_hidden_state
+        ours = self.probe("encoder", "siglip", self.dir / "siglip-full", {"pixels": pixels})["features"]
+        self.assert_close(ours, ref, "SigLIP vision tower of a full SiglipModel checkpoint")
+
+    def test_gpt2(self):
+        torch.manual_seed(5)
+        self.backbone_parity("gpt2", GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=120, n_positions=32)))
+        torch.manual_seed(6)
+        self.backbone_parity("gpt2-untied-scaled", GPT2LMHeadModel(GPT2Config(
+            n_embd=64, n_layer=2, n_head=8, vocab_size=120, n_positions=32, n_inner=96, tie_word_embeddings=False,
+            scale_attn_by_inverse_layer_idx=True)))
+
+    def test_llama_grouped_query_attention(self):
+        torch.manual_seed(7)
+        self.backbone_parity("llama-gqa", self.llama())
+        torch.manual_seed(8)
+        self.backbone_parity("llama-tied-mha", self.llama(num_key_value_heads=4, tie_word_embeddings=True,
+                                                          attention_bias=True, mlp_bias=True, head_dim=32))
+
+    def test_llama_rope_scaling(self):
+        cases = {
+            "llama-linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}),
+            "llama-llama3": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                                  "rope_theta": 10000.0}),
+            "llama-yarn": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                                "rope_theta": 10000.0}),
+            # Longer than max_position_embeddings: the dynamic base grows.
+            "llama-dynamic": dict(max_position_embeddings=8, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                                "rope_theta": 10000.0}),
+        }
+        for i, (name, config) in enumerate(cases.items()):
+            torch.manual_seed(10 + i)
+            self.backbone_parity(name, self.llama(**config), length=12)
+
+    def test_llama_legacy_rope_keys(self):
+        # Checkpoints written before transformers 5 say rope_theta and rope_scaling {"type": ...}.
+        def legacy(folder):
+            cfg = json.loads((folder / "config.json").read_text())
+            cfg.pop("rope_parameters", None)
+            cfg["rope_theta"] = 500000.0
+            cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+            (folder / "config.json").write_text(json.dumps(cfg))
+        torch.manual_seed(20)
+        self.backbone_parity("llama-legacy", self.llama(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                         "rope_theta": 500000.0}), folder_setup=legacy)
+
+
+class GenerationParityTest(ParityCase):
+    """Decoding with a KV cache gives transformers' generate() tokens: greedy, and sampled with temperature,
+    top-k and top-p from the same seed."""
+
+    def generate_parity(self, name, model):
+        folder = self.dir / name
+        model.eval().save_pretrained(folder)
+        word_level_tokenizer_json(folder / "tokenizer.json", model.config.vocab_size)
+        ids, mask, _ = self.padded_batch(model.config.vocab_size)
+        save_file({"input_ids": ids, "attention_mask": mask}, str(self.dir / "in.safetensors"))
+        for settings in [{"max_new_tokens": 20},
+                         {"max_new_tokens": 20, "do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "seed": 123}]:
+            out = subprocess.run([str(PROBE), "backbone", name.split("-")[0], str(folder), str(self.dir / "in.safetensors"),
+                                  str(self.dir / "out.safetensors"), "{}", json.dumps(settings)], capture_output=True, text=True)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            ours = load_file(str(self.dir / "out.safetensors"))["generated"]
+            kwargs = dict(max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+            if settings.get("do_sample"):
+                torch.manual_seed(settings["seed"])
+                kwargs.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+            else:
+                kwargs.update(do_sample=False)
+            with torch.no_grad():
+                ref = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+            what = "sampled" if settings.get("do_sample") else "greedy"
+            print(f"{name} {what}: {ours[0].tolist()[:10]}...")
+            self.assertTrue(torch.equal(ours, ref), f"{name} {what}:\n ours {ours.tolist()}\n ref  {ref.tolist()}")
+
+    def test_generation_opt(self):
+        torch.manual_seed(30)
+        self.generate_parity("opt-gen", OPTForCausalLM(OPTConfig(vocab_size=120, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                                                 num_attention_heads=4, max_position_embeddings=64)))
+
+    def test_generation_gpt2(self):
+        torch.manual_seed(31)
+        self.generate_parity("gpt2-gen", GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=120, n_positions=64)))
+
+    def test_generation_llama(self):
+        torch.manual_seed(32)
+        self.generate_parity("llama-gen", self.llama(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                                                      "rope_theta": 10000.0}))
 
 
 class ExportParityTest(TempDirTest):

@@ -28,7 +28,7 @@ seed = {seed}
 layout = "prefix"
 encoder = {{ plugin = "clip_vit", config = {{ image_size = 16, patch_size = 8, hidden_size = 16, intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2 }} }}
 projector = {{ plugin = "git" }}
-backbone = {{ plugin = "opt", config = {{ hidden_size = 16, ffn_dim = 32, num_hidden_layers = 1, num_attention_heads = 2, max_position_embeddings = 32, dropout = 0.0, tie_word_embeddings = false }} }}
+backbone = {{ plugin = "opt", config = {{ hidden_size = 16, ffn_dim = 32, num_hidden_layers = 1, num_attention_heads = 2, max_position_embeddings = 64, dropout = 0.0, tie_word_embeddings = false }} }}
 
 [data]
 train = {{ plugin = "shapes", split = "train", size = {train_size}, image_size = 16 }}

@@ -49,7 +49,7 @@ std::string tiny_experiment(const std::string& name, int steps, int every, const
         "intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2 } }\n"
      << "projector = { plugin = \"git\" }\n"
      << "backbone = { plugin = \"opt\", config = { hidden_size = 16, ffn_dim = 32, num_hidden_layers = 1, "
-        "num_attention_heads = 2, max_position_embeddings = 32, dropout = 0.0, tie_word_embeddings = false } }\n\n"
+        "num_attention_heads = 2, max_position_embeddings = 64, dropout = 0.0, tie_word_embeddings = false } }\n\n"
      << "[data]\n"
      << "train = { plugin = \"shapes\", split = \"train\", size = 64, image_size = 16 }\n"
      << "eval = { plugin = \"shapes\", split = \"val\", size = 12, image_size = 16 }\n\n"

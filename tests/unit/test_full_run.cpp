@@ -110,3 +110,22 @@ TEST_CASE("the same seed gives the same losses, bit for bit, on the CPU", "[run]
   REQUIRE(la.size() == lb.size());
   for (std::size_t i = 0; i < la.size(); ++i) CHECK(la[i].loss == lb[i].loss);
 }
+
+TEST_CASE("the prefix, inline and prefix_lm layouts train and generate", "[run]") {
+  TempDir dir;
+  const auto toml = write_file(dir / "layouts.toml",
+                               tiny_experiment("layouts", 6, 3, "[grid]\n\"model.layout\" = [\"prefix\", \"inline\", \"prefix_lm\"]\n"));
+  REQUIRE(run(dir, toml) == 0);
+  store::Store db(dir / "results" / "results.db");
+  const auto runs = db.runs(*db.experiment_id("layouts"));
+  REQUIRE(runs.size() == 3);
+  std::set<double> first_losses;
+  for (const auto& r : runs) {
+    CHECK(r.status == store::Status::done);
+    CHECK(db.steps(r.id, "train").size() == 6);
+    CHECK(db.samples(r.id, 6).size() == 3);
+    first_losses.insert(db.steps(r.id, "train").front().loss);
+  }
+  // The layouts compute different things from the same weights and batches.
+  CHECK(first_losses.size() == 3);
+}

@@ -123,3 +123,40 @@ TEST_CASE("lora targets that match nothing are an error, and exclude removes mat
   }
   CHECK(adapted == 2);
 }
+
+TEST_CASE("the layouts place image and text as GIT, LLaVA and PaliGemma do", "[layout]") {
+  auto model = tiny_model();  // 16x16 images, patch 8: 4 patches + CLS = 5 image tokens
+  torch::NoGradGuard no_grad;
+  auto pixels = torch::zeros({1, 3, 16, 16});
+  // BOS, two prompt tokens, two target tokens; right-padded by one.
+  auto ids = torch::tensor({{1, 4, 5, 6, 2, 0}}, torch::kLong);
+  auto valid = torch::tensor({{1, 1, 1, 1, 1, 0}}, torch::kBool);
+  auto targets = torch::tensor({{0, 0, 0, 1, 1, 0}}, torch::kBool);
+  auto prompt_len = torch::tensor({3}, torch::kLong);
+  auto build = [&](Layout layout) {
+    VlmModel m(model->encoder_part(), model->projector_part(), model->backbone_part(), layout, -1);
+    return m.assemble(pixels, ids, valid, targets, prompt_len);
+  };
+  auto row = [](const torch::Tensor& t) {
+    std::vector<std::int64_t> v;
+    for (std::int64_t i = 0; i < t.size(1); ++i) v.push_back(t[0][i].item<std::int64_t>());
+    return v;
+  };
+  const std::vector<std::int64_t> image_first{-1, -1, -1, -1, -1, 1, 4, 5, 6, 2, 0};
+
+  auto prefix = build(Layout::prefix);
+  CHECK(row(prefix.ids) == image_first);
+  CHECK(row(prefix.positions) == std::vector<std::int64_t>{-1, -1, -1, -1, -1, 0, 1, 2, 3, 4, -1});  // text only
+  CHECK(prefix.mask.prefix[0].item<std::int64_t>() == 5);  // bidirectional over the image
+  CHECK(row(prefix.targets.to(torch::kLong)) == std::vector<std::int64_t>{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0});
+
+  auto lm = build(Layout::prefix_lm);
+  CHECK(row(lm.positions) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1});  // over everything
+  CHECK(lm.mask.prefix[0].item<std::int64_t>() == 8);  // image + BOS + prompt
+
+  auto inline_ = build(Layout::inline_);  // no image token: the image goes right after BOS
+  CHECK(row(inline_.ids) == std::vector<std::int64_t>{1, -1, -1, -1, -1, -1, 4, 5, 6, 2});
+  CHECK(row(inline_.positions) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
+  CHECK_FALSE(inline_.mask.prefix.defined());  // causal throughout
+  CHECK(row(inline_.targets.to(torch::kLong)) == std::vector<std::int64_t>{0, 0, 0, 0, 0, 0, 0, 0, 1, 1});
+}

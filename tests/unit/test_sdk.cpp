@@ -108,7 +108,7 @@ TEST_CASE("the word-level tokenizer encodes, decodes and round-trips through its
   auto again = sdk::Tokenizer::from_file(dir / "tokenizer.json");
   CHECK(again.encode("where is the red circle ?", true) == tok.encode("where is the red circle ?", true));
   write_file(dir / "bpe.json", R"({"model": {"type": "Unigram", "vocab": []}})");
-  CHECK_THROWS_WITH(sdk::Tokenizer::from_file(dir / "bpe.json"), Catch::Contains("\"Unigram\" is not supported yet"));
+  CHECK_THROWS_WITH(sdk::Tokenizer::from_file(dir / "bpe.json"), Catch::Contains("tokenizer model \"Unigram\" is not supported (supported: BPE, WordLevel)"));
 }
 
 TEST_CASE("images: PNG round-trips, corrupt files are named, resize keeps size-preserving calls exact", "[sdk][image]") {

@@ -249,7 +249,7 @@ class Opt : public sdk::Backbone {
       auto cfg = sdk::read_json(dir / "config.json");
       auto view = sdk::Options::of_file(cfg, (dir / "config.json").string());
       config_ = OptConfig::from(view);
-      tokenizer_ = sdk::Tokenizer::from_file(dir / "tokenizer.json");
+      tokenizer_ = sdk::Tokenizer::from_folder(dir);
       model_ = OptForCausalLM(config_);
       auto tensors = sdk::read_weights(dir);
       // Older OPT checkpoints name the decoder without the "model." prefix.
@@ -266,16 +266,7 @@ class Opt : public sdk::Backbone {
 
   torch::nn::Module& module() override { return *model_; }
   sdk::Json hf_config() const override { return config_.to_json(); }
-  void save_extras(const std::filesystem::path& dir) const override {
-    tokenizer_.save(dir / "tokenizer.json");
-    auto name = [&](std::int64_t id) -> sdk::Json { return id >= 0 ? sdk::Json(tokenizer_.token(id)) : sdk::Json(); };
-    sdk::write_json(dir / "tokenizer_config.json", {{"tokenizer_class", "PreTrainedTokenizerFast"},
-                                                    {"bos_token", name(tokenizer_.bos_id())},
-                                                    {"eos_token", name(tokenizer_.eos_id())},
-                                                    {"pad_token", name(tokenizer_.pad_id())},
-                                                    {"unk_token", name(tokenizer_.unk_id())},
-                                                    {"model_max_length", config_.max_position_embeddings}});
-  }
+  void save_extras(const std::filesystem::path& dir) const override { tokenizer_.save_folder(dir); }
 
   torch::Tensor embed(const torch::Tensor& ids) override {
     auto& d = *model_->model->decoder;
@@ -305,6 +296,7 @@ class Opt : public sdk::Backbone {
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t output_size() const override { return config_.word_embed_proj_dim; }
   std::int64_t vocab_size() const override { return config_.vocab_size; }
+  std::int64_t max_positions() const override { return config_.max_position_embeddings; }
   std::string head_module() const override {
     return config_.tie_word_embeddings ? "model.decoder.embed_tokens" : "lm_head";
   }

@@ -5,6 +5,7 @@
 
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/plugin.hpp"
+#include "ablate/sdk/weights.hpp"
 
 namespace ablate::plugins {
 
@@ -12,9 +13,11 @@ namespace sdk = ablate::sdk;
 
 struct GitProjectorOptions {
   double layer_norm_eps = 1e-5;
+  std::string weights;  ///< a safetensors file or folder with this projector's tensors (GIT's git.visual_projection. allowed)
   static GitProjectorOptions parse(sdk::Options& o) {
     GitProjectorOptions x;
     x.layer_norm_eps = o.get("layer_norm_eps", x.layer_norm_eps);
+    x.weights = o.get("weights", x.weights);
     return x;
   }
 };
@@ -35,7 +38,9 @@ class GitProjector : public sdk::Projector {
  public:
   using options_type = GitProjectorOptions;
   GitProjector(const GitProjectorOptions& o, const sdk::BuildContext& ctx)
-      : projection_(ctx.in_features, ctx.out_features, o.layer_norm_eps) {}
+      : projection_(ctx.in_features, ctx.out_features, o.layer_norm_eps) {
+    if (!o.weights.empty()) sdk::load_weights_with_prefix(*projection_, sdk::resolve_path(ctx.base_dir, o.weights), {"git."});
+  }
   torch::nn::Module& module() override { return *projection_; }
   torch::Tensor project(const torch::Tensor& features) override { return projection_(features); }
 

@@ -28,6 +28,9 @@ class Backbone : public Component {
   /// Width of forward()'s output (differs from hidden_size() where a model projects out, as opt-350m does).
   virtual std::int64_t output_size() const { return hidden_size(); }
   virtual std::int64_t vocab_size() const = 0;
+  /// Positions the model has embeddings for (learned positions: OPT, GPT-2); -1 when there is no hard limit
+  /// (rotary embeddings). The host checks sequence lengths against it before running the model.
+  virtual std::int64_t max_positions() const { return -1; }
   /// Name (within module()) of the module that maps hidden states to logits, e.g. "lm_head". With tied
   /// embeddings this is the embedding module that holds the shared matrix.
   virtual std::string head_module() const = 0;

@@ -21,9 +21,11 @@ struct LoraConfig {
 /// y = x W^T + b (+ scaling * B A dropout(x) when an adapter is attached and not merged).
 /// Parameters: "weight" [out, in], "bias" [out]; with an adapter, "lora_A.weight" [r, in] and
 /// "lora_B.weight" [out, r], as PEFT names them in adapter_model.safetensors.
+/// fan_in_fan_out: the weight is stored [in, out] and y = x W + b, as GPT-2's Conv1D stores it (PEFT's
+/// flag of the same name); adapters keep their usual shapes.
 class LinearImpl : public torch::nn::Module {
  public:
-  LinearImpl(std::int64_t in_features, std::int64_t out_features, bool bias = true);
+  LinearImpl(std::int64_t in_features, std::int64_t out_features, bool bias = true, bool fan_in_fan_out = false);
   ~LinearImpl() override;
 
   torch::Tensor forward(const torch::Tensor& x);
@@ -44,6 +46,7 @@ class LinearImpl : public torch::nn::Module {
 
   std::int64_t in_features;
   std::int64_t out_features;
+  bool fan_in_fan_out;
   torch::Tensor weight;
   torch::Tensor bias;  ///< undefined without bias
   torch::nn::Linear lora_A{nullptr};
@@ -51,6 +54,8 @@ class LinearImpl : public torch::nn::Module {
   torch::nn::Dropout lora_dropout{nullptr};
 
  private:
+  /// scaling * B A, in the weight's layout and dtype.
+  torch::Tensor delta_weight() const;
   LoraConfig lora_;
   bool merged_ = false;
 };

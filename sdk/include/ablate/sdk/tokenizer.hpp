@@ -26,6 +26,9 @@ class Tokenizer {
   /// Reads tokenizer.json; throws InputError naming the file on anything it cannot honour.
   static Tokenizer from_file(const std::filesystem::path& file);
   static Tokenizer from_json(const nlohmann::json& doc, const std::string& origin);
+  /// The tokenizer of a Hugging Face model folder: tokenizer.json, with tokenizer_config.json for the special
+  /// tokens and whether BOS / EOS are added.
+  static Tokenizer from_folder(const std::filesystem::path& dir);
   /// A word-level tokenizer over `words` (deduplicated, order kept) with the special tokens <pad>=0,
   /// <s>=1, </s>=2, <unk>=3, a lowercasing normalizer, the Whitespace pre-tokenizer, and a post-processor
   /// that prepends <s>. Its JSON loads in the `tokenizers` library.
@@ -42,9 +45,13 @@ class Tokenizer {
   std::int64_t pad_id() const;
   std::int64_t unk_id() const;
   std::string token(std::int64_t id) const;
+  /// The id of a token (added tokens included); -1 if there is none.
+  std::int64_t token_to_id(const std::string& token) const;
 
   nlohmann::json to_json() const;
   void save(const std::filesystem::path& file) const;
+  /// Writes tokenizer.json and tokenizer_config.json into a model folder.
+  void save_folder(const std::filesystem::path& dir) const;
 
  private:
   struct State;

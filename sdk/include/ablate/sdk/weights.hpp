@@ -42,10 +42,17 @@ struct LoadReport {
 
 /// Copies `tensors` into the module's parameters and buffers by name (converting dtype, keeping the
 /// module's device). With strict, any missing, unexpected or mis-shaped tensor throws InputError listing
-/// them all, naming `origin`. `ignore_unexpected` lists name prefixes that may be present and unused (a
-/// full CLIP checkpoint's "text_model." when only the vision tower is built).
+/// them all, naming `origin`. `ignore_unexpected` lists names that may be present and unused: prefixes (a
+/// full CLIP checkpoint's "text_model." when only the vision tower is built) or, starting with '*',
+/// suffixes ("*.attn.masked_bias", buffers old GPT-2 files carry).
 LoadReport load_state(torch::nn::Module& module, const TensorMap& tensors, const std::string& origin,
                       bool strict = true, const std::vector<std::string>& ignore_unexpected = {});
+
+/// Loads a module's weights from a safetensors file, or a folder holding model.safetensors (or shards), whose
+/// names may carry one of `prefixes` (LLaVA's projector file says "model.mm_projector.0.weight"): the first
+/// prefix that every tensor has is removed. Strict, as load_state.
+void load_weights_with_prefix(torch::nn::Module& module, const std::filesystem::path& path,
+                              const std::vector<std::string>& prefixes);
 
 /// Writes a component in Hugging Face layout: model.safetensors and config.json (when config is not null).
 void save_pretrained(const std::filesystem::path& dir, const torch::nn::Module& module, const nlohmann::json& config);

@@ -1,0 +1,197 @@
+#pragma once
+// What CLIP's and SigLIP's vision transformers share, with transformers' module names: the encoder layer
+// (layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1/fc2), its activations, the options every
+// ViT encoder takes, weight loading that accepts both key layouts, and image specs from
+// preprocessor_config.json.
+
+#include <cmath>
+
+#include <torch/torch.h>
+
+#include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/plugin.hpp"
+#include "ablate/sdk/weights.hpp"
+
+namespace ablate::plugins::vit {
+
+namespace sdk = ablate::sdk;
+
+/// The keys both CLIPVisionConfig and SiglipVisionConfig have. Defaults are passed in (they differ).
+struct VitConfig {
+  std::int64_t hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_channels, image_size, patch_size;
+  std::string hidden_act;
+  double layer_norm_eps, attention_dropout;
+
+  void read(sdk::Options& o) {
+    hidden_size = o.get("hidden_size", hidden_size);
+    intermediate_size = o.get("intermediate_size", intermediate_size);
+    num_hidden_layers = o.get("num_hidden_layers", num_hidden_layers);
+    num_attention_heads = o.get("num_attention_heads", num_attention_heads);
+    num_channels = o.get("num_channels", num_channels);
+    image_size = o.get("image_size", image_size);
+    patch_size = o.get("patch_size", patch_size);
+    hidden_act = o.get("hidden_act", hidden_act);
+    layer_norm_eps = o.get("layer_norm_eps", layer_norm_eps);
+    attention_dropout = o.get("attention_dropout", attention_dropout);
+    if (hidden_size % num_attention_heads != 0) o.fail("num_attention_heads", "must divide hidden_size");
+    if (image_size % patch_size != 0) o.fail("patch_size", "must divide image_size");
+    if (hidden_act != "quick_gelu" && hidden_act != "gelu" && hidden_act != "gelu_pytorch_tanh") {
+      o.fail("hidden_act", "unsupported activation '" + hidden_act + "' (quick_gelu, gelu, gelu_pytorch_tanh)");
+    }
+  }
+  sdk::Json to_json() const {
+    return {{"hidden_size", hidden_size}, {"intermediate_size", intermediate_size}, {"num_hidden_layers", num_hidden_layers},
+            {"num_attention_heads", num_attention_heads}, {"num_channels", num_channels}, {"image_size", image_size},
+            {"patch_size", patch_size}, {"hidden_act", hidden_act}, {"layer_norm_eps", layer_norm_eps},
+            {"attention_dropout", attention_dropout}, {"dtype", "float32"}};
+  }
+  std::int64_t grid() const { return image_size / patch_size; }
+};
+
+inline torch::Tensor activation(const std::string& name, const torch::Tensor& x) {
+  if (name == "quick_gelu") return x * torch::sigmoid(1.702 * x);
+  if (name == "gelu_pytorch_tanh") return torch::gelu(x, "tanh");
+  return torch::gelu(x);
+}
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const VitConfig& c)
+      : heads_(c.num_attention_heads), head_dim_(c.hidden_size / c.num_attention_heads), dropout_(c.attention_dropout) {
+    k_proj = register_module("k_proj", sdk::Linear(c.hidden_size, c.hidden_size));
+    v_proj = register_module("v_proj", sdk::Linear(c.hidden_size, c.hidden_size));
+    q_proj = register_module("q_proj", sdk::Linear(c.hidden_size, c.hidden_size));
+    out_proj = register_module("out_proj", sdk::Linear(c.hidden_size, c.hidden_size));
+  }
+  torch::Tensor forward(const torch::Tensor& h) {
+    const auto b = h.size(0), t = h.size(1);
+    auto split = [&](const torch::Tensor& x) { return x.view({b, t, heads_, head_dim_}).transpose(1, 2); };
+    auto out = sdk::attend(split(q_proj(h)), split(k_proj(h)), split(v_proj(h)), sdk::AttentionMask::full(), 0,
+                           1.0 / std::sqrt(static_cast<double>(head_dim_)), is_training() ? dropout_ : 0.0);
+    return out_proj(out.transpose(1, 2).reshape({b, t, heads_ * head_dim_}));
+  }
+  sdk::Linear k_proj{nullptr}, v_proj{nullptr}, q_proj{nullptr}, out_proj{nullptr};
+
+ private:
+  std::int64_t heads_, head_dim_;
+  double dropout_;
+};
+TORCH_MODULE(Attention);
+
+class MlpImpl : public torch::nn::Module {
+ public:
+  explicit MlpImpl(const VitConfig& c) : act_(c.hidden_act) {
+    fc1 = register_module("fc1", sdk::Linear(c.hidden_size, c.intermediate_size));
+    fc2 = register_module("fc2", sdk::Linear(c.intermediate_size, c.hidden_size));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(activation(act_, fc1(x))); }
+  sdk::Linear fc1{nullptr}, fc2{nullptr};
+
+ private:
+  std::string act_;
+};
+TORCH_MODULE(Mlp);
+
+class EncoderLayerImpl : public torch::nn::Module {
+ public:
+  explicit EncoderLayerImpl(const VitConfig& c) {
+    auto ln = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)); };
+    self_attn = register_module("self_attn", Attention(c));
+    layer_norm1 = register_module("layer_norm1", ln());
+    mlp = register_module("mlp", Mlp(c));
+    layer_norm2 = register_module("layer_norm2", ln());
+  }
+  torch::Tensor forward(torch::Tensor h) {
+    h = h + self_attn(layer_norm1(h));
+    return h + mlp(layer_norm2(h));
+  }
+  Attention self_attn{nullptr};
+  torch::nn::LayerNorm layer_norm1{nullptr}, layer_norm2{nullptr};
+  Mlp mlp{nullptr};
+};
+TORCH_MODULE(EncoderLayer);
+
+class EncoderImpl : public torch::nn::Module {
+ public:
+  explicit EncoderImpl(const VitConfig& c) {
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(EncoderLayer(c));
+  }
+  /// Runs the first `count` layers.
+  torch::Tensor forward(torch::Tensor h, std::int64_t count) {
+    for (std::int64_t i = 0; i < count; ++i) h = layers->ptr<EncoderLayerImpl>(i)->forward(h);
+    return h;
+  }
+  torch::nn::ModuleList layers{nullptr};
+};
+TORCH_MODULE(Encoder);
+
+/// Options every ViT encoder plugin takes.
+struct VitOptions {
+  std::string weights;              ///< Hugging Face folder; empty: built from `config`
+  sdk::Json config;                 ///< the model's config keys, for a model built from scratch
+  std::int64_t feature_layer = -1;  ///< index into hidden_states; negative counts from the end (LLaVA: -2)
+};
+
+/// The features' layer as an index into hidden_states (0: embeddings, i: output of layer i).
+inline std::int64_t feature_index(std::int64_t feature_layer, std::int64_t layers, const std::string& plugin) {
+  const auto index = feature_layer < 0 ? layers + 1 + feature_layer : feature_layer;
+  if (index < 0 || index > layers) {
+    throw sdk::InputError(plugin + ": feature_layer " + std::to_string(feature_layer) + " is outside hidden_states (0.." +
+                          std::to_string(layers) + ")");
+  }
+  return index;
+}
+
+/// The config.json of a weights folder, taking the vision part of a full (two-tower) checkpoint.
+inline sdk::Json vision_config(const std::filesystem::path& dir) {
+  auto cfg = sdk::read_json(dir / "config.json");
+  return cfg.contains("vision_config") ? cfg["vision_config"] : cfg;
+}
+
+/// Loads a weights folder into a module whose keys start with "vision_model.". transformers 5 saves the
+/// vision model alone without that prefix; two-tower checkpoints (CLIPModel, SiglipModel) and older
+/// versions have it. Parts of a two-tower checkpoint that the vision tower does not use are ignored, as
+/// are the `ignored` extras.
+inline void load_vision_weights(torch::nn::Module& module, const std::filesystem::path& dir,
+                                std::vector<std::string> ignored = {}) {
+  auto tensors = sdk::read_weights(dir);
+  if (!tensors.count("vision_model.embeddings.patch_embedding.weight") && tensors.count("embeddings.patch_embedding.weight")) {
+    sdk::TensorMap renamed;
+    for (auto& [k, v] : tensors) renamed.emplace("vision_model." + k, v);
+    tensors = std::move(renamed);
+  }
+  for (const char* p : {"text_model.", "visual_projection.", "text_projection.", "logit_scale", "logit_bias"}) ignored.push_back(p);
+  sdk::load_state(module, tensors, dir.string(), true, ignored);
+}
+
+/// Overrides `spec` with what a Hugging Face preprocessor_config.json says.
+inline void read_preprocessor(const std::filesystem::path& file, sdk::ImageSpec& spec) {
+  auto j = sdk::read_json(file);
+  auto size_of = [&](const sdk::Json& v, const char* key) -> std::int64_t {
+    if (v.is_number_integer()) return v.get<std::int64_t>();
+    if (v.is_object() && v.contains(key)) return v[key].get<std::int64_t>();
+    throw sdk::InputError(file.string() + ": cannot read '" + key + "' from " + v.dump());
+  };
+  if (j.contains("size")) {
+    const auto& size = j["size"];
+    if (size.is_object() && size.contains("height")) {
+      spec.shortest_edge = 0;  // resize straight to height x width
+      spec.height = size_of(size, "height");
+      spec.width = size_of(size, "width");
+    } else {
+      spec.shortest_edge = size_of(size, "shortest_edge");
+    }
+  }
+  spec.center_crop = j.value("do_center_crop", spec.center_crop);
+  if (spec.center_crop && j.contains("crop_size")) {
+    spec.height = size_of(j["crop_size"], "height");
+    spec.width = j["crop_size"].is_object() ? size_of(j["crop_size"], "width") : spec.height;
+  }
+  spec.resample = j.value("resample", spec.resample);
+  spec.rescale_factor = j.value("rescale_factor", spec.rescale_factor);
+  if (j.contains("image_mean")) spec.mean = j["image_mean"].get<std::array<double, 3>>();
+  if (j.contains("image_std")) spec.std = j["image_std"].get<std::array<double, 3>>();
+}
+
+}  // namespace ablate::plugins::vit
