@@ -209,6 +209,33 @@ class MoreComponentsParityTest(ParityCase):
                                                                          "rope_theta": 500000.0}), folder_setup=legacy)
 
 
+class WeightsFormatTest(ParityCase):
+    """Sharded checkpoints (model.safetensors.index.json) and float16 / bfloat16 weights load as transformers
+    loads them."""
+
+    def test_sharded_half_precision_checkpoints(self):
+        for name, dtype in [("opt-sharded-bf16", torch.bfloat16), ("llama-sharded-f16", torch.float16)]:
+            torch.manual_seed(40)
+            if name.startswith("opt"):
+                model = OPTForCausalLM(OPTConfig(vocab_size=120, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                                                 num_attention_heads=4, max_position_embeddings=64))
+            else:
+                model = self.llama()
+            folder = self.dir / name
+            model.to(dtype).save_pretrained(folder, max_shard_size="40KB")
+            self.assertTrue((folder / "model.safetensors.index.json").exists())
+            self.assertGreater(len(list(folder.glob("model-*.safetensors"))), 2)
+            word_level_tokenizer_json(folder / "tokenizer.json", 120)
+            # transformers' own float32 reading of the same half-precision files is the reference.
+            reference = type(model).from_pretrained(folder, dtype=torch.float32).eval()
+            ids, mask, positions = self.padded_batch(120)
+            with torch.no_grad():
+                ref = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            ours = self.probe("backbone", name.split("-")[0], folder, {"input_ids": ids, "attention_mask": mask})
+            valid = mask.bool()
+            self.assert_close(ours["logits"][valid], ref[valid], f"{name} logits")
+
+
 class GenerationParityTest(ParityCase):
     """Decoding with a KV cache gives transformers' generate() tokens: greedy, and sampled with temperature,
     top-k and top-p from the same seed."""
