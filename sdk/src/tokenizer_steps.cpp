@@ -920,6 +920,16 @@ std::string metaspace_scheme(const Json& j) {
   return j.value("add_prefix_space", true) ? "always" : "never";
 }
 
+// The children of a Sequence step, built by `make` (null children are skipped).
+template <class T>
+std::vector<std::unique_ptr<T>> children(const Json& list, std::unique_ptr<T> (*make)(const Json&)) {
+  std::vector<std::unique_ptr<T>> steps;
+  for (const auto& item : list) {
+    if (auto step = make(item)) steps.push_back(std::move(step));
+  }
+  return steps;
+}
+
 }  // namespace
 
 Splits pre_tokenize(const PreTokenizer& p, Splits in) {
@@ -948,13 +958,7 @@ std::unique_ptr<Normalizer> make_normalizer(const Json& j) {
   }
   if (type == "Strip") return std::make_unique<StripNormalizer>(j.value("strip_left", true), j.value("strip_right", true));
   if (type == "ByteLevel") return std::make_unique<ByteLevelNormalizer>();
-  if (type == "Sequence") {
-    std::vector<std::unique_ptr<Normalizer>> steps;
-    for (const auto& n : j.at("normalizers")) {
-      if (auto step = make_normalizer(n)) steps.push_back(std::move(step));
-    }
-    return std::make_unique<NormalizerSequence>(std::move(steps));
-  }
+  if (type == "Sequence") return std::make_unique<NormalizerSequence>(children(j.at("normalizers"), &make_normalizer));
   unsupported("normalizer \"" + type + "\"");
 }
 
@@ -970,13 +974,7 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Json& j) {
   if (type == "Metaspace") return std::make_unique<Metaspace>(j.value("replacement", std::string("\xE2\x96\x81")), metaspace_scheme(j), j.value("split", true));
   if (type == "Whitespace") return std::make_unique<Whitespace>();
   if (type == "WhitespaceSplit") return std::make_unique<WhitespaceSplit>();
-  if (type == "Sequence") {
-    std::vector<std::unique_ptr<PreTokenizer>> steps;
-    for (const auto& p : j.at("pretokenizers")) {
-      if (auto step = make_pre_tokenizer(p)) steps.push_back(std::move(step));
-    }
-    return std::make_unique<PreTokenizerSequence>(std::move(steps));
-  }
+  if (type == "Sequence") return std::make_unique<PreTokenizerSequence>(children(j.at("pretokenizers"), &make_pre_tokenizer));
   unsupported("pre-tokenizer \"" + type + "\"");
 }
 
@@ -995,13 +993,7 @@ std::unique_ptr<PostProcessor> make_post_processor(const Json& j) {
   if (type == "RobertaProcessing" || type == "BertProcessing") {
     return std::make_unique<Surround>(j.at("cls").at(1).get<std::int64_t>(), j.at("sep").at(1).get<std::int64_t>());
   }
-  if (type == "Sequence") {
-    std::vector<std::unique_ptr<PostProcessor>> steps;
-    for (const auto& p : j.at("processors")) {
-      if (auto step = make_post_processor(p)) steps.push_back(std::move(step));
-    }
-    return std::make_unique<PostSequence>(std::move(steps));
-  }
+  if (type == "Sequence") return std::make_unique<PostSequence>(children(j.at("processors"), &make_post_processor));
   unsupported("post-processor \"" + type + "\"");
 }
 
@@ -1024,13 +1016,7 @@ std::unique_ptr<Decoder> make_decoder(const Json& j) {
     if (content.size() != 1) unsupported("a Strip decoder of several characters");
     return std::make_unique<StripDecoder>(content[0], j.value("start", std::size_t{0}), j.value("stop", std::size_t{0}));
   }
-  if (type == "Sequence") {
-    std::vector<std::unique_ptr<Decoder>> steps;
-    for (const auto& d : j.at("decoders")) {
-      if (auto step = make_decoder(d)) steps.push_back(std::move(step));
-    }
-    return std::make_unique<DecoderSequence>(std::move(steps));
-  }
+  if (type == "Sequence") return std::make_unique<DecoderSequence>(children(j.at("decoders"), &make_decoder));
   unsupported("decoder \"" + type + "\"");
 }
 
