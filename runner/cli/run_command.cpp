@@ -7,12 +7,14 @@
 
 #include <atomic>
 #include <csignal>
+#include <optional>
 #include <iostream>
 #include <set>
 
 #include <torch/torch.h>
 
 #include "ablate/sdk/error.hpp"
+#include "ablate/sdk/hash.hpp"
 #include "cli/commands.hpp"
 #include "grid/experiment.hpp"
 #include "host/plugin_host.hpp"
@@ -74,6 +76,13 @@ void print_cells(const Experiment& ex, std::ostream& out) {
   for (const auto& c : ex.cells) {
     out << "  [" << c.index + 1 << "/" << ex.cells.size() << "] " << (c.key.empty() ? "(key after requires)" : short_key(c.key))
         << "  " << c.label << "\n";
+    // Stages: equal keys across cells are one run, trained once.
+    auto stage_line = [&](const Cell& s) {
+      out << "        stage " << s.stage_index + 1 << "/" << s.stage_count << " " << s.stage_name << "  "
+          << (s.key.empty() ? "" : short_key(s.key)) << "\n";
+    };
+    for (const auto& s : c.before) stage_line(s);
+    if (!c.before.empty()) stage_line(c);
   }
 }
 
@@ -86,6 +95,30 @@ torch::Device pick_device(const std::string& name) {
   } catch (const c10::Error&) {
     throw sdk::InputError("--device " + name + ": not a device (cpu, cuda, cuda:N, auto)");
   }
+}
+
+store::NewRun new_run(std::int64_t exp_id, const Cell& cell, std::optional<std::int64_t> parent) {
+  store::NewRun nr;
+  nr.experiment_id = exp_id;
+  nr.cell_key = cell.key;
+  nr.cell_index = cell.index;
+  nr.label = cell.label;
+  nr.axes = cell.axes;
+  nr.config = cell.resolved;
+  Json plugins = Json::object();
+  for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
+    plugins[r->display] = r->qualified() + "@" + std::to_string(r->version);
+  }
+  for (const auto& r : cell.strategies) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
+  for (const auto& r : cell.eval.metrics) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
+  nr.plugins = plugins;
+  nr.seed = static_cast<std::int64_t>(cell.seed);
+  nr.steps_total = cell.train.steps;
+  nr.stage = cell.stage_index;
+  nr.stages_total = cell.stage_count;
+  nr.stage_name = cell.stage_name;
+  nr.parent_run_id = parent;
+  return nr;
 }
 
 }  // namespace
@@ -142,54 +175,76 @@ int run(const Common& common, const RunArgs& args) {
     }
     print_cells(ex, std::cerr);
     for (const auto& cell : ex.cells) {
-      auto run = db.find_run(exp_id, cell.key);
-      std::int64_t run_id;
-      if (run) {
-        run_id = run->id;
-        db.update_cell(run_id, cell.index, cell.label, cell.axes);
-      } else {
-        store::NewRun nr;
-        nr.experiment_id = exp_id;
-        nr.cell_key = cell.key;
-        nr.cell_index = cell.index;
-        nr.label = cell.label;
-        nr.axes = cell.axes;
-        nr.config = cell.resolved;
-        Json plugins = Json::object();
-        for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
-          plugins[r->display] = r->qualified() + "@" + std::to_string(r->version);
+      // A cell is a chain of stages (one without [[stages]]); each is a run, found by its key, so that a
+      // stage another cell already trained is reused rather than trained again.
+      std::vector<const Cell*> chain;
+      for (const auto& stage : cell.before) chain.push_back(&stage);
+      chain.push_back(&cell);
+      std::vector<fs::path> finals;  // what the stages so far changed
+      std::optional<std::int64_t> parent;
+      const std::string cell_prefix = "[" + ex.name + " " + std::to_string(cell.index + 1) + "/" +
+                                      std::to_string(ex.cells.size()) + (cell.label == ex.name ? "" : " " + cell.label) + "]";
+      for (const Cell* stage_ptr : chain) {
+        const Cell& stage = *stage_ptr;
+        const bool last = stage_ptr == &cell;
+        auto run = db.find_run(exp_id, stage.key);
+        std::int64_t run_id;
+        if (run) {
+          run_id = run->id;
+          // A shared stage keeps the first cell that needed it.
+          if (last || run->cell_index >= cell.index) db.update_cell(run_id, cell.index, stage.label, stage.axes);
+        } else {
+          run_id = db.create_run(new_run(exp_id, stage, parent));
         }
-        for (const auto& r : cell.strategies) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
-        for (const auto& r : cell.eval.metrics) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
-        nr.plugins = plugins;
-        nr.seed = static_cast<std::int64_t>(cell.seed);
-        nr.steps_total = cell.train.steps;
-        run_id = db.create_run(nr);
-      }
-      const std::string prefix = "[" + ex.name + " " + std::to_string(cell.index + 1) + "/" +
-                                 std::to_string(ex.cells.size()) + (cell.label == ex.name ? "" : " " + cell.label) + "]";
-      if (run && (run->status == store::Status::done || run->status == store::Status::diverged)) {
-        std::cerr << prefix << " " << store::status_name(run->status) << " already (run " << run_id << "), skipping\n";
-        ++skipped;
-        continue;
-      }
-      std::cerr << prefix << " run " << run_id << " key " << short_key(cell.key) << " on " << device.str() << "\n";
-      ctx.progress_prefix = prefix;
-      try {
-        const auto outcome = run_cell(ex, cell, run_id, ctx);
+        const std::string prefix =
+            cell.stage_count > 1 ? cell_prefix.substr(0, cell_prefix.size() - 1) + " | stage " + std::to_string(stage.stage_index + 1) +
+                                       "/" + std::to_string(stage.stage_count) + " " + stage.stage_name + "]"
+                                 : cell_prefix;
+        // A stage that is done but whose weights file is gone (or damaged) resumes from its last checkpoint,
+        // which rewrites the file.
+        if (run && run->status == store::Status::done && stage.stage_count > 1 &&
+            (run->final_path.empty() || !fs::exists(run->final_path) || sdk::sha256_file(run->final_path) != run->final_sha256)) {
+          std::cerr << prefix << " run " << run_id << " is done but its weights file is missing or damaged; rebuilding it\n";
+          db.set_status(run_id, store::Status::interrupted, "final weights missing");
+          run->status = store::Status::interrupted;
+        }
+        if (run && (run->status == store::Status::done || run->status == store::Status::diverged)) {
+          const bool shared = !last && run->cell_index < cell.index;
+          std::cerr << prefix << " " << store::status_name(run->status) << " already (run " << run_id << ")"
+                    << (run->status == store::Status::done && !last ? (shared ? ", reused from an earlier cell" : ", reused") : ", skipping")
+                    << "\n";
+          if (last) ++skipped;
+          if (run->status == store::Status::diverged) {
+            if (!last) ++skipped;
+            break;  // the stages after a diverged one cannot run
+          }
+          if (!last) finals.push_back(run->final_path);
+          parent = run_id;
+          continue;
+        }
+        std::cerr << prefix << " run " << run_id << " key " << short_key(stage.key) << " on " << device.str() << "\n";
+        ctx.progress_prefix = prefix;
+        Outcome outcome;
+        try {
+          outcome = run_cell(ex, stage, run_id, ctx, finals);
+        } catch (const sdk::InputError& e) {
+          db.set_status(run_id, store::Status::failed, e.what());
+          throw;
+        } catch (const std::exception& e) {
+          const auto why = describe_exception(e);
+          db.set_status(run_id, store::Status::failed, why);
+          std::cerr << (ctx.interactive ? "\n" : "") << prefix << " failed: " << why << "\n";
+          ++failed;
+          break;
+        }
         if (outcome == Outcome::interrupted) {
           std::cerr << "\ninterrupted: run " << run_id << " resumes from its last checkpoint next time\n";
           return 130;
         }
         ++done;
-      } catch (const sdk::InputError& e) {
-        db.set_status(run_id, store::Status::failed, e.what());
-        throw;
-      } catch (const std::exception& e) {
-        const auto why = describe_exception(e);
-        db.set_status(run_id, store::Status::failed, why);
-        std::cerr << (ctx.interactive ? "\n" : "") << prefix << " failed: " << why << "\n";
-        ++failed;
+        if (outcome == Outcome::diverged) break;
+        if (!last) finals.push_back(db.run(run_id)->final_path);
+        parent = run_id;
       }
     }
   }

@@ -40,6 +40,10 @@ TrainBatch Collator::train_batch(const std::vector<Example>& examples) const {
       ids.resize(static_cast<std::size_t>(max_text_tokens_));
       carries.resize(ids.size());
       ++b.truncated;
+      if (std::none_of(carries.begin(), carries.end(), [](bool c) { return c; })) {
+        b.no_loss.push_back(ex.sample.id + " (prompt " + std::to_string(ex.prompt_ids.size()) + " tokens, target " +
+                            std::to_string(ex.target_ids.size()) + ")");
+      }
     }
     width = std::max<std::int64_t>(width, static_cast<std::int64_t>(ids.size()));
     rows.push_back(std::move(ids));

@@ -36,6 +36,7 @@ struct TrainBatch {
   torch::Tensor prompt_len;  ///< [B] int64: tokens of BOS + prompt (the prefix_lm layout's bidirectional part)
   std::int64_t samples = 0, text_tokens = 0, loss_tokens = 0;
   std::int64_t truncated = 0;  ///< samples whose text max_text_tokens cut
+  std::vector<std::string> no_loss;  ///< "ID (prompt P tokens, target T)" of samples truncation left without loss tokens
 };
 
 /// Prompts for generation, left-padded so that every row's next token is at the same position.

@@ -7,6 +7,7 @@
 
 #include <toml++/toml.h>
 
+#include "ablate/sdk/adapters.hpp"
 #include "ablate/sdk/hash.hpp"
 #include "ablate/sdk/weights.hpp"
 #include "host/plugin_host.hpp"
@@ -151,6 +152,22 @@ TrainConfig train_config(sdk::Options& t) {
   c.log_every = t.get("log_every", c.log_every);
   c.max_text_tokens = t.get("max_text_tokens", c.max_text_tokens);
   c.loss_on = t.get("loss_on", c.loss_on);
+  c.precision = t.get("precision", c.precision);
+  // gradient_checkpointing = true (every component that has a layer stack) or a list of components.
+  const Json gc = t.get("gradient_checkpointing", Json(false));
+  if (gc.is_boolean()) {
+    if (gc.get<bool>()) c.gradient_checkpointing = {"encoder", "backbone"};
+  } else if (gc.is_array() && std::all_of(gc.begin(), gc.end(), [](const Json& v) { return v.is_string(); })) {
+    for (const auto& v : gc) {
+      const auto part = v.get<std::string>();
+      if (part != "encoder" && part != "projector" && part != "backbone") {
+        t.fail("gradient_checkpointing", "'" + part + "' is not a component (encoder, projector, backbone)");
+      }
+      c.gradient_checkpointing.push_back(part);
+    }
+  } else {
+    t.fail("gradient_checkpointing", "must be true, false or a list of components ([\"encoder\", \"backbone\"])");
+  }
   if (c.steps <= 0) t.fail("steps", "must be positive");
   if (c.batch_size <= 0) t.fail("batch_size", "must be positive");
   if (c.grad_accum <= 0) t.fail("grad_accum", "must be positive");
@@ -165,6 +182,9 @@ TrainConfig train_config(sdk::Options& t) {
   if (c.log_every <= 0) t.fail("log_every", "must be positive");
   if (c.max_text_tokens < 2) t.fail("max_text_tokens", "must be at least 2");
   if (c.loss_on != "target" && c.loss_on != "text") t.fail("loss_on", "must be \"target\" or \"text\"");
+  if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp16") {
+    t.fail("precision", "must be \"fp32\", \"bf16\" or \"fp16\"");
+  }
   return c;
 }
 
@@ -215,6 +235,13 @@ void resolve(Cell& cell, const std::string& file, const PluginHost& host) {
     root.fail("strategy", "missing: say what trains, e.g. strategy = [\"projector\"] (before the first table, or in [grid])");
   }
   for (std::size_t i = 0; i < strategies.size(); ++i) {
+    // lr and weight_decay belong to the host: the parameters this strategy trains form their own group.
+    StrategyGroup g;
+    g.lr = strategies[i].maybe<double>("lr");
+    g.weight_decay = strategies[i].maybe<double>("weight_decay");
+    if (g.lr && !(*g.lr > 0)) strategies[i].fail("lr", "must be positive");
+    if (g.weight_decay && *g.weight_decay < 0) strategies[i].fail("weight_decay", "must not be negative");
+    cell.strategy_groups.push_back(g);
     cell.strategies.push_back(plugin_ref(strategies[i], sdk::Kind::strategy, "/strategy/" + std::to_string(i), host));
   }
 
@@ -240,9 +267,94 @@ void resolve(Cell& cell, const std::string& file, const PluginHost& host) {
   auto exp = root.table("export");
   for (const char* part : {"encoder", "projector", "backbone"}) {
     if (auto dir = exp.maybe<std::string>(part)) cell.export_dirs[part] = *dir;
+    if (auto dir = exp.maybe<std::string>(std::string(part) + "_adapter")) cell.export_adapters[part] = *dir;
   }
   root.finish();
   cell.resolved = root.resolved();
+}
+
+// One grid axis's value in a cell, and the stage it sets (-1: the whole cell).
+struct AxisValue {
+  std::string name;
+  Json value;
+  std::int64_t stage = -1;
+};
+
+// A stage's configuration is the file's with the stage's tables merged over it: tables merge key by key,
+// except that a table naming another plugin replaces the file's (its options would not fit); anything else
+// (values, lists such as strategy) replaces.
+Json merge_over(const Json& base, const Json& over) {
+  if (!base.is_object() || !over.is_object()) return over;
+  if (base.contains("plugin") && over.contains("plugin") && base["plugin"] != over["plugin"]) return over;
+  Json out = base;
+  for (auto it = over.begin(); it != over.end(); ++it) out[it.key()] = out.contains(it.key()) ? merge_over(out[it.key()], *it) : *it;
+  return out;
+}
+
+// [[stages]]: the cell becomes its last stage, with the earlier ones resolved in cell.before.
+void expand_stages(Cell& cell, const std::vector<AxisValue>& axes, const std::string& file, const PluginHost& host) {
+  const auto& where = *cell.where;
+  auto at = [&](const std::string& ptr) { return sdk::locate(where, ptr, file); };
+  const Json stages = cell.config["stages"];
+  if (!stages.is_array() || stages.empty() ||
+      !std::all_of(stages.begin(), stages.end(), [](const Json& st) { return st.is_object(); })) {
+    throw sdk::InputError(at("/stages") + ": stages: expected one or more [[stages]] tables");
+  }
+  Json base = cell.config;
+  base.erase("stages");
+  const auto n = static_cast<std::int64_t>(stages.size());
+  static const std::set<std::string> allowed = {"name", "strategy", "data", "train", "eval"};
+  std::vector<Cell> built;
+  std::set<std::string> names;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const Json& st = stages[static_cast<std::size_t>(i)];
+    const std::string ptr = "/stages/" + std::to_string(i);
+    std::string name = "stage-" + std::to_string(i + 1);
+    if (st.contains("name")) {
+      if (!st["name"].is_string() || st["name"].get<std::string>().empty()) {
+        throw sdk::InputError(at(ptr + "/name") + ": stages.name: must be a non-empty string");
+      }
+      name = st["name"].get<std::string>();
+    }
+    if (!names.insert(name).second) throw sdk::InputError(at(ptr) + ": stages: two stages are called '" + name + "'");
+    Json over = st;
+    over.erase("name");
+    for (auto it = over.begin(); it != over.end(); ++it) {
+      if (!allowed.count(it.key())) {
+        throw sdk::InputError(at(ptr + "/" + sdk::pointer_token(it.key())) + ": stages." + name + "." + it.key() +
+                              ": a stage sets strategy, data, train and eval; the model and export belong to the whole cell");
+      }
+    }
+    Cell sc;
+    sc.index = cell.index;
+    sc.config = merge_over(base, over);
+    if (i + 1 < n) sc.config.erase("export");  // the last stage exports the cell's result
+    // The stage's values are now the configuration's: move their positions there.
+    auto map = std::make_shared<sdk::SourceMap>(where);
+    for (auto it = where.lower_bound(ptr + "/"); it != where.end() && it->first.compare(0, ptr.size() + 1, ptr + "/") == 0; ++it) {
+      (*map)[it->first.substr(ptr.size())] = it->second;
+    }
+    sc.where = map;
+    sc.stage_name = name;
+    sc.stage_index = i;
+    sc.stage_count = n;
+    resolve(sc, file, host);
+    // Only the axes that reach this stage describe it: those of the whole cell and of stages up to it.
+    std::string label;
+    for (const auto& a : axes) {
+      if (a.stage > i) continue;
+      sc.axes[a.name] = a.value;
+      label += (label.empty() ? "" : ", ") + a.name + "=" + value_label(a.value);
+    }
+    sc.label = "stage " + std::to_string(i + 1) + "/" + std::to_string(n) + " " + name + (label.empty() ? "" : ": " + label);
+    built.push_back(std::move(sc));
+  }
+  Cell last = std::move(built.back());
+  built.pop_back();
+  last.label = cell.label;
+  last.axes = cell.axes;
+  last.before = std::move(built);
+  cell = std::move(last);
 }
 
 }  // namespace
@@ -314,23 +426,43 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
       rest /= axes[i].values.size();
     }
     std::string label;
+    std::vector<std::int64_t> axis_stage(axes.size(), -1);  // the stage an axis sets, or -1 for the whole cell
     for (std::size_t i = 0; i < axes.size(); ++i) {
       const auto& a = axes[i];
       const Json& value = a.values[pick[i]];
+      auto bad = [&](const std::string& why) {
+        return sdk::InputError(file.string() + ":" + std::to_string(a.line) + ": grid." + a.name + ": " + why);
+      };
+      // Tables by key; arrays of tables ([[stages]]) by index or by their `name`.
       Json* node = &cell.config;
       std::string target;
       for (std::size_t k = 0; k < a.path.size(); ++k) {
-        target += "/" + sdk::pointer_token(a.path[k]);
-        if (k + 1 < a.path.size()) {
-          if (!node->contains(a.path[k])) (*node)[a.path[k]] = Json::object();
-          node = &(*node)[a.path[k]];
-          if (!node->is_object()) {
-            throw sdk::InputError(file.string() + ":" + std::to_string(a.line) + ": grid." + a.name + ": '" + a.path[k] +
-                                  "' is not a table");
+        std::string segment = a.path[k];
+        if (node->is_array()) {
+          std::size_t index = node->size();
+          if (!segment.empty() && std::all_of(segment.begin(), segment.end(), ::isdigit)) index = std::stoul(segment);
+          for (std::size_t e = 0; e < node->size() && index == node->size(); ++e) {
+            if ((*node)[e].is_object() && (*node)[e].value("name", Json()) == segment) index = e;
           }
+          if (index >= node->size()) throw bad("'" + segment + "' is neither an index nor the name of an entry of " + a.path[k - 1]);
+          if (k == 1 && a.path[0] == "stages") axis_stage[i] = static_cast<std::int64_t>(index);
+          target += "/" + std::to_string(index);
+          if (k + 1 == a.path.size()) {
+            (*node)[index] = value;
+          } else {
+            node = &(*node)[index];
+          }
+          continue;
+        }
+        if (!node->is_object()) throw bad("'" + a.path[k - 1] + "' is not a table");
+        target += "/" + sdk::pointer_token(segment);
+        if (k + 1 == a.path.size()) {
+          (*node)[segment] = value;
+        } else {
+          if (!node->contains(segment)) (*node)[segment] = Json::object();
+          node = &(*node)[segment];
         }
       }
-      (*node)[a.path.back()] = value;
       // Positions of the grid value now describe the cell's value.
       const std::string from = "/grid/" + sdk::pointer_token(a.name) + "/" + std::to_string(pick[i]);
       for (auto it = where->lower_bound(from); it != where->end() && it->first.compare(0, from.size(), from) == 0; ++it) {
@@ -341,7 +473,13 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
     }
     cell.label = label;
     cell.where = cell_where;
-    resolve(cell, file.string(), host);
+    if (cell.config.contains("stages")) {
+      std::vector<AxisValue> chosen;
+      for (std::size_t i = 0; i < axes.size(); ++i) chosen.push_back({axes[i].name, axes[i].values[pick[i]], axis_stage[i]});
+      expand_stages(cell, chosen, file.string(), host);
+    } else {
+      resolve(cell, file.string(), host);
+    }
     if (cell.label.empty()) cell.label = cell.name;
     ex.cells.push_back(std::move(cell));
   }
@@ -389,38 +527,68 @@ std::string fingerprint_folder(const fs::path& dir) {
   return all.hex();
 }
 
+namespace {
+
+// The key of one cell (or stage) on its own: its resolved configuration without the keys that do not change
+// what a run computes, the plugin versions, and a fingerprint of every folder of weights it reads.
+std::string own_key(const Experiment& ex, const Cell& cell) {
+  Json hashed = cell.resolved;
+  for (const auto& p : kUnhashed) {
+    Json::json_pointer jp(p);
+    if (hashed.contains(jp)) hashed[jp.parent_pointer()].erase(jp.back());
+  }
+  Json plugins = Json::object();
+  for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
+    plugins[r->pointer] = r->qualified() + "@" + std::to_string(r->version);
+  }
+  for (const auto& r : cell.strategies) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
+  for (const auto& r : cell.eval.metrics) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
+
+  // Every `weights` folder the cell reads, fingerprinted: retrained weights make a new cell.
+  Json weights = Json::object();
+  std::vector<const PluginRef*> readers = {&cell.encoder, &cell.projector, &cell.backbone};
+  for (const auto& r : cell.strategies) readers.push_back(&r);
+  for (const PluginRef* r : readers) {
+    const Json& table = cell.resolved.at(Json::json_pointer(r->pointer));
+    if (!table.contains("weights") || !table["weights"].is_string() || table["weights"].get<std::string>().empty()) continue;
+    const auto dir = sdk::resolve_path(ex.base_dir, table["weights"].get<std::string>());
+    if (!fs::exists(dir)) {
+      throw sdk::InputError(sdk::locate(*cell.where, r->pointer + "/weights", ex.file.string()) + ": " + r->display +
+                            ".weights: no " + dir.string() +
+                            (ex.requires.empty() ? "" : " (should an experiment in [experiment] requires make it?)"));
+    }
+    // Malformed files are bad input too: find them now, before anything is recorded. Only the JSON and
+    // the safetensors headers are read (tensors are memory-mapped, not loaded).
+    if (r->kind == sdk::Kind::strategy) {
+      (void)sdk::read_peft_config(dir);
+      (void)sdk::read_peft_weights(dir);
+    } else if (fs::is_directory(dir)) {
+      if (fs::exists(dir / "config.json")) (void)sdk::read_json(dir / "config.json");
+      (void)sdk::read_weights(dir);
+    } else {
+      (void)sdk::read_safetensors(dir);
+    }
+    weights[r->pointer] = fs::is_directory(dir) ? fingerprint_folder(dir) : sdk::sha256_file(dir);
+  }
+  return sdk::sha256_hex(Json{{"config", hashed}, {"plugins", plugins}, {"weights", weights}}.dump());
+}
+
+}  // namespace
+
 void compute_keys(Experiment& ex) {
   for (auto& cell : ex.cells) {
-    Json hashed = cell.resolved;
-    for (const auto& p : kUnhashed) {
-      Json::json_pointer jp(p);
-      if (hashed.contains(jp)) hashed[jp.parent_pointer()].erase(jp.back());
+    if (cell.before.empty()) {
+      cell.key = own_key(ex, cell);
+      continue;
     }
-    Json plugins = Json::object();
-    for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
-      plugins[r->pointer] = r->qualified() + "@" + std::to_string(r->version);
-    }
-    for (const auto& r : cell.strategies) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
-    for (const auto& r : cell.eval.metrics) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
-
-    // Every `weights` folder the cell reads, fingerprinted: retrained weights make a new cell.
-    Json weights = Json::object();
-    for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone}) {
-      const Json& table = cell.resolved.at(Json::json_pointer(r->pointer));
-      if (!table.contains("weights") || !table["weights"].is_string() || table["weights"].get<std::string>().empty()) continue;
-      const auto dir = sdk::resolve_path(ex.base_dir, table["weights"].get<std::string>());
-      if (!fs::is_directory(dir)) {
-        throw sdk::InputError(sdk::locate(*cell.where, r->pointer + "/weights", ex.file.string()) + ": " + r->display +
-                              ".weights: no folder " + dir.string() +
-                              (ex.requires.empty() ? "" : " (should an experiment in [experiment] requires make it?)"));
-      }
-      // Malformed files are bad input too: find them now, before anything is recorded. Only the JSON and
-      // the safetensors headers are read (tensors are memory-mapped, not loaded).
-      if (std::filesystem::exists(dir / "config.json")) (void)sdk::read_json(dir / "config.json");
-      (void)sdk::read_weights(dir);
-      weights[r->pointer] = fingerprint_folder(dir);
-    }
-    cell.key = sdk::sha256_hex(Json{{"config", hashed}, {"plugins", plugins}, {"weights", weights}}.dump());
+    // A stage's key chains the keys of every stage up to it: equal keys mean equal training so far.
+    std::string chain;
+    auto link = [&](Cell& stage) {
+      chain = sdk::sha256_hex(Json{{"after", chain}, {"stage", own_key(ex, stage)}}.dump());
+      stage.key = chain;
+    };
+    for (auto& stage : cell.before) link(stage);
+    link(cell);
   }
 }
 

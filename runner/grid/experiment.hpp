@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,13 @@ struct TrainConfig {
   std::int64_t log_every = 10;
   std::int64_t max_text_tokens = 64;
   std::string loss_on = "target";  ///< target (default) or text
+  std::string precision = "fp32";  ///< fp32, bf16 or fp16: mixed precision (autocast), fp32 master weights
+  std::vector<std::string> gradient_checkpointing;  ///< components whose layers recompute activations
+};
+
+/// A strategy's own optimizer settings (its table's lr and weight_decay), for the parameters it trains.
+struct StrategyGroup {
+  std::optional<double> lr, weight_decay;
 };
 
 struct GenerateConfig {
@@ -92,10 +100,20 @@ struct Cell {
   std::string image_token = "<image>";  ///< inline: the text token the image replaces
   PluginRef encoder, projector, backbone;
   std::vector<PluginRef> strategies;
+  std::vector<StrategyGroup> strategy_groups;  ///< one per strategy
   DataRef train_data, eval_data;
   TrainConfig train;
   EvalConfig eval;
   Json export_dirs = Json::object();  ///< component -> folder, written after the run is done
+  Json export_adapters = Json::object();  ///< component -> folder for its PEFT adapter
+
+  // ---- [[stages]]: a cell that trains in stages is its last stage, with the earlier ones in `before`.
+  // Each stage is a cell of its own (its configuration is the file's with the stage's tables merged over
+  // it) whose key covers every stage up to it, so cells that share a prefix of stages share those runs.
+  std::string stage_name;        ///< "" when the experiment has no stages
+  std::int64_t stage_index = 0;  ///< 0-based
+  std::int64_t stage_count = 1;
+  std::vector<Cell> before;      ///< the earlier stages, in order (empty without stages)
 
   /// A fresh options view over a plugin's table in this cell (for creating the plugin).
   sdk::Options options(const PluginRef& ref) const;

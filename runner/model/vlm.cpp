@@ -233,7 +233,6 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   torch::NoGradGuard no_grad;
   auto& bb = *backbone_.object;
   const auto& tok = bb.tokenizer();
-  const auto dev = device();
   auto s = assemble(batch.pixels, batch.ids, batch.valid, torch::Tensor(), torch::Tensor());
   check_length((layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1)) + cfg.max_new_tokens - 1);
   const auto b = s.embeds.size(0);

@@ -106,6 +106,19 @@ CREATE TABLE trainables (
 );
 CREATE INDEX runs_by_experiment ON runs(experiment_id);
 )sql",
+    // 2: staged training (a cell's stages are runs chained by parent_run_id; cells that share a prefix of
+    // stages share those runs) and each trainable module's optimizer settings.
+    R"sql(
+ALTER TABLE runs ADD COLUMN stage INTEGER NOT NULL DEFAULT 0;        -- 0-based index in [[stages]]
+ALTER TABLE runs ADD COLUMN stages_total INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN stage_name TEXT;                          -- NULL without [[stages]]
+ALTER TABLE runs ADD COLUMN parent_run_id INTEGER REFERENCES runs(id); -- the stage this one starts from
+ALTER TABLE runs ADD COLUMN final_path TEXT;    -- the weights this stage changed (LoRA merged), for the next
+ALTER TABLE runs ADD COLUMN final_sha256 TEXT;
+ALTER TABLE trainables ADD COLUMN lr REAL;            -- the module's base learning rate (NULL if frozen)
+ALTER TABLE trainables ADD COLUMN weight_decay REAL;
+CREATE INDEX runs_by_parent ON runs(parent_run_id);
+)sql",
 };
 
 constexpr int kSchemaVersion = static_cast<int>(sizeof(kMigrations) / sizeof(kMigrations[0]));
@@ -133,12 +146,19 @@ RunRow read_run(Statement& st) {
   r.started_at = st.text(13);
   r.finished_at = st.text(14);
   r.experiment = st.text(15);
+  r.stage = st.int64(16);
+  r.stages_total = st.int64(17);
+  r.stage_name = st.text(18);
+  r.parent_run_id = st.maybe_int64(19);
+  r.final_path = st.text(20);
+  r.final_sha256 = st.text(21);
   return r;
 }
 
 constexpr const char* kRunColumns =
     "SELECT r.id, r.experiment_id, r.cell_key, r.cell_index, r.label, r.axes, r.config, r.status, r.error, r.seed, "
-    "r.steps_total, r.device, r.image_tokens, r.started_at, r.finished_at, e.name "
+    "r.steps_total, r.device, r.image_tokens, r.started_at, r.finished_at, e.name, "
+    "r.stage, r.stages_total, r.stage_name, r.parent_run_id, r.final_path, r.final_sha256 "
     "FROM runs r JOIN experiments e ON e.id = r.experiment_id ";
 
 }  // namespace
@@ -268,9 +288,12 @@ std::int64_t Store::create_run(const NewRun& r) {
   Transaction tx(db_);
   db_.prepare(
          "INSERT INTO runs (experiment_id, cell_key, cell_index, label, axes, config, plugins, status, seed, steps_total, "
-         "created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, ?10, ?10)")
+         "created_at, updated_at, stage, stages_total, stage_name, parent_run_id) "
+         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14)")
       .bind(1, r.experiment_id).bind(2, r.cell_key).bind(3, r.cell_index).bind(4, r.label).bind(5, r.axes.dump())
       .bind(6, r.config.dump()).bind(7, r.plugins.dump()).bind(8, r.seed).bind(9, r.steps_total).bind(10, now)
+      .bind(11, r.stage).bind(12, r.stages_total)
+      .bind(13, r.stage_name.empty() ? std::optional<std::string>() : r.stage_name).bind(14, r.parent_run_id)
       .run();
   const auto id = db_.last_insert_id();
   tx.commit();
@@ -307,6 +330,14 @@ void Store::start_run(std::int64_t run_id, const std::string& device, const std:
          "UPDATE runs SET status = 'running', error = NULL, device = ?2, host = ?3, source_revision = ?4, "
          "image_tokens = ?5, started_at = COALESCE(started_at, ?6), finished_at = NULL, updated_at = ?6 WHERE id = ?1")
       .bind(1, run_id).bind(2, device).bind(3, host).bind(4, revision).bind(5, image_tokens).bind(6, now)
+      .run();
+  tx.commit();
+}
+
+void Store::set_final(std::int64_t run_id, const std::string& path, const std::string& sha256) {
+  Transaction tx(db_);
+  db_.prepare("UPDATE runs SET final_path = ?2, final_sha256 = ?3, updated_at = ?4 WHERE id = ?1")
+      .bind(1, run_id).bind(2, path).bind(3, sha256).bind(4, now_iso8601())
       .run();
   tx.commit();
 }
@@ -384,9 +415,10 @@ void Store::record_checkpoint(std::int64_t run_id, const CheckpointRow& row, con
 void Store::record_trainables(std::int64_t run_id, const std::vector<TrainableRow>& rows) {
   Transaction tx(db_);
   db_.prepare("DELETE FROM trainables WHERE run_id = ?1").bind(1, run_id).run();
-  auto st = db_.prepare("INSERT INTO trainables (run_id, module, mode, params, trainable) VALUES (?1, ?2, ?3, ?4, ?5)");
+  auto st = db_.prepare(
+      "INSERT INTO trainables (run_id, module, mode, params, trainable, lr, weight_decay) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
   for (const auto& r : rows) {
-    st.bind(1, run_id).bind(2, r.module).bind(3, r.mode).bind(4, r.params).bind(5, r.trainable);
+    st.bind(1, run_id).bind(2, r.module).bind(3, r.mode).bind(4, r.params).bind(5, r.trainable).bind(6, r.lr).bind(7, r.weight_decay);
     st.run();
     st.reset();
   }
@@ -448,10 +480,11 @@ std::vector<CheckpointRow> Store::checkpoints(std::int64_t run_id) {
 }
 
 std::vector<TrainableRow> Store::trainables(std::int64_t run_id) {
-  auto st = db_.prepare("SELECT module, mode, params, trainable FROM trainables WHERE run_id = ?1 ORDER BY rowid");
+  auto st = db_.prepare(
+      "SELECT module, mode, params, trainable, lr, weight_decay FROM trainables WHERE run_id = ?1 ORDER BY rowid");
   st.bind(1, run_id);
   std::vector<TrainableRow> out;
-  while (st.step()) out.push_back({st.text(0), st.text(1), st.int64(2), st.int64(3)});
+  while (st.step()) out.push_back({st.text(0), st.text(1), st.int64(2), st.int64(3), st.maybe_real(4), st.maybe_real(5)});
   return out;
 }
 

@@ -40,6 +40,10 @@ struct RunRow {
   std::string device;
   std::optional<std::int64_t> image_tokens;
   std::string started_at, finished_at;
+  std::int64_t stage = 0, stages_total = 1;
+  std::string stage_name;  ///< "" without [[stages]]
+  std::optional<std::int64_t> parent_run_id;
+  std::string final_path, final_sha256;  ///< a stage's changed weights, once it is done
 };
 
 struct StepRow {
@@ -77,6 +81,7 @@ struct TrainableRow {
   std::string module;
   std::string mode;  ///< full, lora, frozen, partial
   std::int64_t params = 0, trainable = 0;
+  std::optional<double> lr, weight_decay;  ///< the module's optimizer group, when it trains
 };
 
 struct NewRun {
@@ -86,6 +91,9 @@ struct NewRun {
   std::string label;
   Json axes, config, plugins;
   std::int64_t seed = 0, steps_total = 0;
+  std::int64_t stage = 0, stages_total = 1;
+  std::string stage_name;
+  std::optional<std::int64_t> parent_run_id;
 };
 
 class Store {
@@ -114,6 +122,8 @@ class Store {
   void set_status(std::int64_t run_id, Status status, const std::string& error = {});
   void start_run(std::int64_t run_id, const std::string& device, const std::string& host, const std::string& revision,
                  std::int64_t image_tokens);
+  /// Records the file of weights a finished stage changed, for the stages after it.
+  void set_final(std::int64_t run_id, const std::string& path, const std::string& sha256);
   void update_cell(std::int64_t run_id, std::int64_t cell_index, const std::string& label, const Json& axes);
 
   // ---- what a run records as it goes (each call is one transaction)

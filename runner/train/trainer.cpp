@@ -5,11 +5,13 @@
 #include <cstdio>
 #include <iostream>
 #include <mutex>
+#include <set>
 #include <sstream>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
+#include "ablate/sdk/adapters.hpp"
 #include "ablate/sdk/hash.hpp"
 #include "ablate/sdk/image.hpp"
 #include "ablate/sdk/linear.hpp"
@@ -17,24 +19,13 @@
 #include "data/batches.hpp"
 #include "host/plugin_host.hpp"
 #include "model/vlm.hpp"
+#include "train/optimizer.hpp"
+#include "train/precision.hpp"
 
 namespace ablate {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-
-double scheduled_lr(const TrainConfig& c, std::int64_t s) {
-  const std::int64_t total = c.steps;
-  const std::int64_t warmup = c.schedule.warmup_steps >= 0
-                                  ? c.schedule.warmup_steps
-                                  : static_cast<std::int64_t>(std::ceil(c.schedule.warmup_ratio * static_cast<double>(total)));
-  if (s < warmup) return c.lr * static_cast<double>(s) / static_cast<double>(std::max<std::int64_t>(1, warmup));
-  const double span = static_cast<double>(std::max<std::int64_t>(1, total - warmup));
-  if (c.schedule.kind == "constant") return c.lr;
-  if (c.schedule.kind == "linear") return c.lr * std::max(0.0, static_cast<double>(total - s) / span);
-  const double progress = static_cast<double>(s - warmup) / span;
-  return c.lr * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
-}
 
 namespace {
 
@@ -55,20 +46,30 @@ std::string human_seconds(double s) {
   return buf;
 }
 
-// Every module that owns parameters, with full / lora / frozen / partial and its parameter counts. An
-// adapted linear layer is one row ("lora") that counts its adapter too.
-std::vector<store::TrainableRow> trainables(torch::nn::Module& root) {
+// Every module that owns parameters, with full / lora / frozen / partial, its parameter counts and the
+// optimizer settings of what trains in it. An adapted linear layer is one row ("lora") that counts its
+// adapter too.
+std::vector<store::TrainableRow> trainables(torch::nn::Module& root, const std::map<const void*, std::size_t>& groups,
+                                            const std::vector<GroupSetting>& settings) {
   std::vector<store::TrainableRow> rows;
+  auto note_group = [&](store::TrainableRow& row, const torch::Tensor& p) {
+    if (!p.requires_grad() || row.lr) return;
+    const auto it = groups.find(p.unsafeGetTensorImpl());
+    const auto& g = settings[it == groups.end() ? 0 : it->second];
+    row.lr = g.lr;
+    row.weight_decay = g.weight_decay;
+  };
   std::string skip;  // children of an adapted layer are counted with it
   for (const auto& item : root.named_modules("", false)) {
     const auto& name = item.key();
     if (!skip.empty() && name.compare(0, skip.size(), skip) == 0) continue;
     auto* module = item.value().get();
-    store::TrainableRow row{name, "frozen", 0, 0};
+    store::TrainableRow row{name, "frozen", 0, 0, std::nullopt, std::nullopt};
     if (auto* linear = dynamic_cast<sdk::LinearImpl*>(module); linear && linear->has_lora()) {
       for (const auto& p : module->parameters(true)) {
         row.params += p.numel();
         if (p.requires_grad()) row.trainable += p.numel();
+        note_group(row, p);
       }
       row.mode = "lora";
       rows.push_back(row);
@@ -80,6 +81,7 @@ std::vector<store::TrainableRow> trainables(torch::nn::Module& root) {
     for (const auto& p : own) {
       row.params += p.value().numel();
       if (p.value().requires_grad()) row.trainable += p.value().numel();
+      note_group(row, p.value());
     }
     row.mode = row.trainable == 0 ? "frozen" : (row.trainable == row.params ? "full" : "partial");
     rows.push_back(row);
@@ -91,6 +93,7 @@ void print_trainables(const std::vector<store::TrainableRow>& rows, std::ostream
   struct Sum {
     std::int64_t params = 0, trainable = 0;
     std::map<std::string, std::int64_t> modes;
+    std::set<double> lrs;
   };
   std::map<std::string, Sum> parts;
   std::vector<std::string> order;
@@ -102,6 +105,7 @@ void print_trainables(const std::vector<store::TrainableRow>& rows, std::ostream
     s.params += r.params;
     s.trainable += r.trainable;
     s.modes[r.mode] += 1;
+    if (r.lr) s.lrs.insert(*r.lr);
     total += r.params;
     trainable += r.trainable;
   }
@@ -110,9 +114,15 @@ void print_trainables(const std::vector<store::TrainableRow>& rows, std::ostream
     const auto& s = parts[part];
     std::string modes;
     for (const auto& [mode, n] : s.modes) modes += (modes.empty() ? "" : ", ") + std::to_string(n) + " " + mode;
-    char line[256];
-    std::snprintf(line, sizeof line, "    %-10s %9s params, %9s trainable  (%s modules)\n", part.c_str(),
-                  human_count(s.params).c_str(), human_count(s.trainable).c_str(), modes.c_str());
+    std::string lrs;
+    for (double lr : s.lrs) {
+      char b[32];
+      std::snprintf(b, sizeof b, "%.3g", lr);
+      lrs += (lrs.empty() ? "  lr " : ", ") + std::string(b);
+    }
+    char line[320];
+    std::snprintf(line, sizeof line, "    %-10s %9s params, %9s trainable  (%s modules)%s\n", part.c_str(),
+                  human_count(s.params).c_str(), human_count(s.trainable).c_str(), modes.c_str(), lrs.c_str());
     out << line;
   }
   char line[160];
@@ -127,53 +137,43 @@ std::string sanitize(const std::string& s) {
   return out;
 }
 
-// Adam(W) with decoupled weight decay on matrices only; biases and norms are not decayed (transformers'
-// Trainer does the same).
-std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& c) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& p : model.parameters()) {
-    if (!p.requires_grad()) continue;
-    (p.dim() >= 2 ? decay : no_decay).push_back(p);
-  }
-  auto opts = torch::optim::AdamWOptions(c.lr).betas({c.beta1, c.beta2}).eps(c.eps).weight_decay(c.weight_decay);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  if (!decay.empty()) groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
-  if (!no_decay.empty()) {
-    auto nd = opts;
-    nd.weight_decay(0.0);
-    groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(nd));
-  }
-  return std::make_unique<torch::optim::AdamW>(std::move(groups), opts);
-}
-
-// clip_grad_norm_ without a host synchronisation: the total norm stays a tensor.
-torch::Tensor clip_gradients(const std::vector<torch::Tensor>& params, double max_norm) {
-  std::vector<torch::Tensor> norms;
-  for (const auto& p : params) {
-    if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2).to(torch::kFloat32));
-  }
-  if (norms.empty()) return torch::zeros({});
-  auto total = torch::stack(norms).norm(2);
-  if (max_norm > 0) {
-    auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
-    for (const auto& p : params) {
-      if (p.grad().defined()) p.grad().detach().mul_(coef.to(p.grad().dtype()));
-    }
-  }
-  return total;
-}
-
 struct PendingStep {
   std::int64_t step;
   torch::Tensor loss;  // mean over the step's loss tokens
   double lr;
   torch::Tensor grad_norm;
   std::int64_t samples, tokens, loss_tokens;
+  bool skipped;  // fp16: gradients not finite, no update
 };
+
+// The weights a finished stage changed, in the form the next stage starts from: every parameter it trained,
+// and each LoRA layer's weight with its adapter merged (LLaVA merges before training further).
+sdk::TensorMap stage_changes(torch::nn::Module& model) {
+  sdk::TensorMap out;
+  for (const auto& m : model.named_modules("", false)) {
+    if (auto* linear = dynamic_cast<sdk::LinearImpl*>(m.value().get()); linear && linear->has_lora()) {
+      linear->merge();
+      out[m.key() + ".weight"] = linear->weight.detach();
+    }
+  }
+  for (const auto& p : model.named_parameters()) {
+    const auto& name = p.key();
+    if (!p.value().requires_grad() || name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos) continue;
+    out[name] = p.value().detach();
+  }
+  return out;
+}
+
+sdk::Component& component(VlmModel& model, const std::string& part) {
+  if (part == "encoder") return model.encoder();
+  if (part == "projector") return model.projector();
+  return model.backbone();
+}
 
 }  // namespace
 
-Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx) {
+Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx,
+                 const std::vector<std::filesystem::path>& earlier_stages) {
   auto& out = std::cerr;
   const auto& host = ctx.host;
   const TrainConfig& tc = cell.train;
@@ -212,32 +212,88 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                                           Part<sdk::Projector>{projector, cell.projector.qualified()},
                                           Part<sdk::Backbone>{backbone, cell.backbone.qualified()}, layout, image_token);
 
-  // ---- what trains: everything frozen, then each strategy of the list in order.
+  // ---- earlier stages: the weights each changed, applied in order.
+  for (const auto& file : earlier_stages) {
+    const auto report = sdk::load_state(*model, sdk::read_safetensors(file), file.string(), /*strict=*/false);
+    if (!report.unexpected.empty() || !report.mismatched.empty()) {
+      throw std::runtime_error(file.string() + ": does not fit this model (" +
+                               (report.unexpected.empty() ? report.mismatched.front() : report.unexpected.front()) + ")");
+    }
+  }
+
+  // ---- what trains: everything frozen, then each strategy of the list in order. A strategy with its own
+  // lr / weight_decay puts what it trains into an optimizer group of its own.
   for (auto& p : model->parameters()) p.set_requires_grad(false);
+  std::vector<GroupSetting> settings{{"train", tc.lr, tc.weight_decay}};
+  std::map<const void*, std::size_t> groups;
   {
     sdk::TrainTarget target(*model, model->head());
-    for (const auto& ref : cell.strategies) {
+    for (std::size_t i = 0; i < cell.strategies.size(); ++i) {
+      const auto& ref = cell.strategies[i];
+      const auto& g = cell.strategy_groups[i];
+      std::size_t group = 0;
+      if (g.lr || g.weight_decay) {
+        settings.push_back({ref.display + " " + ref.id, g.lr.value_or(tc.lr), g.weight_decay.value_or(tc.weight_decay)});
+        group = settings.size() - 1;
+      }
+      target.set_group(group);
       auto o = cell.options(ref);
       auto strategy = host.create_strategy(ref.id, o, bctx);
       guarded(ref.qualified(), "apply", [&] { strategy->apply(target); });
+      if (target.newly_trained() == 0 && group == 0) {
+        throw sdk::InputError(sdk::locate(*cell.where, ref.pointer, experiment.file.string()) + ": " + ref.display +
+                              ": strategy '" + ref.id + "' trains nothing that the strategies before it do not already train");
+      }
     }
+    groups = target.groups();
+  }
+  for (const auto& part : tc.gradient_checkpointing) {
+    if (!component(*model, part).set_gradient_checkpointing(true)) {
+      throw sdk::InputError(sdk::locate(*cell.where, "/train/gradient_checkpointing", experiment.file.string()) +
+                            ": train.gradient_checkpointing: the " + part + " plugin does not support gradient checkpointing");
+    }
+  }
+  if (tc.precision == "fp16" && !ctx.device.is_cuda()) {
+    throw sdk::InputError(sdk::locate(*cell.where, "/train/precision", experiment.file.string()) +
+                          ": train.precision: fp16 needs a CUDA device (use bf16 on the CPU)");
   }
   model->to(ctx.device);
   model->refresh_frozen();
-  const auto rows = trainables(*model);
-  std::vector<torch::Tensor> params;
-  for (const auto& p : model->parameters()) {
-    if (p.requires_grad()) params.push_back(p);
-  }
+  const auto rows = trainables(*model, groups, settings);
+  const auto params = trainable_parameters(*model, groups);
   if (params.empty()) {
     std::string names;
     for (const auto& r : cell.strategies) names += (names.empty() ? "" : ", ") + r.id;
     throw sdk::InputError(experiment.file.string() + ": strategy [" + names + "] trains nothing in this model");
   }
+  // Adapters that [export] asks for must be expressible in PEFT's format: find out now, not after training.
+  std::map<std::string, bool> adapters;  // component -> its adapter can be written
+  for (const char* part : {"encoder", "projector", "backbone"}) {
+    try {
+      adapters[part] = !sdk::plan_adapter(component(*model, part).module(), part).empty();
+    } catch (const sdk::InputError&) {
+      adapters[part] = false;
+      if (cell.export_adapters.contains(part)) throw;
+    }
+    if (cell.export_adapters.contains(part) && !adapters[part]) {
+      throw sdk::InputError(sdk::locate(*cell.where, std::string("/export/") + part + "_adapter", experiment.file.string()) +
+                            ": export." + part + "_adapter: the " + part + " carries no LoRA adapter in this cell");
+    }
+  }
+  // adapter_config.json's task_type and base_model_name_or_path, as PEFT writes them.
+  auto adapter_extra = [&](const std::string& part) {
+    sdk::Json extra = {{"task_type", part == "backbone" ? sdk::Json("CAUSAL_LM") : sdk::Json(nullptr)}};
+    const PluginRef& ref = part == "encoder" ? cell.encoder : part == "projector" ? cell.projector : cell.backbone;
+    const auto& table = cell.resolved.at(sdk::Json::json_pointer(ref.pointer));
+    if (table.contains("weights") && table["weights"].is_string() && !table["weights"].get<std::string>().empty()) {
+      extra["base_model_name_or_path"] = sdk::resolve_path(experiment.base_dir, table["weights"].get<std::string>()).string();
+    }
+    return extra;
+  };
   ctx.store.record_trainables(run_id, rows);
   print_trainables(rows, out);
 
-  auto optimizer = make_optimizer(*model, tc);
+  TrainOptimizer optimizer(params, settings, tc);
   const bool loss_on_text = tc.loss_on == "text";
   Collator collator(backbone->tokenizer(), encoder->image_spec(), tc.max_text_tokens, loss_on_text);
 
@@ -260,11 +316,19 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       if (it == saved.end()) throw std::runtime_error(dir.string() + ": checkpoint lacks " + p.key());
       p.value().copy_(it->second);
     }
-    torch::load(*optimizer, (dir / "optimizer.pt").string());
-    auto rng = sdk::read_safetensors(dir / "rng.safetensors");
-    at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(rng.at("cpu").clone());
+    torch::load(optimizer.adamw(), (dir / "optimizer.pt").string());
+    auto state = sdk::read_safetensors(dir / "rng.safetensors");
+    {
+      at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(state.at("cpu").clone());
+    }
+    if (ctx.device.is_cuda() && state.count("device")) {
+      auto gen = at::globalContext().defaultGenerator(ctx.device);
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(state.at("device").clone());
+    }
+    if (auto* scaler = optimizer.scaler(); scaler && state.count("scale")) scaler->load(state.at("scale"), state.at("growth_tracker"));
   }
   ctx.store.truncate_after(run_id, start == 0 ? -1 : start);
   if (start > 0) out << "  resuming from the checkpoint at step " << start << "\n";
@@ -285,6 +349,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     const auto t0 = Clock::now();
     model->eval();
     torch::NoGradGuard no_grad;
+    AutocastGuard autocast(ctx.device, tc.precision);
     double loss_sum = 0;
     std::int64_t tokens = 0, loss_tokens = 0;
     std::vector<std::string> predictions;
@@ -384,8 +449,17 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     fs::create_directories(tmp);
     sdk::write_safetensors(tmp / "trainable.safetensors", sdk::state_dict(*model, /*trainable_only=*/true),
                            {{"format", "pt"}, {"step", std::to_string(step)}});
-    torch::save(*optimizer, (tmp / "optimizer.pt").string());
-    sdk::write_safetensors(tmp / "rng.safetensors", {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
+    torch::save(optimizer.adamw(), (tmp / "optimizer.pt").string());
+    sdk::TensorMap state{{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
+    if (ctx.device.is_cuda()) state["device"] = at::globalContext().defaultGenerator(ctx.device).get_state();
+    if (auto* scaler = optimizer.scaler()) {
+      for (const auto& [k, v] : scaler->state()) state[k] = v.cpu();
+    }
+    sdk::write_safetensors(tmp / "rng.safetensors", state);
+    // Every checkpoint of a LoRA run is also a PEFT adapter, per component.
+    for (const auto& [part, writable] : adapters) {
+      if (writable) sdk::write_peft_adapter(component(*model, part).module(), part, tmp / "adapters" / part, adapter_extra(part));
+    }
     sdk::write_json(tmp / "state.json", {{"step", step}, {"experiment", experiment.name}, {"cell_key", cell.key}});
     fs::remove_all(dir);
     fs::rename(tmp, dir);
@@ -406,7 +480,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
 
   // ---- the loop
   const std::int64_t per_step = tc.batch_size * tc.grad_accum;
-  SampleOrder order(train_count, cell.seed);
+  // Each stage draws its own order (stage 0's is the unstaged order).
+  SampleOrder order(train_count, cell.seed + 0x51ed27ULL * static_cast<std::uint64_t>(cell.stage_index));
   std::mutex order_mu;
   auto produce = [&](std::int64_t step) {
     std::vector<std::size_t> idx;
@@ -455,12 +530,18 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
         diverged_at = "loss became " + std::string(std::isnan(loss) ? "nan" : "inf") + " at step " + std::to_string(p.step);
         break;
       }
+      const double grad_norm = p.grad_norm.item<double>();
+      if (!std::isfinite(grad_norm) && !p.skipped) {
+        finite = false;
+        diverged_at = "gradient norm became " + std::string(std::isnan(grad_norm) ? "nan" : "inf") + " at step " + std::to_string(p.step);
+        break;
+      }
       store::StepRow r;
       r.step = p.step;
       r.split = "train";
       r.loss = loss;
       r.lr = p.lr;
-      r.grad_norm = p.grad_norm.item<double>();
+      if (std::isfinite(grad_norm)) r.grad_norm = grad_norm;  // an fp16 step skipped for overflow has none
       r.tokens = p.tokens;
       r.loss_tokens = p.loss_tokens;
       r.samples_per_s = secs > 0 ? samples / secs : 0;
@@ -497,6 +578,14 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       tokens += b.text_tokens;
       samples += b.samples;
     }
+    // A sample whose every target token max_text_tokens cuts would train on nothing, silently.
+    for (const auto& b : micro) {
+      if (!b.no_loss.empty()) {
+        throw sdk::InputError(sdk::locate(*cell.where, "/train/max_text_tokens", experiment.file.string()) +
+                              ": train.max_text_tokens = " + std::to_string(tc.max_text_tokens) + " leaves sample " +
+                              b.no_loss.front() + " (step " + std::to_string(step) + ") without a single loss token");
+      }
+    }
     if (loss_tokens == 0) {
       throw sdk::InputError(cell.train_data.plugin.display + ": the batch of step " + std::to_string(step) +
                             " has no loss tokens (train.max_text_tokens = " + std::to_string(tc.max_text_tokens) +
@@ -506,16 +595,16 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     torch::Tensor step_loss = torch::zeros({}, torch::TensorOptions().device(ctx.device));
     for (const auto& b : micro) {
       if (b.loss_tokens == 0) continue;
-      auto loss = model->loss_sum(b) / static_cast<double>(loss_tokens);
-      loss.backward();
+      torch::Tensor loss;
+      {
+        AutocastGuard autocast(ctx.device, tc.precision);
+        loss = model->loss_sum(b) / static_cast<double>(loss_tokens);
+      }
+      (optimizer.scaler() ? optimizer.scaler()->scale(loss) : loss).backward();
       step_loss = step_loss + loss.detach();
     }
-    auto grad_norm = clip_gradients(params, tc.max_grad_norm);
-    const double lr = scheduled_lr(tc, step - 1);
-    for (auto& group : optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-    optimizer->step();
-    optimizer->zero_grad(true);
-    pending.push_back({step, step_loss, lr, grad_norm, samples, tokens, loss_tokens});
+    const auto result = optimizer.step(step - 1);
+    pending.push_back({step, step_loss, result.lr, result.grad_norm, samples, tokens, loss_tokens, result.skipped});
     ++steps_done;
 
     const bool last = step == tc.steps;
@@ -541,11 +630,21 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     return outcome;
   }
 
+  // ---- PEFT adapters, before anything is merged.
+  for (auto it = cell.export_adapters.begin(); it != cell.export_adapters.end(); ++it) {
+    const auto dir = sdk::resolve_path(experiment.base_dir, it.value().get<std::string>());
+    sdk::write_peft_adapter(component(*model, it.key()).module(), it.key(), dir, adapter_extra(it.key()));
+    out << "  exported the " << it.key() << "'s adapter to " << dir.string() << "\n";
+  }
+  // ---- a stage leaves what it changed (LoRA merged) for the stages after it.
+  if (cell.stage_count > 1) {
+    const fs::path file = ck_root / "final.safetensors";
+    sdk::write_safetensors(file, stage_changes(*model), {{"format", "pt"}, {"stage", cell.stage_name}});
+    ctx.store.set_final(run_id, file.string(), sdk::sha256_file(file));
+  }
   // ---- export in Hugging Face layout, adapters merged into the weights they adapt.
   for (auto it = cell.export_dirs.begin(); it != cell.export_dirs.end(); ++it) {
-    sdk::Component* part = it.key() == "encoder" ? static_cast<sdk::Component*>(&model->encoder())
-                           : it.key() == "projector" ? static_cast<sdk::Component*>(&model->projector())
-                                                     : static_cast<sdk::Component*>(&model->backbone());
+    sdk::Component* part = &component(*model, it.key());
     const auto dir = sdk::resolve_path(experiment.base_dir, it.value().get<std::string>());
     auto& module = part->module();
     for (const auto& m : module.modules()) {

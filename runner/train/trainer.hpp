@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include <torch/types.h>
 
@@ -33,11 +34,10 @@ struct RunContext {
 
 enum class Outcome { done, diverged, interrupted };
 
-/// The learning rate of optimizer step `s` (0-based) out of `total`, as transformers' schedulers give it.
-double scheduled_lr(const TrainConfig& c, std::int64_t s);
-
-/// Runs (or resumes) cell `cell` as run `run_id`. Throws sdk::InputError on bad input, other exceptions on
-/// failures; the caller records them.
-Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx);
+/// Runs (or resumes) cell `cell` (or one stage of it) as run `run_id`. `earlier_stages`: for a stage, the
+/// files of weights the stages before it changed, applied in order before its strategies. Throws
+/// sdk::InputError on bad input, other exceptions on failures; the caller records them.
+Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx,
+                 const std::vector<std::filesystem::path>& earlier_stages = {});
 
 }  // namespace ablate

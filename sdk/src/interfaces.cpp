@@ -10,6 +10,7 @@ namespace ablate::sdk {
 Component::~Component() = default;
 Json Component::hf_config() const { return nullptr; }
 void Component::save_extras(const std::filesystem::path&) const {}
+bool Component::set_gradient_checkpointing(bool on) { return !on; }
 Encoder::~Encoder() = default;
 Projector::~Projector() = default;
 Backbone::~Backbone() = default;
@@ -59,16 +60,24 @@ torch::nn::Module* TrainTarget::find(const std::string& name) const {
   return nullptr;
 }
 
+std::int64_t TrainTarget::train_parameters(const std::vector<torch::Tensor>& params) {
+  for (const auto& p : params) {
+    // New to training: frozen until now, or created trainable by the strategy itself (an adapter).
+    if (!p.requires_grad() || !groups_.count(p.unsafeGetTensorImpl())) ++newly_trained_;
+    p.set_requires_grad(true);
+    groups_[p.unsafeGetTensorImpl()] = group_;
+  }
+  return static_cast<std::int64_t>(params.size());
+}
+
 std::int64_t TrainTarget::train(const std::string& name) {
   torch::nn::Module* m = find(name);
   if (!m) throw InputError("no module named '" + name + "' in the assembled model");
-  std::int64_t count = 0;
-  for (auto& p : m->parameters(/*recurse=*/true)) {
-    p.set_requires_grad(true);
-    ++count;
-  }
+  const auto count = train_parameters(m->parameters(/*recurse=*/true));
   if (count == 0) throw InputError("module '" + name + "' has no parameters to train");
   return count;
 }
+
+std::int64_t TrainTarget::train(torch::nn::Module& module) { return train_parameters(module.parameters(/*recurse=*/true)); }
 
 }  // namespace ablate::sdk

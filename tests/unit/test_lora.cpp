@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include <torch/torch.h>
 
 #include "ablate/sdk/linear.hpp"
@@ -108,20 +110,62 @@ TEST_CASE("lora targets are scoped to one component: v_proj in the backbone leav
   CHECK(dynamic_cast<sdk::LinearImpl*>(other->named_modules()["encoder.vision_model.encoder.layers.0.self_attn.v_proj"].get())->has_lora());
 }
 
-TEST_CASE("lora targets that match nothing are an error, and exclude removes matches", "[lora][errors]") {
+namespace {
+std::vector<std::string> adapted_layers(VlmModel& model) {
+  std::vector<std::string> out;
+  for (const auto& item : model.named_modules()) {
+    if (auto* l = dynamic_cast<sdk::LinearImpl*>(item.value().get()); l && l->has_lora()) out.push_back(item.key());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+}  // namespace
+
+TEST_CASE("lora targets that match nothing are an error, each entry on its own", "[lora][errors]") {
   auto model = tiny_model();
   CHECK_THROWS_WITH(apply_lora(*model, {{"target_modules", {"w_proj"}}}),
-                    Catch::Contains("target_modules [w_proj] match no linear layer in backbone"));
+                    Catch::Contains("target_modules [\"w_proj\"] match no linear layer in backbone (its linear layers end with: "
+                                    "fc1, fc2, k_proj, out_proj, q_proj, v_proj)"));
+  // LLaMA's o_proj in an OPT model: the other entries match, but a typo'd or foreign name is still an error.
+  auto partly = tiny_model();
+  CHECK_THROWS_WITH(apply_lora(*partly, {{"target_modules", {"q_proj", "o_proj"}}}),
+                    Catch::Contains("target_modules entry 'o_proj' matches no linear layer in backbone"));
+  auto container = tiny_model();
+  CHECK_THROWS_WITH(apply_lora(*container, {{"target_modules", {"self_attn"}}}), Catch::Contains("is not an adaptable linear layer"));
+}
+
+TEST_CASE("lora selects modules by PEFT's rules: name suffixes, a regular expression, all-linear, exclude", "[lora]") {
+  auto by_list = tiny_model();
+  apply_lora(*by_list, {{"target_modules", {"q_proj", "v_proj"}}, {"exclude", {"layers.0.self_attn.q_proj"}}});
+  CHECK(adapted_layers(*by_list) == std::vector<std::string>{"backbone.model.decoder.layers.0.self_attn.v_proj",
+                                                             "backbone.model.decoder.layers.1.self_attn.q_proj",
+                                                             "backbone.model.decoder.layers.1.self_attn.v_proj"});
+  // A string is a regular expression the whole name (within the component) must match.
+  auto by_regex = tiny_model();
+  apply_lora(*by_regex, {{"target_modules", ".*layers\\.1\\..*(fc1|fc2)"}});
+  CHECK(adapted_layers(*by_regex) == std::vector<std::string>{"backbone.model.decoder.layers.1.fc1", "backbone.model.decoder.layers.1.fc2"});
   auto excluded = tiny_model();
-  apply_lora(*excluded, {{"target_modules", {"q_proj", "v_proj"}}, {"exclude", {"layers.0."}}});
-  int adapted = 0;
-  for (const auto& item : excluded->named_modules()) {
-    if (auto* l = dynamic_cast<sdk::LinearImpl*>(item.value().get()); l && l->has_lora()) {
-      CHECK(item.key().find("layers.1.") != std::string::npos);
-      ++adapted;
-    }
-  }
-  CHECK(adapted == 2);
+  apply_lora(*excluded, {{"target_modules", {"q_proj", "v_proj"}}, {"exclude", ".*layers\\.0\\..*"}});
+  CHECK(adapted_layers(*excluded).size() == 2);
+  // all-linear: every linear layer but the output layer (tied here, so every linear in the decoder).
+  auto all = tiny_model();
+  apply_lora(*all, {{"target_modules", "all-linear"}});
+  CHECK(adapted_layers(*all).size() == 12);
+  CHECK_THROWS_WITH(apply_lora(*tiny_model(), {{"target_modules", "([unclosed"}}), Catch::Contains("not a regular expression"));
+}
+
+TEST_CASE("lora's modules_to_save train in full next to the adapters and are never adapted", "[lora]") {
+  auto model = tiny_model();
+  apply_lora(*model, {{"target_modules", {"q_proj", "fc1"}}, {"modules_to_save", {"layers.1.fc1"}}});
+  const auto adapted = adapted_layers(*model);
+  CHECK(std::find(adapted.begin(), adapted.end(), "backbone.model.decoder.layers.1.fc1") == adapted.end());
+  CHECK(std::find(adapted.begin(), adapted.end(), "backbone.model.decoder.layers.0.fc1") != adapted.end());
+  auto params = model->named_parameters();
+  CHECK(params["backbone.model.decoder.layers.1.fc1.weight"].requires_grad());
+  CHECK(params["backbone.model.decoder.layers.1.fc1.bias"].requires_grad());
+  CHECK_FALSE(params["backbone.model.decoder.layers.0.fc1.weight"].requires_grad());
+  CHECK_THROWS_WITH(apply_lora(*tiny_model(), {{"modules_to_save", {"no_such_module"}}}),
+                    Catch::Contains("modules_to_save entry 'no_such_module' matches no module in backbone"));
 }
 
 TEST_CASE("the layouts place image and text as GIT, LLaVA and PaliGemma do", "[layout]") {

@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "ablate/sdk/checkpoint.hpp"
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/plugin.hpp"
 #include "ablate/sdk/weights.hpp"
@@ -230,6 +231,10 @@ class Gpt2 : public sdk::Backbone {
   torch::nn::Module& module() override { return *model_; }
   sdk::Json hf_config() const override { return config_.to_json(); }
   void save_extras(const std::filesystem::path& dir) const override { tokenizer_.save_folder(dir); }
+  bool set_gradient_checkpointing(bool on) override {
+    checkpointing_ = on;
+    return true;
+  }
 
   torch::Tensor embed(const torch::Tensor& ids) override { return model_->transformer->wte(ids); }
 
@@ -238,7 +243,10 @@ class Gpt2 : public sdk::Backbone {
     auto& t = *model_->transformer;
     auto has_pos = (positions >= 0).unsqueeze(-1).to(embeds.dtype());
     auto h = torch::dropout(embeds + t.wpe(positions.clamp_min(0)) * has_pos, dropout_, is_training());
-    for (const auto& block : *t.h) h = block->as<Gpt2BlockImpl>()->forward(h, mask, cache);
+    for (const auto& block : *t.h) {
+      auto* b = block->as<Gpt2BlockImpl>();
+      h = sdk::maybe_checkpoint(checkpointing_ && !cache, *b, [b, mask, cache](const torch::Tensor& x) { return b->forward(x, mask, cache); }, h);
+    }
     return t.ln_f(h);
   }
 
@@ -257,6 +265,7 @@ class Gpt2 : public sdk::Backbone {
   bool is_training() const { return model_->is_training(); }
 
   Gpt2Config config_;
+  bool checkpointing_ = false;
   sdk::Tokenizer tokenizer_;
   Gpt2LMHeadModel model_{nullptr};
   double dropout_;

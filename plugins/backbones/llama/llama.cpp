@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "ablate/sdk/checkpoint.hpp"
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/norms.hpp"
 #include "ablate/sdk/plugin.hpp"
@@ -219,6 +220,10 @@ class Llama : public sdk::Backbone {
   torch::nn::Module& module() override { return *model_; }
   sdk::Json hf_config() const override { return config_.to_json(); }
   void save_extras(const std::filesystem::path& dir) const override { tokenizer_.save_folder(dir); }
+  bool set_gradient_checkpointing(bool on) override {
+    checkpointing_ = on;
+    return true;
+  }
 
   torch::Tensor embed(const torch::Tensor& ids) override { return model_->model->embed_tokens(ids); }
 
@@ -228,7 +233,11 @@ class Llama : public sdk::Backbone {
     cos = cos.to(embeds.dtype());
     sin = sin.to(embeds.dtype());
     auto h = embeds;
-    for (const auto& layer : *model_->model->layers) h = layer->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, mask, cache);
+    for (const auto& layer : *model_->model->layers) {
+      auto* l = layer->as<LlamaDecoderLayerImpl>();
+      h = sdk::maybe_checkpoint(checkpointing_ && !cache, *l,
+                                [l, cos, sin, mask, cache](const torch::Tensor& x) { return l->forward(x, cos, sin, mask, cache); }, h);
+    }
     return model_->model->norm(h);
   }
 
@@ -244,6 +253,7 @@ class Llama : public sdk::Backbone {
 
  private:
   LlamaConfig config_;
+  bool checkpointing_ = false;
   sdk::Tokenizer tokenizer_;
   LlamaForCausalLM model_{nullptr};
   std::unique_ptr<sdk::Rotary> rotary_;

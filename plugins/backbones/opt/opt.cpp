@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "ablate/sdk/checkpoint.hpp"
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/plugin.hpp"
 #include "ablate/sdk/weights.hpp"
@@ -267,6 +268,10 @@ class Opt : public sdk::Backbone {
   torch::nn::Module& module() override { return *model_; }
   sdk::Json hf_config() const override { return config_.to_json(); }
   void save_extras(const std::filesystem::path& dir) const override { tokenizer_.save_folder(dir); }
+  bool set_gradient_checkpointing(bool on) override {
+    checkpointing_ = on;
+    return true;
+  }
 
   torch::Tensor embed(const torch::Tensor& ids) override {
     auto& d = *model_->model->decoder;
@@ -281,7 +286,10 @@ class Opt : public sdk::Backbone {
     auto has_pos = (positions >= 0).unsqueeze(-1).to(embeds.dtype());
     auto pos = d.embed_positions(positions.clamp_min(0) + 2) * has_pos;
     auto h = embeds + pos;
-    for (const auto& layer : *d.layers) h = layer->as<OptDecoderLayerImpl>()->forward(h, mask, cache);
+    for (const auto& layer : *d.layers) {
+      auto* l = layer->as<OptDecoderLayerImpl>();
+      h = sdk::maybe_checkpoint(checkpointing_ && !cache, *l, [l, mask, cache](const torch::Tensor& x) { return l->forward(x, mask, cache); }, h);
+    }
     if (d.final_layer_norm) h = d.final_layer_norm(h);
     if (d.project_out) h = d.project_out(h);
     return h;
@@ -324,6 +332,7 @@ class Opt : public sdk::Backbone {
   }
 
   OptConfig config_;
+  bool checkpointing_ = false;
   sdk::Tokenizer tokenizer_;
   OptForCausalLM model_{nullptr};
 };

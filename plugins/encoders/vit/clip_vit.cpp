@@ -153,6 +153,10 @@ class ClipVit : public sdk::Encoder {
     return options_.tokens == "patches" ? h.slice(1, 1) : h;
   }
   sdk::ImageSpec image_spec() const override { return spec_; }
+  bool set_gradient_checkpointing(bool on) override {
+    model_->vision_model->encoder->checkpointing = on;
+    return true;
+  }
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t num_tokens() const override { return config_.grid() * config_.grid() + (options_.tokens == "patches" ? 0 : 1); }
 

@@ -117,6 +117,10 @@ class Siglip : public sdk::Encoder {
     return layer_ == config_.num_hidden_layers ? vm.post_layernorm(h) : h;
   }
   sdk::ImageSpec image_spec() const override { return spec_; }
+  bool set_gradient_checkpointing(bool on) override {
+    model_->vision_model->encoder->checkpointing = on;
+    return true;
+  }
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t num_tokens() const override { return config_.grid() * config_.grid(); }
 

@@ -8,6 +8,7 @@
 
 #include <torch/torch.h>
 
+#include "ablate/sdk/checkpoint.hpp"
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/plugin.hpp"
 #include "ablate/sdk/weights.hpp"
@@ -119,10 +120,14 @@ class EncoderImpl : public torch::nn::Module {
   }
   /// Runs the first `count` layers.
   torch::Tensor forward(torch::Tensor h, std::int64_t count) {
-    for (std::int64_t i = 0; i < count; ++i) h = layers->ptr<EncoderLayerImpl>(i)->forward(h);
+    for (std::int64_t i = 0; i < count; ++i) {
+      auto layer = layers->ptr<EncoderLayerImpl>(i);
+      h = sdk::maybe_checkpoint(checkpointing, *layer, [layer](const torch::Tensor& x) { return layer->forward(x); }, h);
+    }
     return h;
   }
   torch::nn::ModuleList layers{nullptr};
+  bool checkpointing = false;  ///< gradient checkpointing, layer by layer
 };
 TORCH_MODULE(Encoder);
 

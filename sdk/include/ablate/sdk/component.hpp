@@ -40,6 +40,9 @@ class Component {
   /// Writes further files of the Hugging Face layout into `dir` (tokenizer.json, preprocessor_config.json).
   /// The host has already written model.safetensors and config.json there.
   virtual void save_extras(const std::filesystem::path& dir) const;
+  /// Turns gradient checkpointing of the component's layer stack on or off (sdk/checkpoint.hpp). Returns
+  /// false when the component does not support it, and the host refuses the experiment.
+  virtual bool set_gradient_checkpointing(bool on);
 };
 
 /// Resolves `path` against `base` unless it is absolute.
