@@ -97,40 +97,7 @@ std::string value_label(const Json& v) {
   return v.dump();
 }
 
-sdk::Options Cell::options(const PluginRef& ref) const {
-  return sdk::Options(config.at(Json::json_pointer(ref.pointer)), ref.pointer, ref.display, where);
-}
-
-namespace {
-
-PluginRef plugin_ref(sdk::Options& table, sdk::Kind kind, const std::string& pointer, const PluginHost& host) {
-  PluginRef ref;
-  ref.kind = kind;
-  ref.pointer = pointer;
-  ref.display = table.display();
-  ref.id = table.require<std::string>("plugin");
-  ref.version = host.require(kind, ref.id, table.where("plugin") + ": " + table.display() + ".plugin").version;
-  host.parse(kind, ref.id, table);
-  return ref;
-}
-
-PluginRef component(sdk::Options& model, const char* name, sdk::Kind kind, const PluginHost& host) {
-  if (!model.has(name)) model.fail(name, "missing (a table with at least plugin = \"...\")");
-  auto t = model.table(name);
-  return plugin_ref(t, kind, std::string("/model/") + name, host);
-}
-
-DataRef data_ref(sdk::Options& data, const char* name, const PluginHost& host) {
-  if (!data.has(name)) data.fail(name, "missing (a table with at least plugin = \"...\")");
-  auto t = data.table(name);
-  DataRef ref;
-  ref.limit = t.get("limit", std::int64_t{0});
-  if (ref.limit < 0) t.fail("limit", "must be 0 (all) or positive");
-  ref.plugin = plugin_ref(t, sdk::Kind::dataset, std::string("/data/") + name, host);
-  return ref;
-}
-
-TrainConfig train_config(sdk::Options& t) {
+TrainConfig parse_train_config(sdk::Options& t) {
   TrainConfig c;
   c.steps = t.get("steps", c.steps);
   c.batch_size = t.get("batch_size", c.batch_size);
@@ -186,6 +153,39 @@ TrainConfig train_config(sdk::Options& t) {
     t.fail("precision", "must be \"fp32\", \"bf16\" or \"fp16\"");
   }
   return c;
+}
+
+sdk::Options Cell::options(const PluginRef& ref) const {
+  return sdk::Options(config.at(Json::json_pointer(ref.pointer)), ref.pointer, ref.display, where);
+}
+
+namespace {
+
+PluginRef plugin_ref(sdk::Options& table, sdk::Kind kind, const std::string& pointer, const PluginHost& host) {
+  PluginRef ref;
+  ref.kind = kind;
+  ref.pointer = pointer;
+  ref.display = table.display();
+  ref.id = table.require<std::string>("plugin");
+  ref.version = host.require(kind, ref.id, table.where("plugin") + ": " + table.display() + ".plugin").version;
+  host.parse(kind, ref.id, table);
+  return ref;
+}
+
+PluginRef component(sdk::Options& model, const char* name, sdk::Kind kind, const PluginHost& host) {
+  if (!model.has(name)) model.fail(name, "missing (a table with at least plugin = \"...\")");
+  auto t = model.table(name);
+  return plugin_ref(t, kind, std::string("/model/") + name, host);
+}
+
+DataRef data_ref(sdk::Options& data, const char* name, const PluginHost& host) {
+  if (!data.has(name)) data.fail(name, "missing (a table with at least plugin = \"...\")");
+  auto t = data.table(name);
+  DataRef ref;
+  ref.limit = t.get("limit", std::int64_t{0});
+  if (ref.limit < 0) t.fail("limit", "must be 0 (all) or positive");
+  ref.plugin = plugin_ref(t, sdk::Kind::dataset, std::string("/data/") + name, host);
+  return ref;
 }
 
 EvalConfig eval_config(sdk::Options& e, const PluginHost& host) {
@@ -260,7 +260,7 @@ void resolve(Cell& cell, const std::string& file, const PluginHost& host) {
   cell.eval_data = data_ref(data, "eval", host);
 
   auto train = root.table("train");
-  cell.train = train_config(train);
+  cell.train = parse_train_config(train);
   auto eval = root.table("eval");
   cell.eval = eval_config(eval, host);
 

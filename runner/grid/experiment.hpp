@@ -130,6 +130,9 @@ struct Experiment {
   std::vector<Cell> cells;
 };
 
+/// [train] read from its table, with defaults; throws OptionError on a bad value.
+TrainConfig parse_train_config(sdk::Options& table);
+
 /// Reads and expands an experiment file and resolves every cell against the registered plugins. Throws
 /// sdk::InputError ("FILE:LINE: key: problem") on any bad input. Does not touch weights folders.
 Experiment load_experiment(const std::filesystem::path& file, const PluginHost& host);

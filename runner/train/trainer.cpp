@@ -19,8 +19,10 @@
 #include "data/batches.hpp"
 #include "host/plugin_host.hpp"
 #include "model/vlm.hpp"
+#include "train/artifacts.hpp"
 #include "train/optimizer.hpp"
 #include "train/precision.hpp"
+#include "train/strategies.hpp"
 
 namespace ablate {
 
@@ -146,24 +148,6 @@ struct PendingStep {
   bool skipped;  // fp16: gradients not finite, no update
 };
 
-// The weights a finished stage changed, in the form the next stage starts from: every parameter it trained,
-// and each LoRA layer's weight with its adapter merged (LLaVA merges before training further).
-sdk::TensorMap stage_changes(torch::nn::Module& model) {
-  sdk::TensorMap out;
-  for (const auto& m : model.named_modules("", false)) {
-    if (auto* linear = dynamic_cast<sdk::LinearImpl*>(m.value().get()); linear && linear->has_lora()) {
-      linear->merge();
-      out[m.key() + ".weight"] = linear->weight.detach();
-    }
-  }
-  for (const auto& p : model.named_parameters()) {
-    const auto& name = p.key();
-    if (!p.value().requires_grad() || name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos) continue;
-    out[name] = p.value().detach();
-  }
-  return out;
-}
-
 sdk::Component& component(VlmModel& model, const std::string& part) {
   if (part == "encoder") return model.encoder();
   if (part == "projector") return model.projector();
@@ -221,32 +205,18 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     }
   }
 
-  // ---- what trains: everything frozen, then each strategy of the list in order. A strategy with its own
-  // lr / weight_decay puts what it trains into an optimizer group of its own.
-  for (auto& p : model->parameters()) p.set_requires_grad(false);
-  std::vector<GroupSetting> settings{{"train", tc.lr, tc.weight_decay}};
-  std::map<const void*, std::size_t> groups;
-  {
-    sdk::TrainTarget target(*model, model->head());
-    for (std::size_t i = 0; i < cell.strategies.size(); ++i) {
-      const auto& ref = cell.strategies[i];
-      const auto& g = cell.strategy_groups[i];
-      std::size_t group = 0;
-      if (g.lr || g.weight_decay) {
-        settings.push_back({ref.display + " " + ref.id, g.lr.value_or(tc.lr), g.weight_decay.value_or(tc.weight_decay)});
-        group = settings.size() - 1;
-      }
-      target.set_group(group);
-      auto o = cell.options(ref);
-      auto strategy = host.create_strategy(ref.id, o, bctx);
-      guarded(ref.qualified(), "apply", [&] { strategy->apply(target); });
-      if (target.newly_trained() == 0 && group == 0) {
-        throw sdk::InputError(sdk::locate(*cell.where, ref.pointer, experiment.file.string()) + ": " + ref.display +
-                              ": strategy '" + ref.id + "' trains nothing that the strategies before it do not already train");
-      }
-    }
-    groups = target.groups();
+  // ---- what trains: everything frozen, then each strategy of the list in order.
+  std::vector<StrategyStep> strategy_steps;
+  for (std::size_t i = 0; i < cell.strategies.size(); ++i) {
+    const auto& ref = cell.strategies[i];
+    auto o = cell.options(ref);
+    strategy_steps.push_back({host.create_strategy(ref.id, o, bctx), ref.id, ref.display,
+                              sdk::locate(*cell.where, ref.pointer, experiment.file.string()), ref.qualified(),
+                              cell.strategy_groups[i]});
   }
+  const auto applied = apply_strategies(*model, model->head(), strategy_steps, tc);
+  const auto& settings = applied.settings;
+  const auto& groups = applied.groups;
   for (const auto& part : tc.gradient_checkpointing) {
     if (!component(*model, part).set_gradient_checkpointing(true)) {
       throw sdk::InputError(sdk::locate(*cell.where, "/train/gradient_checkpointing", experiment.file.string()) +
@@ -644,20 +614,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   }
   // ---- export in Hugging Face layout, adapters merged into the weights they adapt.
   for (auto it = cell.export_dirs.begin(); it != cell.export_dirs.end(); ++it) {
-    sdk::Component* part = &component(*model, it.key());
     const auto dir = sdk::resolve_path(experiment.base_dir, it.value().get<std::string>());
-    auto& module = part->module();
-    for (const auto& m : module.modules()) {
-      if (auto* linear = dynamic_cast<sdk::LinearImpl*>(m.get()); linear && linear->has_lora()) linear->merge();
-    }
-    auto tensors = sdk::state_dict(module);
-    for (auto t = tensors.begin(); t != tensors.end();) {
-      t = t->first.find(".lora_") != std::string::npos ? tensors.erase(t) : std::next(t);
-    }
-    fs::create_directories(dir);
-    sdk::write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
-    if (auto cfg = part->hf_config(); !cfg.is_null()) sdk::write_json(dir / "config.json", cfg);
-    part->save_extras(dir);
+    export_component(component(*model, it.key()), dir);
     out << "  exported " << it.key() << " to " << dir.string() << "\n";
   }
   ctx.store.set_status(run_id, store::Status::done);

@@ -23,6 +23,20 @@
 //                                                                   folder (tokenizer_config.json honoured)
 //                                                                   IN: a JSON array of strings
 //                                                                   OUT: {"ids": [[...]], "decoded": [...]}
+//   component_probe train KIND ID WEIGHTS_DIR IN OUT SPEC.json     KIND: encoder or backbone. SPEC:
+//                                                                   {"strategy": [tables], "train": {[train]
+//                                                                   keys}, "steps": N, "grads": bool,
+//                                                                   "save_adapter": DIR, "export": DIR}
+//                                                                   IN: input_ids, attention_mask, labels
+//                                                                   (-100: no loss; the loss is transformers'
+//                                                                   causal-LM mean) or pixels + probe (loss =
+//                                                                   sum(features * probe)). Applies the
+//                                                                   strategies as the runner does, takes N
+//                                                                   optimizer steps on IN, then writes
+//                                                                   losses [N], logits or features, and with
+//                                                                   grads "grad:NAME" for every trainable
+//                                                                   parameter, and "param:NAME" (names within
+//                                                                   the component)
 // The backbone sees a left- or right-padded batch the way transformers does: positions count real tokens
 // from 0, padding is never attended to. Plugins are found as the runner finds them (ABLATE_PLUGIN_PATH and
 // the build tree).
@@ -35,7 +49,11 @@
 #include "ablate/sdk/tokenizer.hpp"
 #include "ablate/sdk/weights.hpp"
 #include "host/plugin_host.hpp"
+#include "ablate/sdk/adapters.hpp"
 #include "model/vlm.hpp"
+#include "train/artifacts.hpp"
+#include "train/optimizer.hpp"
+#include "train/strategies.hpp"
 
 using namespace ablate;
 
@@ -68,7 +86,115 @@ torch::Tensor generate_text(sdk::Backbone& bb, const torch::Tensor& ids, const t
 
 }  // namespace
 
+// `train` mode: the runner's strategy, optimizer and export code on one component, so that tests can hold
+// them against PEFT and torch.optim.
+int train_probe(const std::string& kind, const std::string& id, const std::string& weights, const std::string& in_file,
+                const std::string& out_file, const std::string& spec_file) {
+  PluginHost host;
+  host.discover(PluginHost::search_path(std::filesystem::read_symlink("/proc/self/exe"), {}), std::cerr);
+  auto spec = sdk::read_json(spec_file);
+  sdk::Json table = spec.value("options", sdk::Json::object());
+  table["weights"] = weights;
+  sdk::Options options(table, "", kind, nullptr, "probe");
+  sdk::BuildContext ctx;
+  std::shared_ptr<sdk::Component> part;
+  std::shared_ptr<sdk::Encoder> encoder;
+  std::shared_ptr<sdk::Backbone> backbone;
+  std::string head;
+  if (kind == "encoder") {
+    encoder = host.create_encoder(id, options, ctx);
+    part = encoder;
+  } else {
+    backbone = host.create_backbone(id, options, ctx);
+    part = backbone;
+    head = kind + "." + backbone->head_module();
+  }
+  // The component under a root, named as in the assembled model, so that strategies see the same names.
+  auto root = std::make_shared<torch::nn::Module>();
+  root->register_module(kind, std::shared_ptr<torch::nn::Module>(&part->module(), [](torch::nn::Module*) {}));
+
+  sdk::Json train_table = spec.value("train", sdk::Json::object());
+  sdk::Options train_options(train_table, "/train", "train", nullptr, "probe");
+  const auto tc = parse_train_config(train_options);
+  sdk::Json strategies = spec.value("strategy", sdk::Json::array());
+  std::vector<StrategyStep> steps;
+  for (std::size_t i = 0; i < strategies.size(); ++i) {
+    if (strategies[i].is_string()) strategies[i] = sdk::Json{{"plugin", strategies[i]}};
+    sdk::Options o(strategies[i], "/strategy/" + std::to_string(i), "strategy[" + std::to_string(i) + "]", nullptr, "probe");
+    StrategyGroup g;
+    g.lr = o.maybe<double>("lr");
+    g.weight_decay = o.maybe<double>("weight_decay");
+    const auto sid = o.require<std::string>("plugin");
+    steps.push_back({host.create_strategy(sid, o, ctx), sid, "strategy[" + std::to_string(i) + "]", "probe", "strategy/" + sid, g});
+  }
+  const auto applied = apply_strategies(*root, head, steps, tc);
+  for (const auto& p : tc.gradient_checkpointing) {
+    if (p == kind && !part->set_gradient_checkpointing(true)) throw std::runtime_error(id + " has no gradient checkpointing");
+  }
+  // Training mode (gradient checkpointing applies only there); the reference models have no dropout.
+  root->train();
+
+  auto in = sdk::read_safetensors(in_file);
+  auto loss_of = [&](sdk::TensorMap& out) {
+    if (encoder) {
+      auto features = encoder->encode(in.at("pixels").to(torch::kFloat32));
+      out["features"] = features.detach().contiguous();
+      return (features * in.at("probe").to(torch::kFloat32)).sum();
+    }
+    auto ids = in.at("input_ids").to(torch::kLong);
+    auto valid = in.at("attention_mask").to(torch::kBool);
+    auto pos = valid.to(torch::kLong).cumsum(1) - 1;
+    pos = torch::where(valid, pos, torch::full_like(pos, -1));
+    sdk::AttentionMask mask;
+    mask.key_valid = valid;
+    auto logits = backbone->logits(backbone->forward(backbone->embed(ids), pos, mask, nullptr));
+    out["logits"] = logits.detach().contiguous();
+    // transformers' ForCausalLMLoss: labels shifted left, mean over those that are not -100.
+    auto labels = in.at("labels").to(torch::kLong);
+    auto shifted = logits.slice(1, 0, -1).reshape({-1, logits.size(-1)});
+    return torch::nn::functional::cross_entropy(shifted.to(torch::kFloat32), labels.slice(1, 1).reshape({-1}),
+                                                torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+  };
+  TrainOptimizer optimizer(trainable_parameters(*root, applied.groups), applied.settings, tc);
+  const auto n = spec.value("steps", 0);
+  std::vector<double> losses;
+  for (int s = 0; s < n; ++s) {
+    sdk::TensorMap scratch;
+    auto loss = loss_of(scratch);
+    loss.backward();
+    losses.push_back(loss.item<double>());
+    optimizer.step(s);
+  }
+  sdk::TensorMap out;
+  auto loss = loss_of(out);
+  out["loss"] = loss.detach().reshape({1});
+  if (!losses.empty()) out["losses"] = torch::tensor(losses, torch::kFloat64);
+  if (spec.value("grads", false)) {
+    loss.backward();
+    const std::string prefix = kind + ".";
+    for (const auto& p : root->named_parameters()) {
+      if (!p.value().requires_grad()) continue;
+      const auto name = p.key().substr(prefix.size());
+      out["param:" + name] = p.value().detach().contiguous();
+      if (p.value().grad().defined()) out["grad:" + name] = p.value().grad().contiguous();
+    }
+  }
+  if (spec.contains("save_adapter")) sdk::write_peft_adapter(part->module(), kind, spec["save_adapter"].get<std::string>(),
+                                                             {{"task_type", kind == "backbone" ? sdk::Json("CAUSAL_LM") : sdk::Json()}});
+  if (spec.contains("export")) export_component(*part, spec["export"].get<std::string>());
+  sdk::write_safetensors(out_file, out);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 8 && std::string(argv[1]) == "train") {
+    try {
+      return train_probe(argv[2], argv[3], argv[4], argv[5], argv[6], argv[7]);
+    } catch (const std::exception& e) {
+      std::cerr << "component_probe: " << describe_exception(e) << "\n";
+      return 1;
+    }
+  }
   if (argc == 5 && std::string(argv[1]) == "tokenize") {
     try {
       const std::filesystem::path source(argv[2]);

@@ -107,7 +107,7 @@ TEST_CASE("lora targets are scoped to one component: v_proj in the backbone leav
   }
   auto other = tiny_model();
   apply_lora(*other, {{"target_modules", {"v_proj"}}, {"component", "encoder"}});
-  CHECK(dynamic_cast<sdk::LinearImpl*>(other->named_modules()["encoder.vision_model.encoder.layers.0.self_attn.v_proj"].get())->has_lora());
+  CHECK(dynamic_cast<sdk::LinearImpl*>(other->named_modules()["encoder.encoder.layers.0.self_attn.v_proj"].get())->has_lora());
 }
 
 namespace {

@@ -71,13 +71,6 @@ class ClipVisionTransformerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(ClipVisionTransformer);
 
-class ClipVisionModelImpl : public torch::nn::Module {
- public:
-  explicit ClipVisionModelImpl(const ClipVisionConfig& c) { vision_model = register_module("vision_model", ClipVisionTransformer(c)); }
-  ClipVisionTransformer vision_model{nullptr};
-};
-TORCH_MODULE(ClipVisionModel);
-
 struct ClipVitOptions : VitOptions {
   std::string tokens = "all";  ///< "all": CLS + patches (GIT); "patches": drop CLS (LLaVA)
   /// From scratch only: standard deviation of the initial position embeddings (default: transformers'
@@ -118,7 +111,7 @@ class ClipVit : public sdk::Encoder {
     }
     auto view = sdk::Options::of_file(cfg_json, origin);
     config_ = ClipVisionConfig::from(view);
-    model_ = ClipVisionModel(config_);
+    model_ = ClipVisionTransformer(config_);
     if (dir.empty()) {
       init_weights();
     } else {
@@ -148,13 +141,13 @@ class ClipVit : public sdk::Encoder {
   }
 
   torch::Tensor encode(const torch::Tensor& pixels) override {
-    auto& vm = *model_->vision_model;
+    auto& vm = *model_;
     auto h = vm.encoder->forward(vm.pre_layrnorm(vm.embeddings(pixels)), layer_);
     return options_.tokens == "patches" ? h.slice(1, 1) : h;
   }
   sdk::ImageSpec image_spec() const override { return spec_; }
   bool set_gradient_checkpointing(bool on) override {
-    model_->vision_model->encoder->checkpointing = on;
+    model_->encoder->checkpointing = on;
     return true;
   }
   std::int64_t hidden_size() const override { return config_.hidden_size; }
@@ -165,7 +158,7 @@ class ClipVit : public sdk::Encoder {
   void init_weights() {
     torch::NoGradGuard no_grad;
     const double f = config_.initializer_factor, d = static_cast<double>(config_.hidden_size);
-    auto& vm = *model_->vision_model;
+    auto& vm = *model_;
     vm.embeddings->class_embedding.normal_(0.0, std::pow(d, -0.5) * f);
     vm.embeddings->patch_embedding->weight.normal_(0.0, config_.initializer_range * f);
     const double pos_std = options_.position_init_std > 0 ? options_.position_init_std : config_.initializer_range * f;
@@ -188,7 +181,7 @@ class ClipVit : public sdk::Encoder {
 
   ClipVitOptions options_;
   ClipVisionConfig config_;
-  ClipVisionModel model_{nullptr};
+  ClipVisionTransformer model_{nullptr};
   sdk::ImageSpec spec_;
   std::int64_t layer_ = 0;
 };

@@ -56,15 +56,6 @@ class SiglipVisionTransformerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(SiglipVisionTransformer);
 
-class SiglipVisionModelImpl : public torch::nn::Module {
- public:
-  explicit SiglipVisionModelImpl(const SiglipVisionConfig& c) {
-    vision_model = register_module("vision_model", SiglipVisionTransformer(c));
-  }
-  SiglipVisionTransformer vision_model{nullptr};
-};
-TORCH_MODULE(SiglipVisionModel);
-
 struct SiglipOptions : VitOptions {
   static SiglipOptions parse(sdk::Options& o) {
     SiglipOptions x;
@@ -83,8 +74,8 @@ class Siglip : public sdk::Encoder {
     auto cfg_json = vision_config(dir);
     auto view = sdk::Options::of_file(cfg_json, (dir / "config.json").string());
     config_ = SiglipVisionConfig::from(view);
-    model_ = SiglipVisionModel(config_);
-    load_vision_weights(*model_, dir, {"vision_model.head."});
+    model_ = SiglipVisionTransformer(config_);
+    load_vision_weights(*model_, dir, {"head."});
     // SiglipImageProcessor: straight resize to a square, bicubic, no crop, mean and std 0.5.
     spec_.height = spec_.width = config_.image_size;
     spec_.shortest_edge = 0;
@@ -112,13 +103,13 @@ class Siglip : public sdk::Encoder {
 
   /// hidden_states[feature_layer]; the last layer's output gets post_layernorm, as last_hidden_state does.
   torch::Tensor encode(const torch::Tensor& pixels) override {
-    auto& vm = *model_->vision_model;
+    auto& vm = *model_;
     auto h = vm.encoder->forward(vm.embeddings(pixels), layer_);
     return layer_ == config_.num_hidden_layers ? vm.post_layernorm(h) : h;
   }
   sdk::ImageSpec image_spec() const override { return spec_; }
   bool set_gradient_checkpointing(bool on) override {
-    model_->vision_model->encoder->checkpointing = on;
+    model_->encoder->checkpointing = on;
     return true;
   }
   std::int64_t hidden_size() const override { return config_.hidden_size; }
@@ -126,7 +117,7 @@ class Siglip : public sdk::Encoder {
 
  private:
   SiglipVisionConfig config_;
-  SiglipVisionModel model_{nullptr};
+  SiglipVisionTransformer model_{nullptr};
   sdk::ImageSpec spec_;
   std::int64_t layer_ = 0;
 };

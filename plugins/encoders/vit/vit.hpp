@@ -154,16 +154,18 @@ inline sdk::Json vision_config(const std::filesystem::path& dir) {
   return cfg.contains("vision_config") ? cfg["vision_config"] : cfg;
 }
 
-/// Loads a weights folder into a module whose keys start with "vision_model.". transformers 5 saves the
-/// vision model alone without that prefix; two-tower checkpoints (CLIPModel, SiglipModel) and older
-/// versions have it. Parts of a two-tower checkpoint that the vision tower does not use are ignored, as
-/// are the `ignored` extras.
+/// Loads a weights folder into a vision tower named as transformers 5 names CLIPVisionModel and
+/// SiglipVisionModel ("embeddings.", "encoder.", ...), which is also what PEFT adapters for them key on.
+/// Two-tower checkpoints (CLIPModel, SiglipModel) and transformers 4 put everything under "vision_model.";
+/// that prefix is dropped. Parts of a two-tower checkpoint that the vision tower does not use are ignored,
+/// as are the `ignored` extras.
 inline void load_vision_weights(torch::nn::Module& module, const std::filesystem::path& dir,
                                 std::vector<std::string> ignored = {}) {
   auto tensors = sdk::read_weights(dir);
-  if (!tensors.count("vision_model.embeddings.patch_embedding.weight") && tensors.count("embeddings.patch_embedding.weight")) {
+  const std::string prefix = "vision_model.";
+  if (tensors.count(prefix + "embeddings.patch_embedding.weight")) {
     sdk::TensorMap renamed;
-    for (auto& [k, v] : tensors) renamed.emplace("vision_model." + k, v);
+    for (auto& [k, v] : tensors) renamed.emplace(k.rfind(prefix, 0) == 0 ? k.substr(prefix.size()) : k, v);
     tensors = std::move(renamed);
   }
   for (const char* p : {"text_model.", "visual_projection.", "text_projection.", "logit_scale", "logit_bias"}) ignored.push_back(p);

@@ -31,9 +31,10 @@ struct BuildContext {
 class Component {
  public:
   virtual ~Component();
-  /// The module that holds every parameter and buffer, named exactly as Hugging Face names them in this
-  /// component's checkpoint (for example "vision_model.embeddings.patch_embedding.weight"). Owned by the
-  /// component; valid for its lifetime.
+  /// The module that holds every parameter and buffer, named exactly as the Hugging Face model class
+  /// names them (for example "encoder.layers.0.self_attn.q_proj.weight" in transformers 5's
+  /// CLIPVisionModel), so that checkpoints and PEFT adapters need no renaming. Owned by the component;
+  /// valid for its lifetime.
   virtual torch::nn::Module& module() = 0;
   /// config.json contents for writing this component in Hugging Face layout (null: it has none).
   virtual Json hf_config() const;

@@ -1,0 +1,229 @@
+"""Training parity with the Python references: LoRA as PEFT computes it (logits, gradients of A and B, adapter
+files both ways, merged export), gradient checkpointing, and AdamW with a cosine schedule as torch.optim and
+transformers' scheduler run it. ablate's side is component_probe's `train` mode, which applies strategies and
+steps the optimizer with the runner's own code."""
+import copy
+import json
+import subprocess
+import unittest
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, Trainer, get_cosine_schedule_with_warmup)
+
+from ablate_testing import PROBE, TempDirTest
+from test_components import word_level_tokenizer_json
+
+LOGITS_TOLERANCE = 1e-5
+GRAD_TOLERANCE = 1e-4
+PARAM_TOLERANCE = 1e-6
+
+
+def peft_name(name):
+    """PEFT's parameter name -> the name within the component that ablate uses."""
+    return (name.removeprefix("base_model.model.").replace(".default.", ".").replace(".modules_to_save.", ".")
+            .replace(".original_module.", "."))
+
+
+class TrainingParityCase(TempDirTest):
+    def train_probe(self, kind, plugin, folder, inputs, spec):
+        save_file(inputs, str(self.dir / "in.safetensors"))
+        (self.dir / "spec.json").write_text(json.dumps(spec))
+        out = subprocess.run([str(PROBE), "train", kind, plugin, str(folder), str(self.dir / "in.safetensors"),
+                              str(self.dir / "out.safetensors"), str(self.dir / "spec.json")], capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return load_file(str(self.dir / "out.safetensors"))
+
+    def assert_close(self, ours, ref, tolerance, what):
+        diff = (ours.double() - ref.double()).abs().max().item()
+        print(f"{what}: max abs difference {diff:.3g}")
+        self.assertLessEqual(diff, tolerance, what)
+
+    def text_batch(self, vocab, length=10):
+        ids = torch.randint(4, vocab, (3, length))
+        mask = torch.ones(3, length, dtype=torch.long)
+        mask[1, :3] = 0
+        mask[2, :5] = 0
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, -3] = -100  # a masked label among real tokens, as a prompt would be
+        # The first real token has no label: its prediction would come from a padding position, whose logits
+        # no two implementations need agree on (and no real batch trains on).
+        labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+        return ids, mask, positions, labels
+
+    def save_base(self, name, model):
+        folder = self.dir / name
+        model.save_pretrained(folder)
+        if hasattr(model.config, "vocab_size") and not isinstance(model, CLIPVisionModel):
+            word_level_tokenizer_json(folder / "tokenizer.json", model.config.vocab_size)
+        return folder
+
+
+class PeftParityTest(TrainingParityCase):
+    """The same LoRA configuration and A/B weights give PEFT's logits and gradients; adapters travel both ways."""
+
+    def lm_case(self, name, plugin, make_model, lora, ablate_lora, checkpointing=False):
+        torch.manual_seed(0)
+        base = make_model().train()
+        folder = self.save_base(name, base)
+        ids, mask, positions, labels = self.text_batch(base.config.vocab_size)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+        # PEFT -> ablate: random A and B (B is zero after PEFT's initialisation, which would make A's gradient
+        # zero and prove nothing), and perturbed modules_to_save.
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(lora_dropout=0.0, **lora))
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        peft_model.save_pretrained(self.dir / f"{name}-peft")
+        out = peft_model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels)
+        out.loss.backward()
+        ref_grads = {peft_name(n): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+        spec = {"strategy": [{"plugin": "lora", "weights": str(self.dir / f"{name}-peft")}], "grads": True}
+        if checkpointing:
+            spec["train"] = {"gradient_checkpointing": ["backbone"]}
+        ours = self.train_probe("backbone", plugin, folder, batch, spec)
+        valid = mask.bool()
+        self.assert_close(ours["logits"][valid], out.logits.detach()[valid], LOGITS_TOLERANCE,
+                          f"{name}: logits with PEFT's adapter")
+        self.assert_close(ours["loss"], out.loss.detach().reshape(1), LOGITS_TOLERANCE, f"{name}: loss")
+        ours_grads = {k.removeprefix("grad:"): v for k, v in ours.items() if k.startswith("grad:")}
+        self.assertEqual(sorted(ours_grads), sorted(ref_grads), f"{name}: the same parameters train")
+        worst = max((ours_grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads)
+        print(f"{name}: {len(ref_grads)} gradients (A, B, modules_to_save), max abs difference {worst:.3g}")
+        self.assertLessEqual(worst, GRAD_TOLERANCE)
+
+        # ablate -> PEFT: a few optimizer steps so that B is no longer zero, then the adapter ablate wrote is
+        # loaded by PEFT, and the merged export by transformers.
+        spec = {"strategy": [{"plugin": "lora", **ablate_lora}], "steps": 3,
+                "train": {"lr": 1e-2, "schedule": {"kind": "constant"}, "steps": 3},
+                "save_adapter": str(self.dir / f"{name}-ours"), "export": str(self.dir / f"{name}-merged")}
+        ours = self.train_probe("backbone", plugin, folder, batch, spec)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base).eval(), self.dir / f"{name}-ours")
+        with torch.no_grad():
+            theirs = loaded(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        self.assert_close(ours["logits"][valid], theirs[valid], LOGITS_TOLERANCE, f"{name}: PEFT loads ablate's adapter")
+        self.assertGreater((theirs - base.eval()(input_ids=ids, attention_mask=mask, position_ids=positions).logits).abs().max().item(),
+                           1e-3, "the adapter changes the output")
+        merged = AutoModelForCausalLM.from_pretrained(self.dir / f"{name}-merged").eval()
+        with torch.no_grad():
+            merged_logits = merged(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            peft_merged = loaded.merge_and_unload()(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        self.assert_close(merged_logits[valid], ours["logits"][valid], LOGITS_TOLERANCE, f"{name}: merged export in transformers")
+        self.assert_close(merged_logits[valid], peft_merged[valid], LOGITS_TOLERANCE, f"{name}: merged export vs PEFT's merge")
+
+    def test_opt_lora_with_modules_to_save(self):
+        make = lambda: OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                                dropout=0.0))
+        self.lm_case("opt", "opt", make,
+                     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["layers.1.fc2"]),
+                     dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["layers.1.fc2"]))
+
+    def test_llama_lora_rslora_regex_targets(self):
+        make = lambda: LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+        pattern = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.down_proj)"
+        self.lm_case("llama", "llama", make, dict(r=8, lora_alpha=16, use_rslora=True, target_modules=pattern),
+                     dict(r=8, alpha=16, rslora=True, target_modules=pattern), checkpointing=True)
+
+    def test_gpt2_lora_on_conv1d(self):
+        make = lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                                  embd_pdrop=0.0, attn_pdrop=0.0))
+        self.lm_case("gpt2", "gpt2", make, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+                     dict(r=4, alpha=8, target_modules=["c_attn", "c_proj"]))
+
+    def test_clip_vision_lora(self):
+        torch.manual_seed(0)
+        base = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                image_size=16, patch_size=8)).train()
+        folder = self.save_base("clip", base)
+        pixels = torch.randn(2, 3, 16, 16)
+        probe = torch.randn(2, 5, 32)
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                    target_modules=["q_proj", "v_proj", "fc1"],
+                                                                    modules_to_save=["pre_layrnorm"]))
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        peft_model.save_pretrained(self.dir / "clip-peft")
+        hidden = peft_model(pixel_values=pixels).last_hidden_state
+        (hidden * probe).sum().backward()
+        ref_grads = {peft_name(n): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+        ours = self.train_probe("encoder", "clip_vit", folder, {"pixels": pixels, "probe": probe},
+                                {"strategy": [{"plugin": "lora", "component": "encoder", "weights": str(self.dir / "clip-peft")}],
+                                 "grads": True, "train": {"gradient_checkpointing": ["encoder"]}})
+        self.assert_close(ours["features"], hidden.detach(), LOGITS_TOLERANCE, "clip: features with PEFT's adapter")
+        ours_grads = {k.removeprefix("grad:"): v for k, v in ours.items() if k.startswith("grad:")}
+        self.assertEqual(sorted(ours_grads), sorted(ref_grads))
+        worst = max((ours_grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads)
+        print(f"clip: {len(ref_grads)} gradients, max abs difference {worst:.3g}")
+        self.assertLessEqual(worst, GRAD_TOLERANCE)
+
+        ours = self.train_probe("encoder", "clip_vit", folder, {"pixels": pixels, "probe": probe},
+                                {"strategy": [{"plugin": "lora", "component": "encoder", "target_modules": ["q_proj", "v_proj"]}],
+                                 "steps": 2, "train": {"lr": 1e-2, "steps": 2}, "save_adapter": str(self.dir / "clip-ours")})
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base).eval(), self.dir / "clip-ours")
+        with torch.no_grad():
+            theirs = loaded(pixel_values=pixels).last_hidden_state
+        self.assert_close(ours["features"], theirs, LOGITS_TOLERANCE, "clip: PEFT loads ablate's adapter")
+
+
+class OptimizerParityTest(TrainingParityCase):
+    def test_adamw_cosine_ten_steps_match_torch_optim(self):
+        """10 steps of AdamW (decoupled weight decay, transformers' decay/no-decay split, a second group with its own
+        learning rate as LLaVA's mm_projector_lr), a cosine schedule with warm-up and gradient clipping."""
+        # LLaMA rather than OPT: OPT's k_proj bias has a gradient that is zero in exact arithmetic (softmax does
+        # not see a shift of every key score), so both sides' gradients there are rounding noise, which Adam's
+        # normalisation turns into steps the size of the learning rate. That would compare float rounding
+        # in two forward passes, not optimizers. LLaMA has no such parameter: 1e-7 relative noise in its
+        # gradients moves the parameters of this test by about 1e-7.
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                             tie_word_embeddings=False)).train()
+        folder = self.save_base("llama", model)
+        ids, mask, positions, labels = self.text_batch(96)
+        train = {"lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "max_grad_norm": 0.5, "steps": 10,
+                 "schedule": {"kind": "cosine", "warmup_steps": 2}}
+        ours = self.train_probe("backbone", "llama", folder, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                {"strategy": ["full", {"plugin": "head", "lr": 1e-3}], "steps": 10, "train": train,
+                                 "grads": True})
+
+        decay = set(Trainer.get_decay_parameter_names(None, model))
+        named = dict(model.named_parameters())
+        head = {"lm_head.weight"}
+        groups = [
+            {"params": [p for n, p in named.items() if n in decay and n not in head], "weight_decay": 0.1},
+            {"params": [p for n, p in named.items() if n not in decay and n not in head], "weight_decay": 0.0},
+            {"params": [named["lm_head.weight"]], "weight_decay": 0.1, "lr": 1e-3},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+        schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=10)
+        losses = []
+        for _ in range(10):
+            loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+            loss.backward()
+            losses.append(loss.item())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+        self.assert_close(ours["losses"], torch.tensor(losses, dtype=torch.float64), 1e-5, "losses over 10 steps")
+        self.assertLess(losses[-1], losses[0] - 0.1, "the model learned")
+        worst, compared = 0.0, 0
+        for name, p in named.items():
+            worst = max(worst, (ours["param:" + name] - p.detach()).abs().max().item())
+            compared += 1
+        print(f"{compared} parameters after 10 AdamW steps: max abs difference {worst:.3g}")
+        self.assertEqual(compared, len([k for k in ours if k.startswith("param:")]))
+        self.assertLessEqual(worst, PARAM_TOLERANCE)
+
+
+if __name__ == "__main__":
+    unittest.main()
