@@ -182,8 +182,11 @@ int run(const Common& common, const RunArgs& args) {
       chain.push_back(&cell);
       std::vector<fs::path> finals;  // what the stages so far changed
       std::optional<std::int64_t> parent;
-      const std::string cell_prefix = "[" + ex.name + " " + std::to_string(cell.index + 1) + "/" +
-                                      std::to_string(ex.cells.size()) + (cell.label == ex.name ? "" : " " + cell.label) + "]";
+      const std::string cell_id = ex.name + " " + std::to_string(cell.index + 1) + "/" + std::to_string(ex.cells.size());
+      // Staged cells: the label once, then "[name k/N | stage i/M stage-name]" on every line, which says
+      // which stage without repeating axes that can be long.
+      if (cell.stage_count > 1) std::cerr << "[" << cell_id << "] " << (cell.label == ex.name ? "(no grid axes)" : cell.label) << "\n";
+      const std::string cell_prefix = "[" + cell_id + (cell.label == ex.name || cell.stage_count > 1 ? "" : " " + cell.label) + "]";
       for (const Cell* stage_ptr : chain) {
         const Cell& stage = *stage_ptr;
         const bool last = stage_ptr == &cell;

@@ -1,5 +1,5 @@
 // runner compare: one row per run of an experiment, the grid axes as columns, first and final eval loss and
-// the final metrics.
+// the final metrics; with [[stages]], which stage each run is.
 
 #include <algorithm>
 #include <fstream>
@@ -83,13 +83,21 @@ int compare(const Common& common, const CompareArgs& args) {
     rows.push_back(std::move(r));
   }
 
+  // Staged cells: a run is one stage; the column says which ("3/3 instruct"). Without --all only the last
+  // stages are listed (the cells' results); --all adds the earlier ones, shared ones once.
+  const bool staged = std::any_of(rows.begin(), rows.end(), [](const Row& r) { return r.run.stages_total > 1; });
   std::vector<std::string> header{"run"};
+  if (staged) header.push_back("stage");
   for (const auto& a : axes) header.push_back(a);
   for (const char* h : {"status", "step", "trainable%", "eval_loss@first", "eval_loss"}) header.push_back(h);
   for (const auto& m : metric_names) header.push_back(m);
   std::vector<std::vector<std::string>> table;
   for (const auto& r : rows) {
     std::vector<std::string> cells{std::to_string(r.run.id)};
+    if (staged) {
+      cells.push_back(std::to_string(r.run.stage + 1) + "/" + std::to_string(r.run.stages_total) +
+                      (r.run.stage_name.empty() ? "" : " " + report::printable(r.run.stage_name)));
+    }
     for (const auto& a : axes) cells.push_back(r.run.axes.contains(a) ? value_label(r.run.axes[a]) : "");
     cells.push_back(store::status_name(r.run.status));
     cells.push_back(std::to_string(r.last_step) + "/" + std::to_string(r.run.steps_total));

@@ -174,3 +174,82 @@ TEST_CASE("a grid of several cells cannot export to one folder", "[grid][errors]
                                                  "[export]\nbackbone = \"out\"\n[grid]\n\"train.lr\" = [1e-3, 2e-3]\n"));
   CHECK_THAT(msg, Catch::Contains("export: a grid of several cells"));
 }
+
+namespace {
+const char* kStages = R"(
+[[stages]]
+name = "align"
+strategy = ["projector"]
+train = { steps = 6, lr = 2e-3 }
+
+[[stages]]
+name = "tune"
+strategy = ["projector", "head"]
+data.train = { plugin = "shapes", split = "train", size = 32, image_size = 16, tasks = ["color"] }
+train = { steps = 4 }
+)";
+}  // namespace
+
+TEST_CASE("stages: each merges over the file's tables, a cell is its last stage with the earlier ones before it", "[grid][stages]") {
+  TempDir dir;
+  auto ex = load(dir, tiny_experiment("s", 8, 4, kStages));
+  compute_keys(ex);
+  REQUIRE(ex.cells.size() == 1);
+  const auto& cell = ex.cells[0];
+  REQUIRE(cell.before.size() == 1);
+  const auto& align = cell.before[0];
+  CHECK(align.stage_name == "align");
+  CHECK(align.stage_index == 0);
+  CHECK(cell.stage_name == "tune");
+  CHECK(cell.stage_index == 1);
+  CHECK(cell.stage_count == 2);
+  // A stage's strategy replaces the file's; its train table merges key by key over [train].
+  REQUIRE(align.strategies.size() == 1);
+  CHECK(align.strategies[0].id == "projector");
+  CHECK(align.train.steps == 6);
+  CHECK(align.train.lr == Approx(2e-3));
+  CHECK(cell.train.steps == 4);
+  CHECK(cell.train.lr == Approx(1e-3));       // [train]'s, not the previous stage's
+  CHECK(cell.train.batch_size == 4);          // [train]'s
+  CHECK(cell.strategies.size() == 2);
+  CHECK(cell.config["data"]["train"]["tasks"] == sdk::Json::array({"color"}));
+  CHECK(align.config["data"]["train"]["size"] == 64);  // the file's [data]
+}
+
+TEST_CASE("stages: keys chain, so a shared prefix has one key and a changed stage changes its successors only", "[grid][stages]") {
+  TempDir dir;
+  auto ex = load(dir, tiny_experiment("s", 8, 4, std::string(kStages) + "[grid]\n\"stages.tune.train.lr\" = [1e-3, 3e-3]\n"));
+  compute_keys(ex);
+  REQUIRE(ex.cells.size() == 2);
+  CHECK(ex.cells[0].before[0].key == ex.cells[1].before[0].key);  // stage 1 shared
+  CHECK(ex.cells[0].key != ex.cells[1].key);
+  CHECK(ex.cells[1].train.lr == Approx(3e-3));
+  CHECK(ex.cells[0].before[0].label == "stage 1/2 align");  // the axis does not reach stage 1
+  CHECK(ex.cells[1].label == "stages.tune.train.lr=0.003");
+
+  // By index, on the first stage: nothing is shared, and the second stage's key follows the first's.
+  auto by_index = load(dir, tiny_experiment("s", 8, 4, std::string(kStages) + "[grid]\n\"stages.0.train.lr\" = [1e-3, 3e-3]\n"));
+  compute_keys(by_index);
+  CHECK(by_index.cells[0].before[0].key != by_index.cells[1].before[0].key);
+  CHECK(by_index.cells[0].key != by_index.cells[1].key);
+  CHECK(by_index.cells[1].before[0].train.lr == Approx(3e-3));
+  CHECK(by_index.cells[1].train.lr == Approx(1e-3));
+  // The same stage 1 in another file (bookkeeping changed) has the same key.
+  std::string other = std::string(kStages) + "[grid]\n\"stages.tune.train.lr\" = [1e-3, 3e-3]\n";
+  auto renamed = load(dir, tiny_experiment("s", 8, 4, other).replace(tiny_experiment("s", 8, 4, other).find("log_every = 2"), 13, "log_every = 1"));
+  compute_keys(renamed);
+  CHECK(renamed.cells[0].before[0].key == ex.cells[0].before[0].key);
+}
+
+TEST_CASE("stages: what a stage may not set, duplicate names and unknown stages are errors with their line", "[grid][stages][errors]") {
+  TempDir dir;
+  CHECK_THAT(error_of(dir, tiny_experiment("s", 8, 4, "[[stages]]\nname = \"a\"\nmodel = { layout = \"prefix\" }\n")),
+             Catch::Contains("the model and export belong to the whole cell"));
+  CHECK_THAT(error_of(dir, tiny_experiment("s", 8, 4, "[[stages]]\nname = \"a\"\n[[stages]]\nname = \"a\"\n")),
+             Catch::Contains("two stages are called 'a'"));
+  const auto unknown = error_of(dir, tiny_experiment("s", 8, 4, std::string(kStages) + "[grid]\n\"stages.finetune.train.lr\" = [1e-3]\n"));
+  CHECK_THAT(unknown, Catch::Contains("x.toml:"));
+  CHECK_THAT(unknown, Catch::Contains("finetune"));
+  CHECK_THAT(error_of(dir, tiny_experiment("s", 8, 4, "[[stages]]\nname = \"a\"\ntrain = { stepz = 3 }\n")),
+             Catch::EndsWith("stepz: unknown key"));
+}
