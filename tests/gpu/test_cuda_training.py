@@ -1,0 +1,45 @@
+"""Training on the GPU (label `gpu`: scripts/test.sh skips it; run it with `ctest -L gpu` on a machine with CUDA).
+fp32 on CUDA computes what the CPU computes, to float rounding; bf16 and fp16 (with its loss scale) train to
+losses near fp32's; gradient checkpointing on CUDA changes no number."""
+import unittest
+
+from ablate_testing import TempDirTest, query, run, tiny_experiment
+
+STEPS = 30
+
+
+class CudaTrainingTest(TempDirTest):
+    def losses(self, db, cell):
+        return [l for (l,) in query(db, "SELECT s.loss FROM steps s JOIN runs r ON r.id = s.run_id "
+                                        "WHERE r.cell_index = ? AND s.split = 'train' ORDER BY s.step", cell)]
+
+    def grid(self, name, axis, device):
+        toml = self.write(f"{name}.toml", tiny_experiment(name, steps=STEPS, every=10, extra=f"[grid]\n{axis}\n",
+                                                          strategy='["projector", { plugin = "lora", r = 4 }]'))
+        db = self.dir / f"{name}.db"
+        out = run([toml, "--db", db, "--device", device])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual({s for (s,) in query(db, "SELECT status FROM runs")}, {"done"})
+        return db
+
+    def test_precisions(self):
+        cpu = self.grid("cpu", '"train.precision" = ["fp32"]', "cpu")
+        gpu = self.grid("gpu", '"train.precision" = ["fp32", "bf16", "fp16"]', "cuda")
+        reference = self.losses(cpu, 0)
+        self.assertEqual(len(reference), STEPS)
+        for cell, precision, tolerance in ((0, "fp32", 1e-3), (1, "bf16", 5e-2), (2, "fp16", 2e-2)):
+            losses = self.losses(gpu, cell)
+            worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+            print(f"{precision} on cuda: worst relative loss difference to the CPU's fp32 over {STEPS} steps {worst:.2e}")
+            self.assertLessEqual(worst, tolerance, precision)
+
+    def test_gradient_checkpointing_on_cuda(self):
+        db = self.grid("gc", '"train.gradient_checkpointing" = [false, ["encoder", "backbone"]]', "cuda")
+        plain, checkpointed = self.losses(db, 0), self.losses(db, 1)
+        worst = max(abs(a - b) for a, b in zip(plain, checkpointed))
+        print(f"gradient checkpointing on cuda: worst loss difference {worst:.2e}")
+        self.assertLessEqual(worst, 1e-5)
+
+
+if __name__ == "__main__":
+    unittest.main()
