@@ -34,7 +34,7 @@ struct CompareArgs {
 int compare(const Common& common, const CompareArgs& args);
 
 struct ReplayArgs {
-  std::int64_t run = 0;
+  std::vector<std::int64_t> runs;  ///< one run, or several shown side by side (matched on sample id)
   std::int64_t step = -1;  ///< -1: the last step with samples
   std::filesystem::path images;  ///< write images here when set
 };

@@ -21,7 +21,7 @@ usage:
   runner EXPERIMENT.toml... [options]   run every cell of the experiments' grids (alias: runner run ...)
   runner plugins                        list the plugins found: kind, id, version, file
   runner compare EXPERIMENT             one row per run: grid axes, eval loss, metrics
-  runner replay RUN [--step N]          the samples a run generated at a step
+  runner replay RUN... [--step N]       the samples a run generated at a step; several runs side by side
 
 Re-running an experiment skips finished cells, resumes interrupted ones from their last checkpoint and runs
 cells whose configuration changed. Results go to one SQLite file (--db), readable with sqlite3 or pandas.
@@ -73,10 +73,11 @@ int dispatch(int argc, char** argv) {
     positional.add("experiment", 1);
   } else if (command == "replay") {
     specific.add_options()
-        ("run", po::value<std::int64_t>(&rep.run), "run id (see runner compare)")
+        ("run", po::value<std::vector<std::int64_t>>(&rep.runs)->composing(),
+         "run id(s) (see runner compare); several: their samples side by side, as a decoding sweep's")
         ("step", po::value<std::int64_t>(&rep.step)->default_value(-1), "step (default: the last with samples)")
         ("images", po::value<std::string>(&images), "write the samples' images into this folder");
-    positional.add("run", 1);
+    positional.add("run", -1);
   }
   opts.add(specific);
 

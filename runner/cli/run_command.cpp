@@ -70,6 +70,14 @@ void collect(const fs::path& file, const PluginHost& host, std::vector<Experimen
 
 std::string short_key(const std::string& key) { return key.substr(0, 12); }
 
+// The checkpoint a decoding sweep evaluates: the last one of its training run (a finished run always has
+// one at its final step).
+fs::path trained_checkpoint(store::Store& db, std::int64_t run_id) {
+  const auto cks = db.checkpoints(run_id);
+  if (cks.empty()) throw std::runtime_error("run " + std::to_string(run_id) + " has no checkpoint to evaluate");
+  return cks.back().path;
+}
+
 void print_cells(const Experiment& ex, std::ostream& out) {
   out << "experiment " << ex.name << " (" << ex.file.string() << "): " << ex.cells.size() << " cell"
       << (ex.cells.size() == 1 ? "" : "s") << "\n";
@@ -199,13 +207,20 @@ int run(const Common& common, const RunArgs& args) {
         } else {
           run_id = db.create_run(new_run(exp_id, stage, parent));
         }
-        const std::string prefix =
-            cell.stage_count > 1 ? cell_prefix.substr(0, cell_prefix.size() - 1) + " | stage " + std::to_string(stage.stage_index + 1) +
-                                       "/" + std::to_string(stage.stage_count) + " " + stage.stage_name + "]"
-                                 : cell_prefix;
+        std::string part;  // which link of the chain: a stage, the training before a decoding sweep, or the sweep
+        if (stage.decode_only) {
+          part = "decode";
+        } else if (stage.stage_count > 1) {
+          part = "stage " + std::to_string(stage.stage_index + 1) + "/" + std::to_string(stage.stage_count) + " " + stage.stage_name;
+        } else if (chain.size() > 1) {
+          part = "train";
+        }
+        const std::string prefix = part.empty() ? cell_prefix : cell_prefix.substr(0, cell_prefix.size() - 1) + " | " + part + "]";
         // A stage that is done but whose weights file is gone (or damaged) resumes from its last checkpoint,
         // which rewrites the file.
-        if (run && run->status == store::Status::done && stage.stage_count > 1 &&
+        const Cell* next = last ? nullptr : *(std::find(chain.begin(), chain.end(), stage_ptr) + 1);
+        const bool feeds_stage = next && !next->decode_only;  // the next link starts from this one's final weights
+        if (run && run->status == store::Status::done && feeds_stage &&
             (run->final_path.empty() || !fs::exists(run->final_path) || sdk::sha256_file(run->final_path) != run->final_sha256)) {
           std::cerr << prefix << " run " << run_id << " is done but its weights file is missing or damaged; rebuilding it\n";
           db.set_status(run_id, store::Status::interrupted, "final weights missing");
@@ -221,7 +236,7 @@ int run(const Common& common, const RunArgs& args) {
             if (!last) ++skipped;
             break;  // the stages after a diverged one cannot run
           }
-          if (!last) finals.push_back(run->final_path);
+          if (feeds_stage) finals.push_back(run->final_path);
           parent = run_id;
           continue;
         }
@@ -229,7 +244,7 @@ int run(const Common& common, const RunArgs& args) {
         ctx.progress_prefix = prefix;
         Outcome outcome;
         try {
-          outcome = run_cell(ex, stage, run_id, ctx, finals);
+          outcome = run_cell(ex, stage, run_id, ctx, finals, stage.decode_only ? trained_checkpoint(db, *parent) : fs::path());
         } catch (const sdk::InputError& e) {
           db.set_status(run_id, store::Status::failed, e.what());
           throw;
@@ -246,7 +261,7 @@ int run(const Common& common, const RunArgs& args) {
         }
         ++done;
         if (outcome == Outcome::diverged) break;
-        if (!last) finals.push_back(db.run(run_id)->final_path);
+        if (feeds_stage) finals.push_back(db.run(run_id)->final_path);
         parent = run_id;
       }
     }

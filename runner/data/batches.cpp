@@ -13,7 +13,10 @@ Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, 
 
 Example Collator::prepare(sdk::Sample sample) const {
   Example ex;
-  ex.pixels = sdk::prepare_image(sample.image, spec_);
+  // A text-only sample (an empty image, as LLaVA's instruction mixes have) still goes through the image
+  // tokens of the layout: it gets zeros after normalisation, the dataset's mean colour.
+  ex.pixels = sample.image.size() == 0 ? torch::zeros({3, spec_.height, spec_.width})
+                                       : sdk::prepare_image(sample.image, spec_);
   ex.prompt_ids = tokenizer_.encode(sample.prompt, /*add_special_tokens=*/true);
   ex.target_ids = tokenizer_.encode(sample.target, false);
   if (tokenizer_.eos_id() >= 0) ex.target_ids.push_back(tokenizer_.eos_id());

@@ -184,6 +184,8 @@ DataRef data_ref(sdk::Options& data, const char* name, const PluginHost& host) {
   DataRef ref;
   ref.limit = t.get("limit", std::int64_t{0});
   if (ref.limit < 0) t.fail("limit", "must be 0 (all) or positive");
+  ref.on_bad_sample = t.get("on_bad_sample", ref.on_bad_sample);
+  if (ref.on_bad_sample != "fail" && ref.on_bad_sample != "skip") t.fail("on_bad_sample", "must be \"fail\" or \"skip\"");
   ref.plugin = plugin_ref(t, sdk::Kind::dataset, std::string("/data/") + name, host);
   return ref;
 }
@@ -202,6 +204,12 @@ EvalConfig eval_config(sdk::Options& e, const PluginHost& host) {
   c.generate.top_k = g.get("top_k", c.generate.top_k);
   c.generate.stop = g.get("stop", c.generate.stop);
   c.group_by = e.get("group_by", c.group_by);
+  c.postprocess = e.get("postprocess", c.postprocess);
+  for (const auto& step : c.postprocess) {
+    if (step != "first_line" && step != "strip" && step != "lowercase") {
+      e.fail("postprocess", "'" + step + "' is not one of first_line, strip, lowercase");
+    }
+  }
   if (c.every < 0) e.fail("every", "must be 0 (only at the end) or positive");
   if (c.samples < 0) e.fail("samples", "must not be negative");
   if (c.batch_size <= 0) e.fail("batch_size", "must be positive");
@@ -414,7 +422,13 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
   // The cartesian product, first axis slowest.
   std::size_t total = 1;
   for (const auto& a : axes) total *= a.values.size();
-  for (std::size_t n = 0; n < total; ++n) {
+  // Decoding axes (eval.generate..., eval.postprocess) change only what evaluation does: see Cell::decode_only.
+  auto is_decoding = [](const Axis& a) {
+    return a.path.size() >= 2 && a.path[0] == "eval" && (a.path[1] == "generate" || a.path[1] == "postprocess");
+  };
+  const bool sweeps = std::any_of(axes.begin(), axes.end(), is_decoding);
+  // Cell n of the product; without_decoding: the decoding axes left at the file's values.
+  auto make_cell = [&](std::size_t n, bool without_decoding) {
     Cell cell;
     cell.index = static_cast<std::int64_t>(n);
     cell.config = base;
@@ -429,6 +443,7 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
     std::vector<std::int64_t> axis_stage(axes.size(), -1);  // the stage an axis sets, or -1 for the whole cell
     for (std::size_t i = 0; i < axes.size(); ++i) {
       const auto& a = axes[i];
+      if (without_decoding && is_decoding(a)) continue;
       const Json& value = a.values[pick[i]];
       auto bad = [&](const std::string& why) {
         return sdk::InputError(file.string() + ":" + std::to_string(a.line) + ": grid." + a.name + ": " + why);
@@ -475,13 +490,32 @@ Experiment load_experiment(const fs::path& file, const PluginHost& host) {
     cell.where = cell_where;
     if (cell.config.contains("stages")) {
       std::vector<AxisValue> chosen;
-      for (std::size_t i = 0; i < axes.size(); ++i) chosen.push_back({axes[i].name, axes[i].values[pick[i]], axis_stage[i]});
+      for (std::size_t i = 0; i < axes.size(); ++i) {
+        if (!(without_decoding && is_decoding(axes[i]))) chosen.push_back({axes[i].name, axes[i].values[pick[i]], axis_stage[i]});
+      }
       expand_stages(cell, chosen, file.string(), host);
     } else {
       resolve(cell, file.string(), host);
     }
     if (cell.label.empty()) cell.label = cell.name;
-    ex.cells.push_back(std::move(cell));
+    return cell;
+  };
+  for (std::size_t n = 0; n < total; ++n) {
+    if (!sweeps) {
+      ex.cells.push_back(make_cell(n, false));
+      continue;
+    }
+    // The training (its stages, if any) without the decoding axes, then a decode-only run after it.
+    Cell training = make_cell(n, true);
+    Cell decode = make_cell(n, false);
+    decode.before = std::move(training.before);
+    training.before.clear();
+    decode.before.push_back(std::move(training));
+    decode.decode_only = true;
+    decode.stage_name = "decode";
+    decode.stage_index = decode.before.back().stage_count;
+    decode.stage_count = decode.stage_index + 1;
+    ex.cells.push_back(std::move(decode));
   }
 
   ex.name = ex.cells.front().name;
@@ -581,10 +615,17 @@ void compute_keys(Experiment& ex) {
       cell.key = own_key(ex, cell);
       continue;
     }
-    // A stage's key chains the keys of every stage up to it: equal keys mean equal training so far.
+    // A stage's key chains the keys of every stage up to it: equal keys mean equal training so far. An
+    // unstaged training run before a decode-only run keeps the key it has on its own.
     std::string chain;
     auto link = [&](Cell& stage) {
-      chain = sdk::sha256_hex(Json{{"after", chain}, {"stage", own_key(ex, stage)}}.dump());
+      if (stage.decode_only) {
+        chain = sdk::sha256_hex(Json{{"after", chain}, {"decode", own_key(ex, stage)}}.dump());
+      } else if (stage.stage_count == 1) {
+        chain = own_key(ex, stage);
+      } else {
+        chain = sdk::sha256_hex(Json{{"after", chain}, {"stage", own_key(ex, stage)}}.dump());
+      }
       stage.key = chain;
     };
     for (auto& stage : cell.before) link(stage);

@@ -32,6 +32,9 @@ struct PluginRef {
 struct DataRef {
   PluginRef plugin;
   std::int64_t limit = 0;  ///< 0: every sample
+  /// A sample the dataset cannot make (sdk::SampleError: a missing or corrupt image): "fail" stops the run
+  /// naming it; "skip" reports it and goes on (training takes the next sample that works instead).
+  std::string on_bad_sample = "fail";
 };
 
 struct Schedule {
@@ -78,6 +81,9 @@ struct EvalConfig {
   std::int64_t samples = 16;  ///< generations stored per evaluation
   std::int64_t batch_size = 32;
   GenerateConfig generate;
+  /// Applied in order to each generated text before metrics see it: "first_line" (cut at the first
+  /// newline), "strip" (surrounding whitespace), "lowercase" (ASCII).
+  std::vector<std::string> postprocess;
   std::vector<PluginRef> metrics;
   /// A sample metadata field ("task", "question_type"): each metric is also recorded per value of it, as
   /// "exact_match[task=position]".
@@ -114,6 +120,12 @@ struct Cell {
   std::int64_t stage_index = 0;  ///< 0-based
   std::int64_t stage_count = 1;
   std::vector<Cell> before;      ///< the earlier stages, in order (empty without stages)
+
+  // ---- decoding sweeps: grid axes under eval.generate / eval.postprocess do not retrain. A cell with such
+  // axes is a decode-only run over the final checkpoint of its training run, which is the last of `before`
+  // (configured without those axes, so that cells differing only in decoding share it, and adding a
+  // decoding axis to a finished experiment trains nothing).
+  bool decode_only = false;
 
   /// A fresh options view over a plugin's table in this cell (for creating the plugin).
   sdk::Options options(const PluginRef& ref) const;

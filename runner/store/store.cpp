@@ -119,6 +119,11 @@ ALTER TABLE trainables ADD COLUMN lr REAL;            -- the module's base learn
 ALTER TABLE trainables ADD COLUMN weight_decay REAL;
 CREATE INDEX runs_by_parent ON runs(parent_run_id);
 )sql",
+    // 3: decoding sweeps and dataset reports.
+    R"sql(
+ALTER TABLE samples ADD COLUMN raw_output TEXT;  -- the generation before [eval] postprocess, if that changed it
+ALTER TABLE runs ADD COLUMN data_report TEXT;    -- JSON: what the datasets reported when built (counts)
+)sql",
 };
 
 constexpr int kSchemaVersion = static_cast<int>(sizeof(kMigrations) / sizeof(kMigrations[0]));
@@ -342,6 +347,12 @@ void Store::set_final(std::int64_t run_id, const std::string& path, const std::s
   tx.commit();
 }
 
+void Store::set_data_report(std::int64_t run_id, const Json& report) {
+  Transaction tx(db_);
+  db_.prepare("UPDATE runs SET data_report = ?2, updated_at = ?3 WHERE id = ?1").bind(1, run_id).bind(2, report.dump()).bind(3, now_iso8601()).run();
+  tx.commit();
+}
+
 void Store::update_cell(std::int64_t run_id, std::int64_t cell_index, const std::string& label, const Json& axes) {
   Transaction tx(db_);
   db_.prepare("UPDATE runs SET cell_index = ?2, label = ?3, axes = ?4 WHERE id = ?1")
@@ -389,12 +400,12 @@ void Store::record_eval(std::int64_t run_id, const StepRow& loss_row,
     image.reset();
   }
   auto sample = db_.prepare(
-      "INSERT INTO samples (run_id, step, decoding, sample_id, prompt, output, refs, score, scores, image_sha256) "
-      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
+      "INSERT INTO samples (run_id, step, decoding, sample_id, prompt, output, refs, score, scores, image_sha256, raw_output) "
+      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)");
   for (const auto& s : samples) {
     sample.bind(1, run_id).bind(2, s.step).bind(3, s.decoding.dump()).bind(4, s.sample_id).bind(5, s.prompt)
         .bind(6, s.output).bind(7, Json(s.references).dump()).bind(8, s.score).bind(9, s.scores.dump())
-        .bind(10, s.image_sha256.empty() ? std::optional<std::string>() : s.image_sha256);
+        .bind(10, s.image_sha256.empty() ? std::optional<std::string>() : s.image_sha256).bind(11, s.raw_output);
     sample.run();
     sample.reset();
   }
@@ -498,7 +509,7 @@ std::vector<std::int64_t> Store::sample_steps(std::int64_t run_id) {
 
 std::vector<SampleRow> Store::samples(std::int64_t run_id, std::int64_t step) {
   auto st = db_.prepare(
-      "SELECT step, decoding, sample_id, prompt, output, refs, score, scores, image_sha256 FROM samples "
+      "SELECT step, decoding, sample_id, prompt, output, refs, score, scores, image_sha256, raw_output FROM samples "
       "WHERE run_id = ?1 AND step = ?2 ORDER BY rowid");
   st.bind(1, run_id).bind(2, step);
   std::vector<SampleRow> out;
@@ -513,6 +524,7 @@ std::vector<SampleRow> Store::samples(std::int64_t run_id, std::int64_t step) {
     s.score = st.maybe_real(6);
     s.scores = Json::parse(st.text(7));
     s.image_sha256 = st.text(8);
+    if (!st.is_null(9)) s.raw_output = st.text(9);
     out.push_back(std::move(s));
   }
   return out;

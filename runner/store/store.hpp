@@ -60,6 +60,7 @@ struct SampleRow {
   std::int64_t step = 0;
   Json decoding;
   std::string sample_id, prompt, output;
+  std::optional<std::string> raw_output;  ///< the generated text before [eval] postprocess, when that changed it
   std::vector<std::string> references;
   Json scores = Json::object();
   std::optional<double> score;
@@ -124,6 +125,8 @@ class Store {
                  std::int64_t image_tokens);
   /// Records the file of weights a finished stage changed, for the stages after it.
   void set_final(std::int64_t run_id, const std::string& path, const std::string& sha256);
+  /// What the run's datasets reported when built (sdk::Dataset::report()), keyed "train" / "eval".
+  void set_data_report(std::int64_t run_id, const Json& report);
   void update_cell(std::int64_t run_id, std::int64_t cell_index, const std::string& label, const Json& axes);
 
   // ---- what a run records as it goes (each call is one transaction)

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <iostream>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -156,8 +157,79 @@ sdk::Component& component(VlmModel& model, const std::string& part) {
 
 }  // namespace
 
+namespace {
+
+// Copies the trainable parameters saved in checkpoint folder `dir` into `model` (the strategies already
+// applied, so that LoRA layers exist).
+void load_trainable(VlmModel& model, const fs::path& dir) {
+  auto saved = sdk::read_safetensors(dir / "trainable.safetensors");
+  torch::NoGradGuard no_grad;
+  for (auto& p : model.named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    auto it = saved.find(p.key());
+    if (it == saved.end()) throw std::runtime_error(dir.string() + ": checkpoint lacks " + p.key());
+    p.value().copy_(it->second);
+  }
+}
+
+// [eval] postprocess, in order.
+std::string postprocess(std::string text, const std::vector<std::string>& steps) {
+  for (const auto& step : steps) {
+    if (step == "first_line") {
+      text = text.substr(0, text.find('\n'));
+    } else if (step == "strip") {
+      const auto b = text.find_first_not_of(" \t\r\n\v\f");
+      const auto e = text.find_last_not_of(" \t\r\n\v\f");
+      text = b == std::string::npos ? "" : text.substr(b, e - b + 1);
+    } else if (step == "lowercase") {
+      for (auto& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+  }
+  return text;
+}
+
+// Samples a dataset cannot make (sdk::SampleError), as [data] on_bad_sample says: "fail" stops the run
+// naming the sample; "skip" reports each once and leaves it out. Called from the data worker threads.
+class BadSamples {
+ public:
+  BadSamples(const DataRef& ref, std::ostream& out) : ref_(ref), out_(out) {}
+  std::optional<sdk::Sample> get(const sdk::Dataset& set, std::size_t i) {
+    std::optional<sdk::SampleError> bad;
+    auto sample = guarded(ref_.plugin.qualified(), "get", [&]() -> std::optional<sdk::Sample> {
+      try {
+        return set.get(i);
+      } catch (const sdk::SampleError& e) {
+        bad = e;
+        return std::nullopt;
+      }
+    });
+    if (!bad) return sample;
+    if (ref_.on_bad_sample == "fail") {
+      throw sdk::InputError(ref_.plugin.display + ": sample " + bad->sample_id() + ": " + bad->what() +
+                            " (on_bad_sample = \"skip\" leaves such samples out)");
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (skipped_.insert(bad->sample_id()).second) {
+      out_ << "  skipping sample " << bad->sample_id() << " of " << ref_.plugin.display << ": " << bad->what() << "\n";
+    }
+    return std::nullopt;
+  }
+  std::size_t skipped() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return skipped_.size();
+  }
+
+ private:
+  const DataRef& ref_;
+  std::ostream& out_;
+  mutable std::mutex mu_;
+  std::set<std::string> skipped_;
+};
+
+}  // namespace
+
 Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx,
-                 const std::vector<std::filesystem::path>& earlier_stages) {
+                 const std::vector<std::filesystem::path>& earlier_stages, const fs::path& checkpoint_dir) {
   auto& out = std::cerr;
   const auto& host = ctx.host;
   const TrainConfig& tc = cell.train;
@@ -178,6 +250,18 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   const auto eval_count = cell.eval_data.limit > 0 ? std::min<std::size_t>(eval_set->size(), cell.eval_data.limit) : eval_set->size();
   if (train_count == 0) throw sdk::InputError(cell.train_data.plugin.display + ": the training set is empty");
   bctx.vocabulary = guarded(cell.train_data.plugin.qualified(), "vocabulary", [&] { return train_set->vocabulary(); });
+  BadSamples bad_train(cell.train_data, out), bad_eval(cell.eval_data, out);
+  // What building the datasets decided (samples dropped, how targets were chosen): shown and kept.
+  sdk::Json data_report = sdk::Json::object();
+  for (const auto& [role, set] : {std::pair<const char*, const sdk::Dataset*>{"train", train_set.get()}, {"eval", eval_set.get()}}) {
+    auto r = guarded(role == std::string("train") ? cell.train_data.plugin.qualified() : cell.eval_data.plugin.qualified(), "report",
+                     [&, set = set] { return set->report(); });
+    if (!r.empty()) data_report[role] = r;
+  }
+  if (!data_report.empty()) {
+    out << "  data: " << data_report.dump() << "\n";
+    ctx.store.set_data_report(run_id, data_report);
+  }
 
   // ---- model. Each part is built from its own seed, so adding a part never shifts another's initialisation.
   auto build = [&](const PluginRef& ref, std::uint64_t salt, auto create) {
@@ -260,8 +344,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     }
     return extra;
   };
-  ctx.store.record_trainables(run_id, rows);
-  print_trainables(rows, out);
+  if (!cell.decode_only) {
+    ctx.store.record_trainables(run_id, rows);
+    print_trainables(rows, out);
+  }
 
   TrainOptimizer optimizer(params, settings, tc);
   const bool loss_on_text = tc.loss_on == "text";
@@ -278,14 +364,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       continue;
     }
     start = ck.step;
-    auto saved = sdk::read_safetensors(dir / "trainable.safetensors");
-    torch::NoGradGuard no_grad;
-    for (auto& p : model->named_parameters()) {
-      if (!p.value().requires_grad()) continue;
-      auto it = saved.find(p.key());
-      if (it == saved.end()) throw std::runtime_error(dir.string() + ": checkpoint lacks " + p.key());
-      p.value().copy_(it->second);
-    }
+    load_trainable(*model, dir);
     torch::load(optimizer.adamw(), (dir / "optimizer.pt").string());
     auto state = sdk::read_safetensors(dir / "rng.safetensors");
     {
@@ -307,7 +386,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   // ---- evaluation
   std::vector<Example> eval_examples;
   for (std::size_t i = 0; i < eval_count; ++i) {
-    eval_examples.push_back(collator.prepare(guarded(cell.eval_data.plugin.qualified(), "get", [&] { return eval_set->get(i); })));
+    if (auto sample = bad_eval.get(*eval_set, i)) eval_examples.push_back(collator.prepare(std::move(*sample)));
   }
   std::vector<std::pair<PluginRef, std::shared_ptr<sdk::Metric>>> metrics;
   for (const auto& ref : ec.metrics) {
@@ -322,7 +401,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     AutocastGuard autocast(ctx.device, tc.precision);
     double loss_sum = 0;
     std::int64_t tokens = 0, loss_tokens = 0;
-    std::vector<std::string> predictions;
+    std::vector<std::string> predictions, raw;  // raw: before [eval] postprocess
     std::vector<std::vector<std::string>> references;
     const auto bs = static_cast<std::size_t>(ec.batch_size);
     for (std::size_t i = 0; i < eval_examples.size(); i += bs) {
@@ -336,34 +415,55 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       }
       auto gen = model->generate(collator.generation_batch(chunk), ec.generate, cell.seed + static_cast<std::uint64_t>(step));
       for (std::size_t j = 0; j < chunk.size(); ++j) {
-        predictions.push_back(gen.text[j]);
+        raw.push_back(gen.text[j]);
+        predictions.push_back(postprocess(gen.text[j], ec.postprocess));
         references.push_back(chunk[j].sample.references.empty() ? std::vector<std::string>{chunk[j].sample.target}
                                                                : chunk[j].sample.references);
       }
     }
     model->train();
+    // Each metric on the whole set, then on each group's subset (a corpus-level value such as BLEU's is
+    // computed on the group's samples, not averaged from sentence scores).
     std::vector<std::pair<std::string, double>> values;
-    std::vector<std::vector<double>> per_sample;
-    for (const auto& [ref, metric] : metrics) {
-      auto scores = guarded(ref.qualified(), "score", [&] { return metric->score(predictions, references); });
-      values.emplace_back(ref.id, guarded(ref.qualified(), "aggregate", [&] { return metric->aggregate(scores); }));
-      if (!ec.group_by.empty()) {
-        std::map<std::string, std::vector<double>> groups;
-        for (std::size_t j = 0; j < scores.size(); ++j) {
-          const auto& meta = eval_examples[j].sample.metadata;
-          const auto it = meta.find(ec.group_by);
-          if (it == meta.end()) continue;
-          groups[it->is_string() ? it->get<std::string>() : it->dump()].push_back(scores[j]);
-        }
-        for (const auto& [value, group] : groups) {
-          values.emplace_back(ref.id + "[" + ec.group_by + "=" + value + "]", metric->aggregate(group));
-        }
+    std::vector<std::pair<std::string, std::vector<double>>> per_sample;  // name -> one score per prediction
+    std::map<std::string, std::vector<std::size_t>> groups;
+    if (!ec.group_by.empty()) {
+      for (std::size_t j = 0; j < predictions.size(); ++j) {
+        const auto& meta = eval_examples[j].sample.metadata;
+        const auto it = meta.find(ec.group_by);
+        if (it != meta.end()) groups[it->is_string() ? it->get<std::string>() : it->dump()].push_back(j);
       }
-      per_sample.push_back(std::move(scores));
+    }
+    for (const auto& [ref, metric] : metrics) {
+      auto run_metric = [&, &ref = ref, &metric = metric](const std::vector<std::string>& p, const std::vector<std::vector<std::string>>& r) {
+        auto result = guarded(ref.qualified(), "evaluate", [&] { return metric->evaluate(p, r); });
+        for (auto& v : result) {
+          if (v.name.empty()) v.name = ref.id;
+          if (v.per_sample.size() != p.size()) {
+            throw std::runtime_error(ref.qualified() + ": evaluate: " + std::to_string(v.per_sample.size()) + " scores for " +
+                                     std::to_string(p.size()) + " predictions");
+          }
+        }
+        return result;
+      };
+      for (auto& v : run_metric(predictions, references)) {
+        values.emplace_back(v.name, v.value);
+        per_sample.emplace_back(v.name, std::move(v.per_sample));
+      }
+      for (const auto& [value, members] : groups) {
+        std::vector<std::string> p;
+        std::vector<std::vector<std::string>> r;
+        for (auto j : members) {
+          p.push_back(predictions[j]);
+          r.push_back(references[j]);
+        }
+        for (const auto& v : run_metric(p, r)) values.emplace_back(v.name + "[" + ec.group_by + "=" + value + "]", v.value);
+      }
     }
     std::vector<store::SampleRow> samples;
     std::vector<store::ImageRow> images;
-    const auto decoding = ec.generate.to_json();
+    auto decoding = ec.generate.to_json();
+    if (!ec.postprocess.empty()) decoding["postprocess"] = ec.postprocess;
     for (std::size_t j = 0; j < predictions.size() && j < static_cast<std::size_t>(ec.samples); ++j) {
       const auto& s = eval_examples[j].sample;
       store::SampleRow row;
@@ -373,8 +473,9 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       row.prompt = s.prompt;
       row.output = predictions[j];
       row.references = references[j];
-      for (std::size_t m = 0; m < metrics.size(); ++m) row.scores[metrics[m].first.id] = per_sample[m][j];
-      if (!metrics.empty()) row.score = per_sample[0][j];
+      if (raw[j] != predictions[j]) row.raw_output = raw[j];
+      for (const auto& [name, scores] : per_sample) row.scores[name] = scores[j];
+      if (!per_sample.empty()) row.score = per_sample.front().second[j];
       if (s.image.size() > 0) {
         store::ImageRow im;
         im.bytes = sdk::encode_png(s.image);
@@ -446,6 +547,15 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     for (const auto& p : dropped) fs::remove_all(p);
   };
 
+  // ---- a decoding sweep: the training run's final weights, evaluated once with this cell's decoding.
+  if (cell.decode_only) {
+    load_trainable(*model, checkpoint_dir);
+    out << "  evaluating " << checkpoint_dir.string() << " with " << ec.generate.to_json().dump()
+        << (ec.postprocess.empty() ? "" : ", postprocess " + sdk::Json(ec.postprocess).dump()) << "\n";
+    evaluate(tc.steps);
+    ctx.store.set_status(run_id, store::Status::done);
+    return Outcome::done;
+  }
   if (start == 0 && ec.at_start) evaluate(0);
 
   // ---- the loop
@@ -464,7 +574,12 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       std::vector<Example> examples;
       for (std::int64_t j = 0; j < tc.batch_size; ++j) {
         const auto i = idx[static_cast<std::size_t>(m * tc.batch_size + j)];
-        examples.push_back(collator.prepare(guarded(cell.train_data.plugin.qualified(), "get", [&] { return train_set->get(i); })));
+        // A sample that cannot be made (on_bad_sample = "skip") is replaced by the next one in the dataset
+        // that can: deterministic, so a resumed run draws the same batches.
+        std::optional<sdk::Sample> sample;
+        for (std::size_t k = 0; k < train_count && !sample; ++k) sample = bad_train.get(*train_set, (i + k) % train_count);
+        if (!sample) throw sdk::InputError(cell.train_data.plugin.display + ": no sample of the training set can be made");
+        examples.push_back(collator.prepare(std::move(*sample)));
       }
       auto b = collator.train_batch(examples);
       if (ctx.device.is_cuda()) b.pixels = b.pixels.pin_memory();

@@ -35,9 +35,12 @@ struct RunContext {
 enum class Outcome { done, diverged, interrupted };
 
 /// Runs (or resumes) cell `cell` (or one stage of it) as run `run_id`. `earlier_stages`: for a stage, the
-/// files of weights the stages before it changed, applied in order before its strategies. Throws
-/// sdk::InputError on bad input, other exceptions on failures; the caller records them.
+/// files of weights the stages before it changed, applied in order before its strategies. For a
+/// decode-only cell, `checkpoint` is the training run's checkpoint folder: its trainable weights are
+/// loaded and the cell's evaluation runs once, without training. Throws sdk::InputError on bad input,
+/// other exceptions on failures; the caller records them.
 Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx,
-                 const std::vector<std::filesystem::path>& earlier_stages = {});
+                 const std::vector<std::filesystem::path>& earlier_stages = {},
+                 const std::filesystem::path& checkpoint = {});
 
 }  // namespace ablate

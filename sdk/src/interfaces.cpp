@@ -17,12 +17,21 @@ Backbone::~Backbone() = default;
 Strategy::~Strategy() = default;
 Dataset::~Dataset() = default;
 std::vector<std::string> Dataset::vocabulary() const { return {}; }
+Json Dataset::report() const { return Json::object(); }
+SampleError::~SampleError() = default;
 Metric::~Metric() = default;
 double Metric::aggregate(const std::vector<double>& scores) const {
   if (scores.empty()) return 0.0;
   double sum = 0.0;
   for (double s : scores) sum += s;
   return sum / static_cast<double>(scores.size());
+}
+std::vector<MetricValue> Metric::evaluate(const std::vector<std::string>& predictions,
+                                          const std::vector<std::vector<std::string>>& references) const {
+  MetricValue v;
+  v.per_sample = score(predictions, references);
+  v.value = aggregate(v.per_sample);
+  return {v};
 }
 Registry::~Registry() = default;
 

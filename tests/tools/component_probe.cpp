@@ -23,6 +23,9 @@
 //                                                                   folder (tokenizer_config.json honoured)
 //                                                                   IN: a JSON array of strings
 //                                                                   OUT: {"ids": [[...]], "decoded": [...]}
+//   component_probe metric ID OPTIONS.json IN.json OUT.json          IN: {"predictions": [...], "references":
+//                                                                   [[...], ...]}; OUT: the metric's evaluate()
+//                                                                   as [{"name", "value", "per_sample"}]
 //   component_probe train KIND ID WEIGHTS_DIR IN OUT SPEC.json     KIND: encoder or backbone. SPEC:
 //                                                                   {"strategy": [tables], "train": {[train]
 //                                                                   keys}, "steps": N, "grads": bool,
@@ -37,6 +40,13 @@
 //                                                                   grads "grad:NAME" for every trainable
 //                                                                   parameter, and "param:NAME" (names within
 //                                                                   the component)
+//   component_probe dataset ID OPTIONS.json OUT.json                 OPTIONS: the dataset's table (relative paths
+//                                                                   resolve against its folder). OUT: {"size",
+//                                                                   "report", "samples": [{"id", "prompt",
+//                                                                   "target", "references", "metadata", "image":
+//                                                                   {"shape", "sha256"}} or {"index", "error":
+//                                                                   {"sample_id", "message"}}]}. Exit status 2
+//                                                                   on an InputError, as the runner does
 // The backbone sees a left- or right-padded batch the way transformers does: positions count real tokens
 // from 0, padding is never attended to. Plugins are found as the runner finds them (ABLATE_PLUGIN_PATH and
 // the build tree).
@@ -50,6 +60,7 @@
 #include "ablate/sdk/weights.hpp"
 #include "host/plugin_host.hpp"
 #include "ablate/sdk/adapters.hpp"
+#include "ablate/sdk/hash.hpp"
 #include "model/vlm.hpp"
 #include "train/artifacts.hpp"
 #include "train/optimizer.hpp"
@@ -186,7 +197,76 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
   return 0;
 }
 
+// `metric` mode: a metric plugin's evaluate() on a whole set, as the runner calls it, so that tests can hold
+// metrics against the official Python scorers.
+int metric_probe(const std::string& id, const std::string& options_file, const std::string& in_file, const std::string& out_file) {
+  PluginHost host;
+  host.discover(PluginHost::search_path(std::filesystem::read_symlink("/proc/self/exe"), {}), std::cerr);
+  const auto table = sdk::read_json(options_file);
+  sdk::Options options(table, "", "metric", nullptr, options_file);
+  auto metric = host.create_metric(id, options, sdk::BuildContext{});
+  options.finish();
+  const auto in = sdk::read_json(in_file);
+  const auto predictions = in.at("predictions").get<std::vector<std::string>>();
+  const auto references = in.at("references").get<std::vector<std::vector<std::string>>>();
+  if (predictions.size() != references.size()) throw sdk::InputError(in_file + ": predictions and references differ in length");
+  sdk::Json out = sdk::Json::array();
+  for (const auto& v : metric->evaluate(predictions, references)) {
+    out.push_back({{"name", v.name.empty() ? id : v.name}, {"value", v.value}, {"per_sample", v.per_sample}});
+  }
+  sdk::write_json(out_file, out);
+  return 0;
+}
+
+// `dataset` mode: builds a dataset as the runner does and writes every sample, or the SampleError its get()
+// threw, with the dataset's report, so that tests can hold dataset plugins against Python reading the same files.
+int dataset_probe(const std::string& id, const std::string& options_file, const std::string& out_file) {
+  PluginHost host;
+  host.discover(PluginHost::search_path(std::filesystem::read_symlink("/proc/self/exe"), {}), std::cerr);
+  const auto table = sdk::read_json(options_file);
+  sdk::Options options(table, "", "dataset", nullptr, options_file);
+  sdk::BuildContext ctx;
+  ctx.base_dir = std::filesystem::absolute(options_file).parent_path();
+  auto dataset = host.create_dataset(id, options, ctx);
+  options.finish();
+  sdk::Json samples = sdk::Json::array();
+  for (std::size_t i = 0; i < dataset->size(); ++i) {
+    try {
+      const auto s = dataset->get(i);
+      const auto& im = s.image;
+      sdk::Json shape = sdk::Json::array();
+      for (auto d : im.shape()) shape.push_back(d);
+      samples.push_back({{"id", s.id}, {"prompt", s.prompt}, {"target", s.target}, {"references", s.references},
+                         {"metadata", s.metadata},
+                         {"image", {{"shape", shape}, {"sha256", sdk::Sha256().update(im.data(), im.size()).hex()}}}});
+    } catch (const sdk::SampleError& e) {
+      samples.push_back({{"index", i}, {"error", {{"sample_id", e.sample_id()}, {"message", e.what()}}}});
+    }
+  }
+  sdk::write_json(out_file, {{"size", dataset->size()}, {"report", dataset->report()}, {"samples", samples}});
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[1]) == "dataset") {
+    try {
+      return dataset_probe(argv[2], argv[3], argv[4]);
+    } catch (const sdk::InputError& e) {
+      std::cerr << "component_probe: " << e.what() << "\n";
+      return 2;
+    } catch (const std::exception& e) {
+      std::cerr << "component_probe: " << describe_exception(e) << "\n";
+      return 1;
+    }
+  }
+  if (argc == 6 && std::string(argv[1]) == "metric") {
+    try {
+      return metric_probe(argv[2], argv[3], argv[4], argv[5]);
+    } catch (const std::exception& e) {
+      std::cerr << "component_probe: " << describe_exception(e) << "\n";
+      return 1;
+    }
+  }
   if (argc == 8 && std::string(argv[1]) == "train") {
     try {
       return train_probe(argv[2], argv[3], argv[4], argv[5], argv[6], argv[7]);

@@ -96,7 +96,7 @@ TEST_CASE("a tiny grid runs end to end and records everything", "[run]") {
   cli::Common common;
   common.db = dir / "results" / "results.db";
   CHECK(cli::compare(common, {"tiny", false, true}) == 0);
-  CHECK(cli::replay(common, {runs[0].id, 8, dir / "images"}) == 0);
+  CHECK(cli::replay(common, {{runs[0].id}, 8, dir / "images"}) == 0);
   CHECK(std::filesystem::exists(dir / "images" / (db.samples(runs[0].id, 8)[0].image_sha256 + ".png")));
 }
 

@@ -36,7 +36,9 @@ TEST_CASE("discovery registers every built-in plugin with kind, id, version and 
   }
   for (const char* id : {"encoder/clip_vit", "projector/linear", "projector/git", "projector/mlp2x_gelu", "backbone/opt",
                          "strategy/full", "strategy/head", "strategy/projector", "strategy/encoder", "strategy/lora",
-                         "dataset/shapes", "metric/exact_match", "metric/rouge_l"}) {
+                         "encoder/siglip", "backbone/llama", "backbone/gpt2", "dataset/shapes", "dataset/llava_json",
+                         "dataset/m3it", "dataset/vqa", "dataset/coco_captions", "metric/exact_match", "metric/rouge_l",
+                         "metric/bleu", "metric/cider", "metric/vqa_accuracy"}) {
     CHECK(ids.count(id) == 1);
   }
 }

@@ -2,6 +2,7 @@
 // Datasets: indexed samples of image, prompt, target and references.
 
 #include <cstddef>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,22 @@ class Dataset {
   /// Every word this dataset's text can contain, if it is a closed set (synthetic data); empty otherwise.
   /// Lets a backbone built from scratch make a word-level tokenizer.
   virtual std::vector<std::string> vocabulary() const;
+  /// What building the dataset decided, as counts a researcher wants to see and keep: samples read,
+  /// dropped and why, how VQA targets were chosen... An object of name -> number (or nested objects);
+  /// the host prints it and stores it with the run. Empty by default.
+  virtual Json report() const;
+};
+
+/// A sample that cannot be made (an image that is missing or does not decode). The host skips the sample
+/// or stops, as `[data] on_bad_sample` says, naming `sample_id`.
+class SampleError : public std::runtime_error {
+ public:
+  SampleError(std::string sample_id, const std::string& what) : std::runtime_error(what), sample_id_(std::move(sample_id)) {}
+  ~SampleError() override;  // defined in the SDK library, so that its type information lives there
+  const std::string& sample_id() const { return sample_id_; }
+
+ private:
+  std::string sample_id_;
 };
 
 }  // namespace ablate::sdk
