@@ -20,35 +20,34 @@ namespace fs = std::filesystem;
 using data::Pointer;
 using value_t = sdk::Json::value_t;
 
-struct CocoCaptionsOptions {
-  std::string file;
-  std::string image_folder;  // default: the folder of `file`
+struct CocoCaptionsOptions : data::ImageFileOptions {  // image_folder: default the folder of `file`
   std::int64_t target_index = 0;
   std::string prompt;
-  std::int64_t limit = 0;
-  bool check_images = false;
 
   static CocoCaptionsOptions parse(sdk::Options& o) {
     CocoCaptionsOptions x;
-    x.file = o.require<std::string>("file");
-    x.image_folder = o.get("image_folder", x.image_folder);
+    x.read_with_file(o);
     x.target_index = o.get("target_index", x.target_index);
     x.prompt = o.get("prompt", x.prompt);
-    x.limit = o.get("limit", x.limit);
-    x.check_images = o.get("check_images", x.check_images);
     if (x.target_index < 0) o.fail("target_index", "must be 0 or positive");
-    if (x.limit < 0) o.fail("limit", "must be 0 (all) or positive");
+    data::check_limit(o, x.limit);
     return x;
   }
 };
 
-class CocoCaptions : public sdk::Dataset {
+struct CocoCaptionsItem {
+  std::string id, file_name, image, target;
+  std::int64_t image_id = 0;
+  std::vector<std::string> references;
+};
+
+class CocoCaptions : public data::ItemDataset<CocoCaptionsItem> {
  public:
   using options_type = CocoCaptionsOptions;
 
   CocoCaptions(const CocoCaptionsOptions& o, const sdk::BuildContext& ctx) : prompt_(o.prompt) {
     const auto file = sdk::resolve_path(ctx.base_dir, o.file);
-    root_ = data::ImageRoot(o.image_folder.empty() ? file.parent_path() : sdk::resolve_path(ctx.base_dir, o.image_folder));
+    root_ = data::image_root(ctx.base_dir, o.image_folder, file.parent_path());
     auto doc = data::JsonText::read(file);
     const auto& images = doc.need(Pointer(), "images", value_t::array);
     const auto& annotations = doc.need(Pointer(), "annotations", value_t::array);
@@ -68,7 +67,7 @@ class CocoCaptions : public sdk::Dataset {
     }
     std::int64_t no_captions = 0, clamped = 0, read = 0;
     for (std::size_t i = 0; i < images.size(); ++i) {
-      if (o.limit > 0 && static_cast<std::int64_t>(samples_.size()) >= o.limit) break;
+      if (full(o.limit)) break;
       ++read;
       const Pointer im = Pointer("/images") / i;
       const auto name = doc.string(im, "file_name");
@@ -78,7 +77,7 @@ class CocoCaptions : public sdk::Dataset {
         ++no_captions;
         continue;
       }
-      Item item;
+      CocoCaptionsItem item;
       item.image_id = doc.integer(im, "id");
       item.id = std::to_string(item.image_id);
       item.file_name = name;
@@ -98,18 +97,8 @@ class CocoCaptions : public sdk::Dataset {
                {"no_captions", no_captions},
                {"target_index_clamped", clamped}};
     doc.release();
-    if (o.check_images) {
-      std::vector<std::string> ids;
-      std::vector<fs::path> paths;
-      for (const auto& s : samples_) {
-        ids.push_back(s.id);
-        paths.emplace_back(s.image);
-      }
-      data::check_images_exist(file.string(), ids, paths);
-    }
+    if (o.check_images) check_images(file.string());
   }
-
-  std::size_t size() const override { return samples_.size(); }
 
   sdk::Sample get(std::size_t index) const override {
     const auto& item = samples_.at(index);
@@ -123,18 +112,9 @@ class CocoCaptions : public sdk::Dataset {
     return s;
   }
 
-  sdk::Json report() const override { return report_; }
-
  private:
-  struct Item {
-    std::string id, file_name, image, target;
-    std::int64_t image_id = 0;
-    std::vector<std::string> references;
-  };
   std::string prompt_;
   data::ImageRoot root_;
-  std::vector<Item> samples_;
-  sdk::Json report_;
 };
 
 }  // namespace ablate::plugins

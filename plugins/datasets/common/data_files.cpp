@@ -8,6 +8,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "ablate/sdk/component.hpp"
+
 namespace ablate::plugins::data {
 
 namespace fs = std::filesystem;
@@ -437,6 +439,25 @@ void check_images_exist(const std::string& origin, const std::vector<std::string
     throw sdk::InputError(origin + ": " + std::to_string(missing) + " of " + std::to_string(with_image) +
                           " images missing (check_images), first: " + first);
   }
+}
+
+void ImageFileOptions::read(sdk::Options& o) {
+  image_folder = o.get("image_folder", image_folder);
+  limit = o.get("limit", limit);
+  check_images = o.get("check_images", check_images);
+}
+
+void ImageFileOptions::read_with_file(sdk::Options& o) {
+  file = o.require<std::string>("file");
+  read(o);
+}
+
+void check_limit(sdk::Options& o, std::int64_t limit) {
+  if (limit < 0) o.fail("limit", "must be 0 (all) or positive");
+}
+
+ImageRoot image_root(const fs::path& base_dir, const std::string& image_folder, const fs::path& default_dir) {
+  return ImageRoot(image_folder.empty() ? default_dir : sdk::resolve_path(base_dir, image_folder));
 }
 
 std::string trim(std::string_view s) {

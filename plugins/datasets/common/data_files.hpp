@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ablate/sdk/dataset.hpp"
+#include "ablate/sdk/options.hpp"
 
 namespace ablate::plugins::data {
 
@@ -135,6 +136,51 @@ void check_images_exist(const std::string& origin, const std::vector<std::string
 
 /// Surrounding whitespace removed.
 std::string trim(std::string_view s);
+
+/// The options of the datasets whose images are files: file (the data file, where there is one),
+/// image_folder (empty: the folder of the data file), limit (0: all) and check_images. read() reads all but
+/// file, read_with_file() file (required) first; the check of limit is check_limit(), so that each plugin
+/// keeps the order of its checks.
+struct ImageFileOptions {
+  std::string file;
+  std::string image_folder;
+  std::int64_t limit = 0;
+  bool check_images = false;
+  void read(sdk::Options& o);
+  void read_with_file(sdk::Options& o);
+};
+/// Option limit: fails "must be 0 (all) or positive" when negative.
+void check_limit(sdk::Options& o, std::int64_t limit);
+/// The image folder: `image_folder` resolved against `base_dir`, or `default_dir` when it is empty.
+ImageRoot image_root(const std::filesystem::path& base_dir, const std::string& image_folder,
+                     const std::filesystem::path& default_dir);
+
+/// The part the dataset plugins here share: the samples, kept in order, size(), the report set at
+/// construction, the limit and the check_images option. `Item` has `id` and `image` (a path; empty: no
+/// image) where check_images() is used.
+template <class Item>
+class ItemDataset : public sdk::Dataset {
+ public:
+  std::size_t size() const override { return samples_.size(); }
+  sdk::Json report() const override { return report_; }
+
+ protected:
+  /// True once `limit` (0: none) samples are kept.
+  bool full(std::int64_t limit) const { return limit > 0 && static_cast<std::int64_t>(samples_.size()) >= limit; }
+  /// Option check_images: check_images_exist() over the samples.
+  void check_images(const std::string& origin) const {
+    std::vector<std::string> ids;
+    std::vector<std::filesystem::path> paths;
+    for (const auto& s : samples_) {
+      ids.push_back(s.id);
+      paths.emplace_back(s.image);
+    }
+    check_images_exist(origin, ids, paths);
+  }
+
+  std::vector<Item> samples_;
+  sdk::Json report_;
+};
 
 // ---- template definitions
 

@@ -34,46 +34,44 @@ namespace {
 constexpr const char* kImageToken = "<image>";
 }
 
-struct LlavaJsonOptions {
-  std::string file;
-  std::string image_folder;  // default: the folder of `file`
+struct LlavaJsonOptions : data::ImageFileOptions {  // image_folder: default the folder of `file`
   std::string turns = "all";
   std::string system;
   std::string user_prefix = "USER: ";
   std::string assistant_prefix = " ASSISTANT:";
   std::string separator = "\n";
-  std::int64_t limit = 0;
-  bool check_images = false;
 
   static LlavaJsonOptions parse(sdk::Options& o) {
     LlavaJsonOptions x;
-    x.file = o.require<std::string>("file");
-    x.image_folder = o.get("image_folder", x.image_folder);
+    x.read_with_file(o);
     x.turns = o.get("turns", x.turns);
     x.system = o.get("system", x.system);
     x.user_prefix = o.get("user_prefix", x.user_prefix);
     x.assistant_prefix = o.get("assistant_prefix", x.assistant_prefix);
     x.separator = o.get("separator", x.separator);
-    x.limit = o.get("limit", x.limit);
-    x.check_images = o.get("check_images", x.check_images);
     if (x.turns != "all" && x.turns != "first") o.fail("turns", "must be \"all\" or \"first\"");
-    if (x.limit < 0) o.fail("limit", "must be 0 (all) or positive");
+    data::check_limit(o, x.limit);
     return x;
   }
 };
 
-class LlavaJson : public sdk::Dataset {
+struct LlavaJsonItem {
+  std::string id, image, prompt, target;
+  int turn = 1, turns = 1;
+};
+
+class LlavaJson : public data::ItemDataset<LlavaJsonItem> {
  public:
   using options_type = LlavaJsonOptions;
 
   LlavaJson(const LlavaJsonOptions& o, const sdk::BuildContext& ctx) {
     const auto file = sdk::resolve_path(ctx.base_dir, o.file);
-    root_ = data::ImageRoot(o.image_folder.empty() ? file.parent_path() : sdk::resolve_path(ctx.base_dir, o.image_folder));
+    root_ = data::image_root(ctx.base_dir, o.image_folder, file.parent_path());
     auto doc = data::JsonText::read(file);
     const auto& entries = doc.at(Pointer(), value_t::array);
     std::int64_t text_only = 0, multi_turn = 0, exchanges_total = 0, unanswered = 0, without_token = 0, beyond_first = 0;
     for (std::size_t e = 0; e < entries.size(); ++e) {
-      if (o.limit > 0 && static_cast<std::int64_t>(samples_.size()) >= o.limit) break;
+      if (full(o.limit)) break;
       ++read_;
       const Pointer entry = Pointer() / e;
       const auto id = doc.id(entry, "id");
@@ -119,8 +117,8 @@ class LlavaJson : public sdk::Dataset {
           beyond_first += static_cast<std::int64_t>(exchanges - j);
           break;
         }
-        if (o.limit > 0 && static_cast<std::int64_t>(samples_.size()) >= o.limit) break;
-        Item item;
+        if (full(o.limit)) break;
+        LlavaJsonItem item;
         item.id = j == 0 ? id : id + "#" + std::to_string(j + 1);
         item.image = image_path;
         item.prompt = context + o.user_prefix + values[2 * j] + o.assistant_prefix;
@@ -132,15 +130,7 @@ class LlavaJson : public sdk::Dataset {
       }
     }
     doc.release();
-    if (o.check_images) {
-      std::vector<std::string> ids;
-      std::vector<fs::path> paths;
-      for (const auto& s : samples_) {
-        ids.push_back(s.id);
-        paths.emplace_back(s.image);
-      }
-      data::check_images_exist(file.string(), ids, paths);
-    }
+    if (o.check_images) check_images(file.string());
     report_ = {{"entries_read", read_},
                {"samples", samples_.size()},
                {"exchanges", exchanges_total},
@@ -150,8 +140,6 @@ class LlavaJson : public sdk::Dataset {
                {"unanswered_last_turn", unanswered},
                {"turns_not_used", beyond_first}};
   }
-
-  std::size_t size() const override { return samples_.size(); }
 
   sdk::Sample get(std::size_t index) const override {
     const auto& item = samples_.at(index);
@@ -165,17 +153,9 @@ class LlavaJson : public sdk::Dataset {
     return s;
   }
 
-  sdk::Json report() const override { return report_; }
-
  private:
-  struct Item {
-    std::string id, image, prompt, target;
-    int turn = 1, turns = 1;
-  };
   data::ImageRoot root_;
-  std::vector<Item> samples_;
   std::int64_t read_ = 0;
-  sdk::Json report_;
 };
 
 }  // namespace ablate::plugins

@@ -43,7 +43,7 @@ struct M3itOptions {
     } catch (const std::invalid_argument& e) {
       o.fail("prompt", e.what());
     }
-    if (x.limit < 0) o.fail("limit", "must be 0 (all) or positive");
+    data::check_limit(o, x.limit);
     return x;
   }
 };
@@ -74,7 +74,14 @@ std::vector<std::string> short_names(const std::vector<fs::path>& files) {
 
 }  // namespace
 
-class M3it : public sdk::Dataset {
+struct M3itItem {
+  std::string id, prompt, target;
+  std::size_t file = 0;
+  data::JsonlLine line;
+  int images = 0;
+};
+
+class M3it : public data::ItemDataset<M3itItem> {
  public:
   using options_type = M3itOptions;
 
@@ -88,11 +95,11 @@ class M3it : public sdk::Dataset {
       std::int64_t kept_here = 0;
       const auto file_name = files_[f].string();
       data::for_each_line(files_[f], [&](const data::JsonlLine& line, const std::string& text) {
-        if (o.limit > 0 && static_cast<std::int64_t>(samples_.size()) >= o.limit) return;
+        if (full(o.limit)) return;
         ++read;
         const data::JsonText doc(file_name, text, line.number);
         const Pointer row;
-        Item item;
+        M3itItem item;
         item.id = names[f] + ":" + std::to_string(line.number);
         item.file = f;
         item.line = line;
@@ -129,8 +136,6 @@ class M3it : public sdk::Dataset {
                {"per_file", per_file}};
   }
 
-  std::size_t size() const override { return samples_.size(); }
-
   sdk::Sample get(std::size_t index) const override {
     const auto& item = samples_.at(index);
     sdk::Sample s;
@@ -159,18 +164,8 @@ class M3it : public sdk::Dataset {
     return s;
   }
 
-  sdk::Json report() const override { return report_; }
-
  private:
-  struct Item {
-    std::string id, prompt, target;
-    std::size_t file = 0;
-    data::JsonlLine line;
-    int images = 0;
-  };
   std::vector<fs::path> files_;
-  std::vector<Item> samples_;
-  sdk::Json report_;
 };
 
 }  // namespace ablate::plugins

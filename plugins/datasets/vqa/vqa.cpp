@@ -35,19 +35,15 @@ namespace fs = std::filesystem;
 using data::Pointer;
 using value_t = sdk::Json::value_t;
 
-struct VqaOptions {
+struct VqaOptions : data::ImageFileOptions {  // image_folder: default the folder of the annotations (vqa) or of the file (vizwiz)
   std::string format = "vqa";
   std::string questions, annotations, split;
   std::string image_pattern = "COCO_{split}_{image_id:012}.jpg";
-  std::string file;
-  std::string image_folder;  // default: the folder of the annotations (vqa) or of the file (vizwiz)
   std::string prompt = "Question: {question} Answer:";
   std::vector<std::string> question_types, answer_types;
   std::optional<bool> answerable;
   std::string targets = "vizwiz";
   bool keep_no_agreement = false;
-  std::int64_t limit = 0;
-  bool check_images = false;
 
   static VqaOptions parse(sdk::Options& o) {
     VqaOptions x;
@@ -69,13 +65,11 @@ struct VqaOptions {
     } else {
       o.fail("format", "must be \"vqa\" (VQAv2, OK-VQA) or \"vizwiz\"");
     }
-    x.image_folder = o.get("image_folder", x.image_folder);
+    x.read(o);
     x.prompt = o.get("prompt", x.prompt);
     x.answer_types = o.get("answer_types", x.answer_types);
     x.targets = o.get("targets", x.targets);
     x.keep_no_agreement = o.get("keep_no_agreement", x.keep_no_agreement);
-    x.limit = o.get("limit", x.limit);
-    x.check_images = o.get("check_images", x.check_images);
     try {
       data::Template(x.prompt, {"question"});
     } catch (const std::invalid_argument& e) {
@@ -83,7 +77,7 @@ struct VqaOptions {
     }
     if (x.targets != "vizwiz" && x.targets != "most_common") o.fail("targets", "must be \"vizwiz\" or \"most_common\"");
     if (x.keep_no_agreement && x.targets != "vizwiz") o.fail("keep_no_agreement", "applies to targets = \"vizwiz\" only");
-    if (x.limit < 0) o.fail("limit", "must be 0 (all) or positive");
+    data::check_limit(o, x.limit);
     return x;
   }
 };
@@ -156,7 +150,13 @@ bool listed(const std::vector<std::string>& filter, const std::string& value) {
 
 }  // namespace
 
-class Vqa : public sdk::Dataset {
+struct VqaItem {
+  std::string id, image, question, target;
+  std::vector<std::string> references;
+  sdk::Json metadata;
+};
+
+class Vqa : public data::ItemDataset<VqaItem> {
  public:
   using options_type = VqaOptions;
 
@@ -168,18 +168,8 @@ class Vqa : public sdk::Dataset {
     } else {
       read_vizwiz(ctx);
     }
-    if (o.check_images) {
-      std::vector<std::string> ids;
-      std::vector<fs::path> paths;
-      for (const auto& s : samples_) {
-        ids.push_back(s.id);
-        paths.emplace_back(s.image);
-      }
-      data::check_images_exist(origin_, ids, paths);
-    }
+    if (o.check_images) check_images(origin_);
   }
-
-  std::size_t size() const override { return samples_.size(); }
 
   sdk::Sample get(std::size_t index) const override {
     const auto& item = samples_.at(index);
@@ -207,13 +197,9 @@ class Vqa : public sdk::Dataset {
   }
 
  private:
-  struct Item {
-    std::string id, image, question, target;
-    std::vector<std::string> references;
-    sdk::Json metadata;
-  };
+  using Item = VqaItem;
 
-  bool full() const { return o_.limit > 0 && static_cast<std::int64_t>(samples_.size()) >= o_.limit; }
+  bool full() const { return ItemDataset::full(o_.limit); }
 
   // Chooses the target and keeps the item, or counts why it is left out.
   bool add(Item item, const std::vector<Answer>& answers) {
@@ -264,7 +250,7 @@ class Vqa : public sdk::Dataset {
     const auto qfile = sdk::resolve_path(ctx.base_dir, o_.questions);
     const auto afile = sdk::resolve_path(ctx.base_dir, o_.annotations);
     origin_ = qfile.string();
-    root_ = data::ImageRoot(o_.image_folder.empty() ? afile.parent_path() : sdk::resolve_path(ctx.base_dir, o_.image_folder));
+    root_ = data::image_root(ctx.base_dir, o_.image_folder, afile.parent_path());
     auto q = data::JsonText::read(qfile);
     auto a = data::JsonText::read(afile);
     const auto& questions = q.need(Pointer(), "questions", value_t::array);
@@ -318,7 +304,7 @@ class Vqa : public sdk::Dataset {
   void read_vizwiz(const sdk::BuildContext& ctx) {
     const auto file = sdk::resolve_path(ctx.base_dir, o_.file);
     origin_ = file.string();
-    root_ = data::ImageRoot(o_.image_folder.empty() ? file.parent_path() : sdk::resolve_path(ctx.base_dir, o_.image_folder));
+    root_ = data::image_root(ctx.base_dir, o_.image_folder, file.parent_path());
     auto doc = data::JsonText::read(file);
     const auto& entries = doc.at(Pointer(), value_t::array);
     for (std::size_t i = 0; i < entries.size() && !full(); ++i) {
@@ -356,7 +342,6 @@ class Vqa : public sdk::Dataset {
   data::Template prompt_;
   data::ImageRoot root_;
   std::string origin_;
-  std::vector<Item> samples_;
   sdk::Json counts_;
 };
 

@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "ablate/sdk/plugin.hpp"
+#include "ablate/sdk/text.hpp"
 
 namespace ablate::plugins {
 
@@ -30,40 +31,6 @@ struct BleuOptions {
 };
 
 namespace {
-
-/// Bytes of the whitespace character that starts at s[i] (0 if none), for every code point Python's
-/// str.isspace() accepts. Lead bytes never occur inside a UTF-8 character, so scanning byte by byte is safe.
-std::size_t space_at(const std::string& s, std::size_t i) {
-  const auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
-  const unsigned c = b(0);
-  if ((c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20)) return 1;
-  if (c == 0xc2 && (b(1) == 0x85 || b(1) == 0xa0)) return 2;                        // U+0085, U+00A0
-  if (c == 0xe1 && b(1) == 0x9a && b(2) == 0x80) return 3;                          // U+1680
-  if (c == 0xe2 && b(1) == 0x80 && ((b(2) >= 0x80 && b(2) <= 0x8a) || b(2) == 0xa8 || b(2) == 0xa9 || b(2) == 0xaf)) {
-    return 3;                                                                       // U+2000-200A, 2028, 2029, 202F
-  }
-  if (c == 0xe2 && b(1) == 0x81 && b(2) == 0x9f) return 3;                          // U+205F
-  if (c == 0xe3 && b(1) == 0x80 && b(2) == 0x80) return 3;                          // U+3000
-  return 0;
-}
-
-/// Python's str.split() with no argument: no empty words.
-std::vector<std::string> split_words(const std::string& s) {
-  std::vector<std::string> words;
-  std::size_t i = 0, start = std::string::npos;
-  while (i < s.size()) {
-    if (const auto w = space_at(s, i)) {
-      if (start != std::string::npos) words.push_back(s.substr(start, i - start));
-      start = std::string::npos;
-      i += w;
-    } else {
-      if (start == std::string::npos) start = i;
-      ++i;
-    }
-  }
-  if (start != std::string::npos) words.push_back(s.substr(start));
-  return words;
-}
 
 /// n-gram -> count for n = 1..max_n; an n-gram is its words joined by one space (words hold no whitespace,
 /// so the key is unambiguous and also tells n).
@@ -122,14 +89,14 @@ class Bleu : public sdk::Metric {
       NgramCounts max_ref;
       std::vector<int> reflens;
       for (const auto& ref : references[i]) {
-        const auto words = split_words(ref);
+        const auto words = sdk::python_split(ref);
         reflens.push_back(static_cast<int>(words.size()));
         for (const auto& [ngram, count] : count_ngrams(words, n_)) {
           auto& m = max_ref[ngram];
           m = std::max(m, count);
         }
       }
-      const auto words = split_words(predictions[i]);
+      const auto words = sdk::python_split(predictions[i]);
       const int testlen = static_cast<int>(words.size());
       // "closest": min over (|l - testlen|, l), so a tie goes to the shorter reference. A sample without
       // references (pycocoevalcap refuses those) counts as one empty reference.

@@ -29,6 +29,7 @@
 #include <unordered_map>
 
 #include "ablate/sdk/plugin.hpp"
+#include "ablate/sdk/text.hpp"
 
 namespace ablate::plugins {
 
@@ -40,55 +41,20 @@ struct VqaAccuracyOptions {
 
 namespace {
 
-/// Bytes of the whitespace character that starts at s[i] (0 if none), for every code point Python's
-/// str.isspace() accepts (str.strip() and str.split() use it). Lead bytes never occur inside a UTF-8
-/// character, so scanning byte by byte is safe.
-std::size_t space_at(const std::string& s, std::size_t i) {
-  const auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
-  const unsigned c = b(0);
-  if ((c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20)) return 1;
-  if (c == 0xc2 && (b(1) == 0x85 || b(1) == 0xa0)) return 2;                        // U+0085, U+00A0
-  if (c == 0xe1 && b(1) == 0x9a && b(2) == 0x80) return 3;                          // U+1680
-  if (c == 0xe2 && b(1) == 0x80 && ((b(2) >= 0x80 && b(2) <= 0x8a) || b(2) == 0xa8 || b(2) == 0xa9 || b(2) == 0xaf)) {
-    return 3;                                                                       // U+2000-200A, 2028, 2029, 202F
-  }
-  if (c == 0xe2 && b(1) == 0x81 && b(2) == 0x9f) return 3;                          // U+205F
-  if (c == 0xe3 && b(1) == 0x80 && b(2) == 0x80) return 3;                          // U+3000
-  return 0;
-}
-
-/// Python's str.split() with no argument: no empty words.
-std::vector<std::string> split_words(const std::string& s) {
-  std::vector<std::string> words;
-  std::size_t i = 0, start = std::string::npos;
-  while (i < s.size()) {
-    if (const auto w = space_at(s, i)) {
-      if (start != std::string::npos) words.push_back(s.substr(start, i - start));
-      start = std::string::npos;
-      i += w;
-    } else {
-      if (start == std::string::npos) start = i;
-      ++i;
-    }
-  }
-  if (start != std::string::npos) words.push_back(s.substr(start));
-  return words;
-}
-
 /// s.replace('\n', ' ').replace('\t', ' ').strip()
 std::string clean(std::string s) {
   std::replace(s.begin(), s.end(), '\n', ' ');
   std::replace(s.begin(), s.end(), '\t', ' ');
   std::size_t begin = 0, end = s.size();
   while (begin < end) {
-    const auto w = space_at(s, begin);
+    const auto w = sdk::python_space_at(s, begin);
     if (w == 0) break;
     begin += w;
   }
   // Trailing whitespace: find where the last run of it starts by scanning forward.
   std::size_t run = std::string::npos;
   for (std::size_t i = begin; i < end;) {
-    if (const auto w = space_at(s, i)) {
+    if (const auto w = sdk::python_space_at(s, i)) {
       if (run == std::string::npos) run = i;
       i += w;
     } else {
@@ -182,7 +148,7 @@ const std::unordered_map<std::string, std::string>& contractions() {
 std::string process_digit_article(std::string in) {
   std::transform(in.begin(), in.end(), in.begin(), [](char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; });
   std::string out;
-  for (auto word : split_words(in)) {
+  for (auto word : sdk::python_split(in)) {
     if (const auto it = number_words().find(word); it != number_words().end()) word = it->second;
     if (word == "a" || word == "an" || word == "the") continue;
     if (const auto it = contractions().find(word); it != contractions().end()) word = it->second;
