@@ -214,15 +214,11 @@ class BadSamples {
     }
     return std::nullopt;
   }
-  std::size_t skipped() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return skipped_.size();
-  }
 
  private:
   const DataRef& ref_;
   std::ostream& out_;
-  mutable std::mutex mu_;
+  std::mutex mu_;
   std::set<std::string> skipped_;
 };
 
@@ -253,11 +249,12 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   BadSamples bad_train(cell.train_data, out), bad_eval(cell.eval_data, out);
   // What building the datasets decided (samples dropped, how targets were chosen): shown and kept.
   sdk::Json data_report = sdk::Json::object();
-  for (const auto& [role, set] : {std::pair<const char*, const sdk::Dataset*>{"train", train_set.get()}, {"eval", eval_set.get()}}) {
-    auto r = guarded(role == std::string("train") ? cell.train_data.plugin.qualified() : cell.eval_data.plugin.qualified(), "report",
-                     [&, set = set] { return set->report(); });
+  auto note_report = [&](const char* role, const DataRef& ref, const sdk::Dataset& set) {
+    auto r = guarded(ref.plugin.qualified(), "report", [&] { return set.report(); });
     if (!r.empty()) data_report[role] = r;
-  }
+  };
+  note_report("train", cell.train_data, *train_set);
+  note_report("eval", cell.eval_data, *eval_set);
   if (!data_report.empty()) {
     out << "  data: " << data_report.dump() << "\n";
     ctx.store.set_data_report(run_id, data_report);

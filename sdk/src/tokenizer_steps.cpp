@@ -526,9 +526,28 @@ std::unordered_map<std::int64_t, std::string> reverse(const std::unordered_map<s
   return r;
 }
 
-class WordLevel : public Model {
+// What WordLevel and BPE share: the token <-> id maps of tokenizer.json's "vocab".
+class VocabModel : public Model {
  public:
-  explicit WordLevel(const Json& j) : vocab_(read_vocab(j.at("vocab"))), vocab_r_(reverse(vocab_)) {
+  explicit VocabModel(const Json& j) : vocab_(read_vocab(j.at("vocab"))), vocab_r_(reverse(vocab_)) {}
+  std::optional<std::int64_t> id(const std::string& t) const override {
+    auto it = vocab_.find(t);
+    return it == vocab_.end() ? std::nullopt : std::optional<std::int64_t>(it->second);
+  }
+  std::optional<std::string> token(std::int64_t id) const override {
+    auto it = vocab_r_.find(id);
+    return it == vocab_r_.end() ? std::nullopt : std::optional<std::string>(it->second);
+  }
+  std::int64_t size() const override { return static_cast<std::int64_t>(vocab_.size()); }
+
+ protected:
+  std::unordered_map<std::string, std::int64_t> vocab_;
+  std::unordered_map<std::int64_t, std::string> vocab_r_;
+};
+
+class WordLevel : public VocabModel {
+ public:
+  explicit WordLevel(const Json& j) : VocabModel(j) {
     if (j.contains("unk_token") && j["unk_token"].is_string()) {
       auto it = vocab_.find(j["unk_token"].get<std::string>());
       if (it == vocab_.end()) unsupported("a WordLevel unk_token missing from the vocabulary");
@@ -541,25 +560,14 @@ class WordLevel : public Model {
     if (unk_ < 0) throw std::runtime_error("'" + text + "' is not in the vocabulary and there is no unknown token");
     return {unk_};
   }
-  std::optional<std::int64_t> id(const std::string& t) const override {
-    auto it = vocab_.find(t);
-    return it == vocab_.end() ? std::nullopt : std::optional<std::int64_t>(it->second);
-  }
-  std::optional<std::string> token(std::int64_t id) const override {
-    auto it = vocab_r_.find(id);
-    return it == vocab_r_.end() ? std::nullopt : std::optional<std::string>(it->second);
-  }
-  std::int64_t size() const override { return static_cast<std::int64_t>(vocab_.size()); }
 
  private:
-  std::unordered_map<std::string, std::int64_t> vocab_;
-  std::unordered_map<std::int64_t, std::string> vocab_r_;
   std::int64_t unk_ = -1;
 };
 
-class Bpe : public Model {
+class Bpe : public VocabModel {
  public:
-  explicit Bpe(const Json& j) : vocab_(read_vocab(j.at("vocab"))), vocab_r_(reverse(vocab_)) {
+  explicit Bpe(const Json& j) : VocabModel(j) {
     if (!j.value("dropout", Json()).is_null() && j["dropout"].get<double>() > 0) unsupported("BPE dropout");
     if (j.contains("unk_token") && j["unk_token"].is_string()) unk_token_ = j["unk_token"].get<std::string>();
     if (j.contains("continuing_subword_prefix") && j["continuing_subword_prefix"].is_string()) prefix_ = j["continuing_subword_prefix"];
@@ -658,15 +666,6 @@ class Bpe : public Model {
     return out;
   }
 
-  std::optional<std::int64_t> id(const std::string& t) const override {
-    auto it = vocab_.find(t);
-    return it == vocab_.end() ? std::nullopt : std::optional<std::int64_t>(it->second);
-  }
-  std::optional<std::string> token(std::int64_t id) const override {
-    auto it = vocab_r_.find(id);
-    return it == vocab_r_.end() ? std::nullopt : std::optional<std::string>(it->second);
-  }
-  std::int64_t size() const override { return static_cast<std::int64_t>(vocab_.size()); }
 
  private:
   static std::uint64_t key(std::int64_t a, std::int64_t b) {
@@ -712,8 +711,6 @@ class Bpe : public Model {
     }
   }
 
-  std::unordered_map<std::string, std::int64_t> vocab_;
-  std::unordered_map<std::int64_t, std::string> vocab_r_;
   std::unordered_map<std::uint64_t, std::pair<std::int64_t, std::int64_t>> merges_;  // (a, b) -> (rank, new id)
   std::string unk_token_, prefix_, suffix_;
   bool fuse_unk_ = false, byte_fallback_ = false, ignore_merges_ = false;

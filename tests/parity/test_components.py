@@ -26,6 +26,17 @@ def word_level_tokenizer_json(path, vocab_size):
                                 "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
 
 
+def left_padded_batch(vocab, length, pads):
+    """Random ids in rows left-padded by `pads` tokens, their attention mask, and the positions ablate gives a
+    left-padded batch (as transformers' generate() does): real tokens from 0."""
+    ids = torch.randint(4, vocab, (len(pads), length))
+    mask = torch.ones(len(pads), length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return ids, mask, positions
+
+
 class ParityCase(TempDirTest):
     """Runs component_probe and compares with a reference."""
 
@@ -44,13 +55,7 @@ class ParityCase(TempDirTest):
         self.assertLessEqual(diff, TOLERANCE, what)
 
     def padded_batch(self, vocab, length=9):
-        ids = torch.randint(4, vocab, (3, length))
-        mask = torch.ones(3, length, dtype=torch.long)
-        mask[1, :3] = 0
-        mask[2, :6] = 0
-        # The positions ablate gives a left-padded batch (and transformers' generate()): real tokens from 0.
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        return ids, mask, positions
+        return left_padded_batch(vocab, length, pads=(0, 3, 6))
 
     def backbone_parity(self, name, model, folder_setup=None, length=9):
         folder = self.dir / name

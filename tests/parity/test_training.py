@@ -14,7 +14,7 @@ from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionMode
                           LlamaForCausalLM, OPTConfig, OPTForCausalLM, Trainer, get_cosine_schedule_with_warmup)
 
 from ablate_testing import PROBE, TempDirTest
-from test_components import word_level_tokenizer_json
+from test_components import left_padded_batch, word_level_tokenizer_json
 
 LOGITS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-4
@@ -42,11 +42,7 @@ class TrainingParityCase(TempDirTest):
         self.assertLessEqual(diff, tolerance, what)
 
     def text_batch(self, vocab, length=10):
-        ids = torch.randint(4, vocab, (3, length))
-        mask = torch.ones(3, length, dtype=torch.long)
-        mask[1, :3] = 0
-        mask[2, :5] = 0
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        ids, mask, positions = left_padded_batch(vocab, length, pads=(0, 3, 5))
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, -3] = -100  # a masked label among real tokens, as a prompt would be
         # The first real token has no label: its prediction would come from a padding position, whose logits
