@@ -40,4 +40,9 @@ struct ReplayArgs {
 };
 int replay(const Common& common, const ReplayArgs& args);
 
+struct EnsembleArgs {
+  std::vector<std::int64_t> runs;  ///< in order of precedence: a tied vote goes to the earliest
+};
+int ensemble(const Common& common, const EnsembleArgs& args);
+
 }  // namespace ablate::cli

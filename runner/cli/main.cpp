@@ -22,6 +22,7 @@ usage:
   runner plugins                        list the plugins found: kind, id, version, file
   runner compare EXPERIMENT             one row per run: grid axes, eval loss, metrics
   runner replay RUN... [--step N]       the samples a run generated at a step; several runs side by side
+  runner ensemble RUN RUN...            majority vote of the runs' answers, scored and stored as a run
 
 Re-running an experiment skips finished cells, resumes interrupted ones from their last checkpoint and runs
 cells whose configuration changed. Results go to one SQLite file (--db), readable with sqlite3 or pandas.
@@ -45,7 +46,7 @@ int dispatch(int argc, char** argv) {
 
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string command = "run";
-  if (!args.empty() && (args[0] == "run" || args[0] == "plugins" || args[0] == "compare" || args[0] == "replay")) {
+  if (!args.empty() && (args[0] == "run" || args[0] == "plugins" || args[0] == "compare" || args[0] == "replay" || args[0] == "ensemble")) {
     command = args[0];
     args.erase(args.begin());
   }
@@ -56,6 +57,7 @@ int dispatch(int argc, char** argv) {
   cli::RunArgs run;
   cli::CompareArgs cmp;
   cli::ReplayArgs rep;
+  cli::EnsembleArgs ens;
   std::string images;
   if (command == "run") {
     specific.add_options()
@@ -77,6 +79,12 @@ int dispatch(int argc, char** argv) {
          "run id(s) (see runner compare); several: their samples side by side, as a decoding sweep's")
         ("step", po::value<std::int64_t>(&rep.step)->default_value(-1), "step (default: the last with samples)")
         ("images", po::value<std::string>(&images), "write the samples' images into this folder");
+    positional.add("run", -1);
+  } else if (command == "ensemble") {
+    specific.add_options()
+        ("run", po::value<std::vector<std::int64_t>>(&ens.runs)->composing(),
+         "run ids, most trusted first: each sample's answer is the one most runs gave, a tie going to the earliest "
+         "run listed; the vote is scored with the first run's metrics and stored as a run (stage \"ensemble\")");
     positional.add("run", -1);
   }
   opts.add(specific);
@@ -116,6 +124,7 @@ int dispatch(int argc, char** argv) {
     }
     return cli::replay(common, rep);
   }
+  if (command == "ensemble") return cli::ensemble(common, ens);
   if (!vm.count("experiment")) {
     std::cout << kUsage << "\n" << opts << "\n";
     return 2;

@@ -114,11 +114,7 @@ store::NewRun new_run(std::int64_t exp_id, const Cell& cell, std::optional<std::
   nr.axes = cell.axes;
   nr.config = cell.resolved;
   Json plugins = Json::object();
-  for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
-    plugins[r->display] = r->qualified() + "@" + std::to_string(r->version);
-  }
-  for (const auto& r : cell.strategies) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
-  for (const auto& r : cell.eval.metrics) plugins[r.display] = r.qualified() + "@" + std::to_string(r.version);
+  for (const PluginRef* r : cell.plugins()) plugins[r->display] = r->qualified() + "@" + std::to_string(r->version);
   nr.plugins = plugins;
   nr.seed = static_cast<std::int64_t>(cell.seed);
   nr.steps_total = cell.train.steps;

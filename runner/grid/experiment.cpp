@@ -1,6 +1,7 @@
 #include "grid/experiment.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -155,6 +156,21 @@ TrainConfig parse_train_config(sdk::Options& t) {
   return c;
 }
 
+std::string DataRef::display() const {
+  const auto& d = sources.front().plugin.display;
+  return mixture() ? d.substr(0, d.rfind('[')) : d;
+}
+
+std::vector<const PluginRef*> Cell::plugins() const {
+  std::vector<const PluginRef*> out = {&encoder, &projector, &backbone};
+  for (const auto* data : {&train_data, &eval_data}) {
+    for (const auto& s : data->sources) out.push_back(&s.plugin);
+  }
+  for (const auto& r : strategies) out.push_back(&r);
+  for (const auto& r : eval.metrics) out.push_back(&r);
+  return out;
+}
+
 sdk::Options Cell::options(const PluginRef& ref) const {
   return sdk::Options(config.at(Json::json_pointer(ref.pointer)), ref.pointer, ref.display, where);
 }
@@ -178,15 +194,42 @@ PluginRef component(sdk::Options& model, const char* name, sdk::Kind kind, const
   return plugin_ref(t, kind, std::string("/model/") + name, host);
 }
 
+DataSource data_source(sdk::Options& t, const std::string& pointer, const PluginHost& host) {
+  DataSource src;
+  src.limit = t.get("limit", std::int64_t{0});
+  if (src.limit < 0) t.fail("limit", "must be 0 (all) or positive");
+  src.on_bad_sample = t.get("on_bad_sample", src.on_bad_sample);
+  if (src.on_bad_sample != "fail" && src.on_bad_sample != "skip") t.fail("on_bad_sample", "must be \"fail\" or \"skip\"");
+  src.plugin = plugin_ref(t, sdk::Kind::dataset, pointer, host);
+  return src;
+}
+
+// [data] train / eval: a table (one dataset) or an array of tables (a mixture, each with `weight` and `name`).
 DataRef data_ref(sdk::Options& data, const char* name, const PluginHost& host) {
-  if (!data.has(name)) data.fail(name, "missing (a table with at least plugin = \"...\")");
-  auto t = data.table(name);
+  if (!data.has(name)) data.fail(name, "missing (a table with at least plugin = \"...\", or an array of such tables)");
   DataRef ref;
-  ref.limit = t.get("limit", std::int64_t{0});
-  if (ref.limit < 0) t.fail("limit", "must be 0 (all) or positive");
-  ref.on_bad_sample = t.get("on_bad_sample", ref.on_bad_sample);
-  if (ref.on_bad_sample != "fail" && ref.on_bad_sample != "skip") t.fail("on_bad_sample", "must be \"fail\" or \"skip\"");
-  ref.plugin = plugin_ref(t, sdk::Kind::dataset, std::string("/data/") + name, host);
+  const std::string pointer = std::string("/data/") + name;
+  if (!data.is_list(name)) {
+    auto t = data.table(name);
+    ref.sources.push_back(data_source(t, pointer, host));
+    ref.sources.back().name = ref.sources.back().plugin.id;
+    return ref;
+  }
+  auto tables = data.list(name);
+  if (tables.empty()) data.fail(name, "an empty mixture (give at least one dataset table)");
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < tables.size(); ++i) {
+    auto& t = tables[i];
+    auto src = data_source(t, pointer + "/" + std::to_string(i), host);
+    src.weight = t.get("weight", src.weight);
+    if (!(src.weight > 0) || !std::isfinite(src.weight)) t.fail("weight", "must be a positive number");
+    src.name = t.get("name", src.plugin.id);
+    if (src.name.empty() || src.name.find('/') != std::string::npos) t.fail("name", "must be non-empty and contain no '/'");
+    if (!names.insert(src.name).second) {
+      t.fail(t.has("name") ? "name" : "plugin", "'" + src.name + "' names two datasets of the mixture (set name = \"...\" to tell them apart)");
+    }
+    ref.sources.push_back(std::move(src));
+  }
   return ref;
 }
 
@@ -194,7 +237,12 @@ EvalConfig eval_config(sdk::Options& e, const PluginHost& host) {
   EvalConfig c;
   c.every = e.get("every", c.every);
   c.at_start = e.get("at_start", c.at_start);
-  c.samples = e.get("samples", c.samples);
+  if (e.raw("samples").is_string()) {  // "all": every evaluated sample is stored (what `runner ensemble` votes on)
+    if (e.raw("samples") != "all") e.fail("samples", "must be a count or \"all\"");
+    c.samples = -1;
+  } else {
+    c.samples = e.get("samples", c.samples);
+  }
   c.batch_size = e.get("batch_size", c.batch_size);
   auto g = e.table("generate");
   c.generate.max_new_tokens = g.get("max_new_tokens", c.generate.max_new_tokens);
@@ -211,7 +259,7 @@ EvalConfig eval_config(sdk::Options& e, const PluginHost& host) {
     }
   }
   if (c.every < 0) e.fail("every", "must be 0 (only at the end) or positive");
-  if (c.samples < 0) e.fail("samples", "must not be negative");
+  if (c.samples < -1) e.fail("samples", "must not be negative (or \"all\")");
   if (c.batch_size <= 0) e.fail("batch_size", "must be positive");
   if (c.generate.max_new_tokens <= 0) g.fail("max_new_tokens", "must be positive");
   if (!(c.generate.temperature > 0)) g.fail("temperature", "must be positive");
@@ -572,11 +620,7 @@ std::string own_key(const Experiment& ex, const Cell& cell) {
     if (hashed.contains(jp)) hashed[jp.parent_pointer()].erase(jp.back());
   }
   Json plugins = Json::object();
-  for (const PluginRef* r : {&cell.encoder, &cell.projector, &cell.backbone, &cell.train_data.plugin, &cell.eval_data.plugin}) {
-    plugins[r->pointer] = r->qualified() + "@" + std::to_string(r->version);
-  }
-  for (const auto& r : cell.strategies) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
-  for (const auto& r : cell.eval.metrics) plugins[r.pointer] = r.qualified() + "@" + std::to_string(r.version);
+  for (const PluginRef* r : cell.plugins()) plugins[r->pointer] = r->qualified() + "@" + std::to_string(r->version);
 
   // Every `weights` folder the cell reads, fingerprinted: retrained weights make a new cell.
   Json weights = Json::object();

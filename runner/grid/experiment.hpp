@@ -29,12 +29,26 @@ struct PluginRef {
   std::string qualified() const { return std::string(sdk::kind_name(kind)) + "/" + id; }
 };
 
-struct DataRef {
+/// One dataset of [data] train or eval.
+struct DataSource {
   PluginRef plugin;
   std::int64_t limit = 0;  ///< 0: every sample
   /// A sample the dataset cannot make (sdk::SampleError: a missing or corrupt image): "fail" stops the run
   /// naming it; "skip" reports it and goes on (training takes the next sample that works instead).
   std::string on_bad_sample = "fail";
+  /// In a mixture: the share of training draws from this dataset (weights are normalised over the mixture).
+  double weight = 1.0;
+  /// In a mixture: how its samples are told apart ("<name>/<sample id>", metadata "dataset"). Default: the
+  /// plugin id.
+  std::string name;
+};
+
+/// [data] train or eval: one dataset (a table), or a mixture (an array of tables). Training draws from a
+/// mixture's datasets at random in proportion to their weights; evaluation takes all of each, in order.
+struct DataRef {
+  std::vector<DataSource> sources;
+  bool mixture() const { return sources.size() > 1; }
+  std::string display() const;  ///< "data.train", for messages about the whole role
 };
 
 struct Schedule {
@@ -78,7 +92,7 @@ struct GenerateConfig {
 struct EvalConfig {
   std::int64_t every = 0;  ///< 0: only at the end
   bool at_start = true;    ///< evaluate before the first step too
-  std::int64_t samples = 16;  ///< generations stored per evaluation
+  std::int64_t samples = 16;  ///< generations stored per evaluation; -1 ("all"): every one
   std::int64_t batch_size = 32;
   GenerateConfig generate;
   /// Applied in order to each generated text before metrics see it: "first_line" (cut at the first
@@ -120,6 +134,9 @@ struct Cell {
   std::int64_t stage_index = 0;  ///< 0-based
   std::int64_t stage_count = 1;
   std::vector<Cell> before;      ///< the earlier stages, in order (empty without stages)
+
+  /// Every plugin the cell names (model parts, datasets, strategies, metrics), in a fixed order.
+  std::vector<const PluginRef*> plugins() const;
 
   // ---- decoding sweeps: grid axes under eval.generate / eval.postprocess do not retrain. A cell with such
   // axes is a decode-only run over the final checkpoint of its training run, which is the last of `before`

@@ -60,13 +60,16 @@ int compare(const Common& common, const CompareArgs& args) {
   std::vector<Row> rows;
   std::vector<std::string> metric_names;
   for (auto& run : db.runs(*id)) {
-    if (!args.all && !current.count(run.cell_key)) continue;
+    // Ensembles (runner ensemble) are not grid cells but results of the experiment: always listed.
+    if (!args.all && !current.count(run.cell_key) && run.stage_name != "ensemble") continue;
     Row r{run, {}, {}, {}, 0, 0};
     const auto evals = db.steps(run.id, "eval");
     if (!evals.empty()) {
       r.first_loss = evals.front().loss;
       r.last_loss = evals.back().loss;
       r.metrics = db.metrics_at(run.id, evals.back().step);
+    } else if (const auto step = db.last_metrics_step(run.id)) {
+      r.metrics = db.metrics_at(run.id, *step);  // an ensemble: metrics with no loss
     }
     const auto train = db.steps(run.id, "train");
     r.last_step = train.empty() ? 0 : train.back().step;
@@ -89,6 +92,8 @@ int compare(const Common& common, const CompareArgs& args) {
   std::vector<std::string> header{"run"};
   if (staged) header.push_back("stage");
   for (const auto& a : axes) header.push_back(a);
+  const bool ensembles = std::any_of(rows.begin(), rows.end(), [](const Row& r) { return r.run.stage_name == "ensemble"; });
+  if (ensembles) header.push_back("ensemble");
   for (const char* h : {"status", "step", "trainable%", "eval_loss@first", "eval_loss"}) header.push_back(h);
   for (const auto& m : metric_names) header.push_back(m);
   std::vector<std::vector<std::string>> table;
@@ -99,9 +104,11 @@ int compare(const Common& common, const CompareArgs& args) {
                       (r.run.stage_name.empty() ? "" : " " + report::printable(r.run.stage_name)));
     }
     for (const auto& a : axes) cells.push_back(r.run.axes.contains(a) ? value_label(r.run.axes[a]) : "");
+    if (ensembles) cells.push_back(r.run.stage_name == "ensemble" ? value_label(r.run.axes.value("ensemble", Json(""))) : "");
     cells.push_back(store::status_name(r.run.status));
-    cells.push_back(std::to_string(r.last_step) + "/" + std::to_string(r.run.steps_total));
-    cells.push_back(report::fixed(r.trainable_pct, 2));
+    const bool trained = r.run.stage_name != "ensemble";  // an ensemble has no steps and trains nothing
+    cells.push_back(trained ? std::to_string(r.last_step) + "/" + std::to_string(r.run.steps_total) : "");
+    cells.push_back(trained ? report::fixed(r.trainable_pct, 2) : "");
     cells.push_back(r.first_loss ? report::fixed(*r.first_loss) : "");
     cells.push_back(r.last_loss ? report::fixed(*r.last_loss) : "");
     for (const auto& m : metric_names) {

@@ -385,9 +385,22 @@ void Store::record_eval(std::int64_t run_id, const StepRow& loss_row,
                         const std::vector<ImageRow>& images) {
   Transaction tx(db_);
   insert_step(db_, run_id, loss_row);
+  insert_scores(run_id, loss_row.step, metrics, samples, images);
+  tx.commit();
+}
+
+void Store::record_scores(std::int64_t run_id, std::int64_t step, const std::vector<std::pair<std::string, double>>& metrics,
+                          const std::vector<SampleRow>& samples, const std::vector<ImageRow>& images) {
+  Transaction tx(db_);
+  insert_scores(run_id, step, metrics, samples, images);
+  tx.commit();
+}
+
+void Store::insert_scores(std::int64_t run_id, std::int64_t step, const std::vector<std::pair<std::string, double>>& metrics,
+                          const std::vector<SampleRow>& samples, const std::vector<ImageRow>& images) {
   auto metric = db_.prepare("INSERT INTO metrics (run_id, step, name, value) VALUES (?1, ?2, ?3, ?4)");
   for (const auto& [name, value] : metrics) {
-    metric.bind(1, run_id).bind(2, loss_row.step).bind(3, name).bind(4, value);
+    metric.bind(1, run_id).bind(2, step).bind(3, name).bind(4, value);
     metric.run();
     metric.reset();
   }
@@ -409,7 +422,6 @@ void Store::record_eval(std::int64_t run_id, const StepRow& loss_row,
     sample.run();
     sample.reset();
   }
-  tx.commit();
 }
 
 void Store::record_checkpoint(std::int64_t run_id, const CheckpointRow& row, const std::vector<std::string>& dropped_paths) {
@@ -475,8 +487,8 @@ std::vector<std::pair<std::string, double>> Store::metrics_at(std::int64_t run_i
   return out;
 }
 
-std::optional<std::int64_t> Store::last_eval_step(std::int64_t run_id) {
-  auto st = db_.prepare("SELECT max(step) FROM steps WHERE run_id = ?1 AND split = 'eval'");
+std::optional<std::int64_t> Store::last_metrics_step(std::int64_t run_id) {
+  auto st = db_.prepare("SELECT max(step) FROM metrics WHERE run_id = ?1");
   st.bind(1, run_id);
   st.step();
   return st.maybe_int64(0);

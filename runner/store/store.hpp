@@ -133,6 +133,9 @@ class Store {
   void record_steps(std::int64_t run_id, const std::vector<StepRow>& rows);
   void record_eval(std::int64_t run_id, const StepRow& loss_row, const std::vector<std::pair<std::string, double>>& metrics,
                    const std::vector<SampleRow>& samples, const std::vector<ImageRow>& images);
+  /// Metrics and samples with no loss row: what `runner ensemble` scores.
+  void record_scores(std::int64_t run_id, std::int64_t step, const std::vector<std::pair<std::string, double>>& metrics,
+                     const std::vector<SampleRow>& samples, const std::vector<ImageRow>& images);
   void record_checkpoint(std::int64_t run_id, const CheckpointRow& row, const std::vector<std::string>& dropped_paths);
   void record_trainables(std::int64_t run_id, const std::vector<TrainableRow>& rows);
   /// Deletes everything a run recorded after `step` (steps, metrics, samples, checkpoints): a resumed run
@@ -142,7 +145,7 @@ class Store {
   // ---- reading
   std::vector<StepRow> steps(std::int64_t run_id, const std::string& split);
   std::vector<std::pair<std::string, double>> metrics_at(std::int64_t run_id, std::int64_t step);
-  std::optional<std::int64_t> last_eval_step(std::int64_t run_id);
+  std::optional<std::int64_t> last_metrics_step(std::int64_t run_id);
   std::vector<CheckpointRow> checkpoints(std::int64_t run_id);
   std::vector<TrainableRow> trainables(std::int64_t run_id);
   std::vector<std::int64_t> sample_steps(std::int64_t run_id);
@@ -151,6 +154,8 @@ class Store {
 
  private:
   void migrate();
+  void insert_scores(std::int64_t run_id, std::int64_t step, const std::vector<std::pair<std::string, double>>& metrics,
+                     const std::vector<SampleRow>& samples, const std::vector<ImageRow>& images);
   Database db_;
 };
 

@@ -18,6 +18,8 @@
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/weights.hpp"
 #include "data/batches.hpp"
+#include "data/sources.hpp"
+#include "eval/scoring.hpp"
 #include "host/plugin_host.hpp"
 #include "model/vlm.hpp"
 #include "train/artifacts.hpp"
@@ -188,40 +190,6 @@ std::string postprocess(std::string text, const std::vector<std::string>& steps)
   return text;
 }
 
-// Samples a dataset cannot make (sdk::SampleError), as [data] on_bad_sample says: "fail" stops the run
-// naming the sample; "skip" reports each once and leaves it out. Called from the data worker threads.
-class BadSamples {
- public:
-  BadSamples(const DataRef& ref, std::ostream& out) : ref_(ref), out_(out) {}
-  std::optional<sdk::Sample> get(const sdk::Dataset& set, std::size_t i) {
-    std::optional<sdk::SampleError> bad;
-    auto sample = guarded(ref_.plugin.qualified(), "get", [&]() -> std::optional<sdk::Sample> {
-      try {
-        return set.get(i);
-      } catch (const sdk::SampleError& e) {
-        bad = e;
-        return std::nullopt;
-      }
-    });
-    if (!bad) return sample;
-    if (ref_.on_bad_sample == "fail") {
-      throw sdk::InputError(ref_.plugin.display + ": sample " + bad->sample_id() + ": " + bad->what() +
-                            " (on_bad_sample = \"skip\" leaves such samples out)");
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    if (skipped_.insert(bad->sample_id()).second) {
-      out_ << "  skipping sample " << bad->sample_id() << " of " << ref_.plugin.display << ": " << bad->what() << "\n";
-    }
-    return std::nullopt;
-  }
-
- private:
-  const DataRef& ref_;
-  std::ostream& out_;
-  std::mutex mu_;
-  std::set<std::string> skipped_;
-};
-
 }  // namespace
 
 Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx,
@@ -236,25 +204,28 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   bctx.seed = cell.seed;
 
   // ---- data
-  auto make_dataset = [&](const DataRef& ref) {
-    auto o = cell.options(ref.plugin);
-    return host.create_dataset(ref.plugin.id, o, bctx);
+  auto make_dataset = [&](const DataSource& src) {
+    auto o = cell.options(src.plugin);
+    return host.create_dataset(src.plugin.id, o, bctx);
   };
-  auto train_set = make_dataset(cell.train_data);
-  auto eval_set = make_dataset(cell.eval_data);
-  const auto train_count = cell.train_data.limit > 0 ? std::min<std::size_t>(train_set->size(), cell.train_data.limit) : train_set->size();
-  const auto eval_count = cell.eval_data.limit > 0 ? std::min<std::size_t>(eval_set->size(), cell.eval_data.limit) : eval_set->size();
-  if (train_count == 0) throw sdk::InputError(cell.train_data.plugin.display + ": the training set is empty");
-  bctx.vocabulary = guarded(cell.train_data.plugin.qualified(), "vocabulary", [&] { return train_set->vocabulary(); });
-  BadSamples bad_train(cell.train_data, out), bad_eval(cell.eval_data, out);
-  // What building the datasets decided (samples dropped, how targets were chosen): shown and kept.
+  DataSources train_set(cell.train_data, make_dataset, out), eval_set(cell.eval_data, make_dataset, out);
+  if (train_set.size() == 0) throw sdk::InputError(cell.train_data.display() + ": the training set is empty");
+  bctx.vocabulary = train_set.vocabulary();
+  const std::int64_t per_step = tc.batch_size * tc.grad_accum;
+  // Each stage draws its own order (stage 0's is the unstaged order).
+  DrawOrder order(train_set, cell.seed + 0x51ed27ULL * static_cast<std::uint64_t>(cell.stage_index),
+                  static_cast<std::uint64_t>(tc.steps * per_step));
+  // What building the datasets decided (samples dropped, how targets were chosen, a mixture's draws): shown and kept.
   sdk::Json data_report = sdk::Json::object();
-  auto note_report = [&](const char* role, const DataRef& ref, const sdk::Dataset& set) {
-    auto r = guarded(ref.plugin.qualified(), "report", [&] { return set.report(); });
+  for (auto [role, set] : {std::pair<const char*, DataSources*>{"train", &train_set}, {"eval", &eval_set}}) {
+    auto r = set->report(set == &train_set);
     if (!r.empty()) data_report[role] = r;
-  };
-  note_report("train", cell.train_data, *train_set);
-  note_report("eval", cell.eval_data, *eval_set);
+  }
+  if (cell.train_data.mixture()) {
+    for (std::size_t s = 0; s < train_set.sources(); ++s) {
+      data_report["train"][cell.train_data.sources[s].name]["drawn"] = order.drawn()[s];
+    }
+  }
   if (!data_report.empty()) {
     out << "  data: " << data_report.dump() << "\n";
     ctx.store.set_data_report(run_id, data_report);
@@ -382,10 +353,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
 
   // ---- evaluation
   std::vector<Example> eval_examples;
-  for (std::size_t i = 0; i < eval_count; ++i) {
-    if (auto sample = bad_eval.get(*eval_set, i)) eval_examples.push_back(collator.prepare(std::move(*sample)));
+  for (std::size_t i = 0; i < eval_set.size(); ++i) {
+    if (auto sample = eval_set.get(i)) eval_examples.push_back(collator.prepare(std::move(*sample)));
   }
-  std::vector<std::pair<PluginRef, std::shared_ptr<sdk::Metric>>> metrics;
+  Metrics metrics;
   for (const auto& ref : ec.metrics) {
     auto o = cell.options(ref);
     metrics.emplace_back(ref, host.create_metric(ref.id, o, bctx));
@@ -419,49 +390,20 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       }
     }
     model->train();
-    // Each metric on the whole set, then on each group's subset (a corpus-level value such as BLEU's is
-    // computed on the group's samples, not averaged from sentence scores).
-    std::vector<std::pair<std::string, double>> values;
-    std::vector<std::pair<std::string, std::vector<double>>> per_sample;  // name -> one score per prediction
-    std::map<std::string, std::vector<std::size_t>> groups;
+    std::vector<std::string> group_of;  // each prediction's value of [eval] group_by
     if (!ec.group_by.empty()) {
-      for (std::size_t j = 0; j < predictions.size(); ++j) {
-        const auto& meta = eval_examples[j].sample.metadata;
-        const auto it = meta.find(ec.group_by);
-        if (it != meta.end()) groups[it->is_string() ? it->get<std::string>() : it->dump()].push_back(j);
+      for (const auto& e : eval_examples) {
+        const auto it = e.sample.metadata.find(ec.group_by);
+        group_of.push_back(it == e.sample.metadata.end() ? "" : it->is_string() ? it->get<std::string>() : it->dump());
       }
     }
-    for (const auto& [ref, metric] : metrics) {
-      auto run_metric = [&, &ref = ref, &metric = metric](const std::vector<std::string>& p, const std::vector<std::vector<std::string>>& r) {
-        auto result = guarded(ref.qualified(), "evaluate", [&] { return metric->evaluate(p, r); });
-        for (auto& v : result) {
-          if (v.name.empty()) v.name = ref.id;
-          if (v.per_sample.size() != p.size()) {
-            throw std::runtime_error(ref.qualified() + ": evaluate: " + std::to_string(v.per_sample.size()) + " scores for " +
-                                     std::to_string(p.size()) + " predictions");
-          }
-        }
-        return result;
-      };
-      for (auto& v : run_metric(predictions, references)) {
-        values.emplace_back(v.name, v.value);
-        per_sample.emplace_back(v.name, std::move(v.per_sample));
-      }
-      for (const auto& [value, members] : groups) {
-        std::vector<std::string> p;
-        std::vector<std::vector<std::string>> r;
-        for (auto j : members) {
-          p.push_back(predictions[j]);
-          r.push_back(references[j]);
-        }
-        for (const auto& v : run_metric(p, r)) values.emplace_back(v.name + "[" + ec.group_by + "=" + value + "]", v.value);
-      }
-    }
+    auto [values, per_sample] = score(metrics, predictions, references, ec.group_by, group_of);
     std::vector<store::SampleRow> samples;
     std::vector<store::ImageRow> images;
     auto decoding = ec.generate.to_json();
     if (!ec.postprocess.empty()) decoding["postprocess"] = ec.postprocess;
-    for (std::size_t j = 0; j < predictions.size() && j < static_cast<std::size_t>(ec.samples); ++j) {
+    const auto stored = ec.samples < 0 ? predictions.size() : std::min(predictions.size(), static_cast<std::size_t>(ec.samples));
+    for (std::size_t j = 0; j < stored; ++j) {
       const auto& s = eval_examples[j].sample;
       store::SampleRow row;
       row.step = step;
@@ -556,12 +498,9 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   if (start == 0 && ec.at_start) evaluate(0);
 
   // ---- the loop
-  const std::int64_t per_step = tc.batch_size * tc.grad_accum;
-  // Each stage draws its own order (stage 0's is the unstaged order).
-  SampleOrder order(train_count, cell.seed + 0x51ed27ULL * static_cast<std::uint64_t>(cell.stage_index));
   std::mutex order_mu;
   auto produce = [&](std::int64_t step) {
-    std::vector<std::size_t> idx;
+    std::vector<std::pair<std::size_t, std::size_t>> idx;  // (dataset, index)
     {
       std::lock_guard<std::mutex> lock(order_mu);
       for (std::int64_t j = 0; j < per_step; ++j) idx.push_back(order.at(static_cast<std::uint64_t>((step - 1) * per_step + j)));
@@ -570,12 +509,13 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     for (std::int64_t m = 0; m < tc.grad_accum; ++m) {
       std::vector<Example> examples;
       for (std::int64_t j = 0; j < tc.batch_size; ++j) {
-        const auto i = idx[static_cast<std::size_t>(m * tc.batch_size + j)];
-        // A sample that cannot be made (on_bad_sample = "skip") is replaced by the next one in the dataset
+        const auto [source, i] = idx[static_cast<std::size_t>(m * tc.batch_size + j)];
+        // A sample that cannot be made (on_bad_sample = "skip") is replaced by the next one in its dataset
         // that can: deterministic, so a resumed run draws the same batches.
+        const auto count = train_set.count(source);
         std::optional<sdk::Sample> sample;
-        for (std::size_t k = 0; k < train_count && !sample; ++k) sample = bad_train.get(*train_set, (i + k) % train_count);
-        if (!sample) throw sdk::InputError(cell.train_data.plugin.display + ": no sample of the training set can be made");
+        for (std::size_t k = 0; k < count && !sample; ++k) sample = train_set.get(source, (i + k) % count);
+        if (!sample) throw sdk::InputError(cell.train_data.sources[source].plugin.display + ": no sample of the training set can be made");
         examples.push_back(collator.prepare(std::move(*sample)));
       }
       auto b = collator.train_batch(examples);
@@ -669,7 +609,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       }
     }
     if (loss_tokens == 0) {
-      throw sdk::InputError(cell.train_data.plugin.display + ": the batch of step " + std::to_string(step) +
+      throw sdk::InputError(cell.train_data.display() + ": the batch of step " + std::to_string(step) +
                             " has no loss tokens (train.max_text_tokens = " + std::to_string(tc.max_text_tokens) +
                             " truncates every target)");
     }

@@ -208,6 +208,11 @@ std::vector<Options> Options::list(std::string_view key) {
   return out;
 }
 
+bool Options::is_list(std::string_view key) const {
+  const Json* v = find(key);
+  return v && v->is_array();
+}
+
 const Json& Options::raw(std::string_view key) {
   static const Json kNull;
   const Json* v = find(key);

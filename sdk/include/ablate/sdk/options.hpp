@@ -65,6 +65,8 @@ class Options {
   /// Views over the tables of an array of tables (an absent key gives none); unknown keys inside them are
   /// reported by finish() like any other.
   std::vector<Options> list(std::string_view key);
+  /// Whether `key` holds an array (for keys that take a table or an array of tables).
+  bool is_list(std::string_view key) const;
   /// The raw JSON value (null if absent); marks the key as read and records it as given.
   const Json& raw(std::string_view key);
 
