@@ -4,9 +4,11 @@ The tests run under CTest (see tests/CMakeLists.txt), which sets ABLATE_BUILD_DI
 """
 import os
 import pathlib
+import signal
 import sqlite3
 import subprocess
 import tempfile
+import time
 import unittest
 
 BUILD = pathlib.Path(os.environ.get("ABLATE_BUILD_DIR", pathlib.Path(__file__).resolve().parents[2] / "build"))
@@ -81,3 +83,21 @@ class TempDirTest(unittest.TestCase):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
+
+    def kill_after(self, toml, db, rows):
+        """Starts the runner on `toml` and SIGKILLs it once `rows` train steps are recorded; returns its stderr."""
+        log = self.dir / f"kill-{rows}.log"  # a file, not a pipe: a full pipe would stall the runner
+        with open(log, "w") as err:
+            proc = subprocess.Popen([str(RUNNER), str(toml), "--db", str(db)], stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if query(db, "SELECT count(*) FROM steps WHERE split = 'train'")[0][0] >= rows:
+                    break
+            except Exception:  # the database may not exist or be mid-creation
+                pass
+            time.sleep(0.005)
+        self.assertIsNone(proc.poll(), "the runner finished before it could be killed")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return log.read_text()

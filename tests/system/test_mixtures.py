@@ -3,9 +3,12 @@ at random in proportion to the weights (deterministically, so a run is reproduci
 dataset in turn, with sample ids "<name>/<id>" and metadata "dataset" for group_by. Real formats mix with
 synthetic data, and a missing image is skipped or fatal per dataset (on_bad_sample)."""
 import json
+import os
 import pathlib
+import random
 import subprocess
 import sys
+import time
 import unittest
 
 from ablate_testing import TempDirTest, query, run, tiny_experiment
@@ -71,6 +74,19 @@ class MixtureTest(TempDirTest):
             self.assertEqual(run([t, "--db", self.dir / d]).returncode, 0)
         self.assertEqual(train_losses(self.dir / "one.db"), train_losses(self.dir / "table.db"))
         self.assertNotEqual(train_losses(self.dir / "one.db"), train_losses(db))
+
+    def test_resume_after_sigkill_draws_the_same_batches(self):
+        seed = int(os.environ.get("ABLATE_TEST_SEED", time.time_ns() % 100000))
+        at = random.Random(seed).randint(5, 40)
+        print(f"seed {seed}: SIGKILL after {at} train rows of 80")
+        text = mixed("resume", COLOR_COUNT, EVAL_COLOR_COUNT, steps=80).replace("checkpoint_every = 10", "checkpoint_every = 3")
+        clean, killed = self.dir / "clean.db", self.dir / "killed" / "k.db"
+        self.assertEqual(run([self.write("clean.toml", text), "--db", clean]).returncode, 0)
+        toml = self.write("killed/resume.toml", text)
+        self.kill_after(toml, killed, at)
+        done = run([toml, "--db", killed])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(train_losses(killed), train_losses(clean))
 
     def test_bad_mixtures_fail_with_file_and_line(self):
         cases = {

@@ -3,7 +3,6 @@ on the next run with no duplicated or missing step rows, PRAGMA integrity_check 
 computed exactly what an uninterrupted run computes."""
 import os
 import random
-import signal
 import subprocess
 import time
 import unittest
@@ -22,28 +21,6 @@ def experiment(name):
 
 
 class SigkillTest(TempDirTest):
-    def train_rows(self, db):
-        rows = query(db, "SELECT count(*) FROM steps WHERE split = 'train'") if db.exists() else [(0,)]
-        return rows[0][0]
-
-    def kill_after(self, toml, db, rows):
-        """Starts the runner and SIGKILLs it once `rows` train steps are recorded; returns its stderr."""
-        log = self.dir / f"kill-{rows}.log"  # a file, not a pipe: a full pipe would stall the runner
-        with open(log, "w") as err:
-            proc = subprocess.Popen([str(RUNNER), str(toml), "--db", str(db)], stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if self.train_rows(db) >= rows:
-                    break
-            except Exception:  # the database may not exist or be mid-creation
-                pass
-            time.sleep(0.01)
-        self.assertIsNone(proc.poll(), "the runner finished before it could be killed")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return log.read_text()
-
     def test_sigkill_mid_grid_then_resume(self):
         seed = int(os.environ.get("ABLATE_TEST_SEED", time.time_ns() % 100000))
         rng = random.Random(seed)

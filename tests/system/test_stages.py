@@ -4,12 +4,10 @@ gradient accumulation included); gradient checkpointing changes no number; bf16 
 the silent failures researchers report stop with one line and exit status 2."""
 import os
 import random
-import signal
-import subprocess
 import time
 import unittest
 
-from ablate_testing import RUNNER, TempDirTest, query, run, tiny_experiment
+from ablate_testing import TempDirTest, query, run, tiny_experiment
 
 ALIGN_STEPS, TUNE_STEPS = 20, 30
 STAGES = f"""
@@ -78,21 +76,6 @@ class StagesTest(TempDirTest):
         sql = ("SELECT r.stage, r.cell_index, s.split, s.step, s.loss FROM steps s JOIN runs r ON r.id = s.run_id "
                "WHERE r.status = 'done' ORDER BY r.stage, r.cell_index, s.split, s.step")
         self.assertEqual(query(db, sql), query(clean_db, sql), "resumed stage runs compute what uninterrupted ones do")
-
-    def kill_after(self, toml, db, rows):
-        with open(self.dir / f"kill-{rows}.log", "w") as err:
-            proc = subprocess.Popen([str(RUNNER), str(toml), "--db", str(db)], stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if query(db, "SELECT count(*) FROM steps WHERE split = 'train'")[0][0] >= rows:
-                    break
-            except Exception:  # the database may not exist yet
-                pass
-            time.sleep(0.005)
-        self.assertIsNone(proc.poll(), "the runner finished before it could be killed")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 class RecipeTest(TempDirTest):
