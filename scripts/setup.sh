@@ -15,7 +15,8 @@ log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 # ---- 1. Debian packages
 packages=(build-essential cmake ninja-build ccache git pkg-config python3 python3-venv
           libboost-dev libboost-program-options-dev libtomlplusplus-dev libxtensor-dev nlohmann-json3-dev
-          libsqlite3-dev sqlite3 catch2 libpng-dev libjpeg-dev libsentencepiece-dev)
+          libsqlite3-dev sqlite3 catch2 libpng-dev libjpeg-dev libsentencepiece-dev
+          libcairo2-dev fonts-dejavu-core chromium)   # curves; the HTML tests load pages in headless Chromium
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

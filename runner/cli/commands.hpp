@@ -2,6 +2,7 @@
 // The runner's commands. Each returns the process exit status: 0 success, 1 a run or plugin failed,
 // 2 bad input (nothing recorded), 130 interrupted.
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -26,10 +27,22 @@ struct RunArgs {
 int run(const Common& common, const RunArgs& args);
 int plugins(const Common& common);
 
+/// Which runs of an experiment a view shows (compare, curves, report).
+struct RunFilter {
+  bool all = false;                  ///< also runs of cells no longer in the grid
+  std::vector<std::string> where;    ///< "axis=value": only runs with that value (as compare prints it)
+  std::vector<std::string> status;   ///< only runs with one of these statuses
+};
+
 struct CompareArgs {
   std::string experiment;  ///< a name, or a path to the experiment's TOML
-  bool all = false;        ///< also runs of cells no longer in the grid
+  RunFilter filter;
   bool groups = false;     ///< also per-group metrics ("exact_match[task=position]")
+  std::vector<std::string> metrics;  ///< these metric columns (default: every whole-set metric)
+  bool summary = false;    ///< cells over seeds: mean and standard deviation, best cell, per-axis means
+  std::string sort;        ///< a column to sort by
+  bool desc = false;
+  std::string format = "table";  ///< table, csv, json, markdown
 };
 int compare(const Common& common, const CompareArgs& args);
 
@@ -37,8 +50,35 @@ struct ReplayArgs {
   std::vector<std::int64_t> runs;  ///< one run, or several shown side by side (matched on sample id)
   std::int64_t step = -1;  ///< -1: the last step with samples
   std::filesystem::path images;  ///< write images here when set
+  std::vector<std::string> samples;  ///< only these sample ids (default: every sample of the step)
 };
 int replay(const Common& common, const ReplayArgs& args);
+
+struct CurvesArgs {
+  std::string experiment;
+  RunFilter filter;
+  std::vector<std::int64_t> runs;    ///< only these (default: every run the filter keeps)
+  std::vector<std::string> metrics;  ///< metric curves (default: every whole-set metric)
+  std::filesystem::path out = "curves";
+};
+int curves(const Common& common, const CurvesArgs& args);
+
+struct ReportArgs {
+  std::string experiment;
+  RunFilter filter;
+  std::filesystem::path out = "report.html";
+  std::size_t samples = 24;  ///< sample ids in the gallery
+};
+int report(const Common& common, const ReportArgs& args);
+
+struct ServeArgs {
+  std::string db;  ///< positional; default: --db
+  std::string host = "127.0.0.1";
+  int port = 8765;  ///< 0: any free port (printed)
+  int refresh = 10;  ///< seconds between a page's reloads; 0: none
+  bool verbose = false;
+};
+int serve(const Common& common, const ServeArgs& args);
 
 struct EnsembleArgs {
   std::vector<std::int64_t> runs;  ///< in order of precedence: a tied vote goes to the earliest

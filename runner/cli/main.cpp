@@ -20,8 +20,12 @@ constexpr const char* kUsage = R"(runner: VLM finetuning ablations on libtorch
 usage:
   runner EXPERIMENT.toml... [options]   run every cell of the experiments' grids (alias: runner run ...)
   runner plugins                        list the plugins found: kind, id, version, file
-  runner compare EXPERIMENT             one row per run: grid axes, eval loss, metrics
+  runner compare EXPERIMENT             one row per run: grid axes, eval loss, metrics (table, CSV, JSON,
+                                        Markdown; --summary: mean and std over seeds, best cell)
+  runner curves EXPERIMENT [-o DIR]     loss and metric curves of its runs, PNG and SVG
   runner replay RUN... [--step N]       the samples a run generated at a step; several runs side by side
+  runner report EXPERIMENT [-o FILE]    one self-contained HTML file: runs, curves, what trained, samples
+  runner serve [DB]                     the same pages in a local web view, live while a grid runs
   runner ensemble RUN RUN...            majority vote of the runs' answers, scored and stored as a run
 
 Re-running an experiment skips finished cells, resumes interrupted ones from their last checkpoint and runs
@@ -46,7 +50,8 @@ int dispatch(int argc, char** argv) {
 
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string command = "run";
-  if (!args.empty() && (args[0] == "run" || args[0] == "plugins" || args[0] == "compare" || args[0] == "replay" || args[0] == "ensemble")) {
+  if (!args.empty() && (args[0] == "run" || args[0] == "plugins" || args[0] == "compare" || args[0] == "replay" || args[0] == "ensemble" ||
+                         args[0] == "curves" || args[0] == "report" || args[0] == "serve")) {
     command = args[0];
     args.erase(args.begin());
   }
@@ -58,6 +63,19 @@ int dispatch(int argc, char** argv) {
   cli::CompareArgs cmp;
   cli::ReplayArgs rep;
   cli::EnsembleArgs ens;
+  cli::CurvesArgs crv;
+  cli::ReportArgs rpt;
+  cli::ServeArgs srv;
+  std::string out_path;
+  // Which runs: the same options for compare, curves and report.
+  auto add_filter = [&](cli::RunFilter& f) {
+    specific.add_options()
+        ("all", po::bool_switch(&f.all), "also runs of cells no longer in the grid")
+        ("where", po::value<std::vector<std::string>>(&f.where)->composing(),
+         "AXIS=VALUE: only runs with that axis value, as compare prints it (repeatable: all must hold)")
+        ("status", po::value<std::vector<std::string>>(&f.status)->composing(),
+         "only runs with this status: done, failed, diverged, interrupted, running, pending (repeatable)");
+  };
   std::string images;
   if (command == "run") {
     specific.add_options()
@@ -70,16 +88,52 @@ int dispatch(int argc, char** argv) {
   } else if (command == "compare") {
     specific.add_options()
         ("experiment", po::value<std::string>(&cmp.experiment), "experiment name or TOML file")
-        ("all", po::bool_switch(&cmp.all), "also show runs of cells no longer in the grid")
-        ("groups", po::bool_switch(&cmp.groups), "also show per-group metrics ([eval] group_by)");
+        ("groups", po::bool_switch(&cmp.groups), "also show per-group metrics ([eval] group_by)")
+        ("metrics", po::value<std::vector<std::string>>(&cmp.metrics)->multitoken()->composing(),
+         "metric columns to show, in this order (default: every metric of the whole set)")
+        ("summary", po::bool_switch(&cmp.summary),
+         "cells over seeds (axes named seed or *.seed): mean and standard deviation of finished runs, the best "
+         "cell per column, and each axis's values averaged over the other axes")
+        ("sort", po::value<std::string>(&cmp.sort), "sort rows by this column: an axis, run, step, eval_loss or a metric")
+        ("desc", po::bool_switch(&cmp.desc), "sort in descending order")
+        ("format", po::value<std::string>(&cmp.format)->default_value("table"), "table, csv, json or markdown");
+    add_filter(cmp.filter);
     positional.add("experiment", 1);
   } else if (command == "replay") {
     specific.add_options()
         ("run", po::value<std::vector<std::int64_t>>(&rep.runs)->composing(),
          "run id(s) (see runner compare); several: their samples side by side, as a decoding sweep's")
         ("step", po::value<std::int64_t>(&rep.step)->default_value(-1), "step (default: the last with samples)")
-        ("images", po::value<std::string>(&images), "write the samples' images into this folder");
+        ("images", po::value<std::string>(&images), "write the samples' images into this folder")
+        ("sample", po::value<std::vector<std::string>>(&rep.samples)->composing(),
+         "only this sample id (repeatable): one question across every run given");
     positional.add("run", -1);
+  } else if (command == "curves") {
+    specific.add_options()
+        ("experiment", po::value<std::string>(&crv.experiment), "experiment name or TOML file")
+        ("runs", po::value<std::vector<std::int64_t>>(&crv.runs)->multitoken()->composing(), "only these runs (ids, see compare)")
+        ("metrics", po::value<std::vector<std::string>>(&crv.metrics)->multitoken()->composing(),
+         "metric curves to draw (default: every metric of the whole set)")
+        ("out,o", po::value<std::string>(&out_path)->default_value("curves"),
+         "folder for train_loss, eval_loss and one file per metric, each .png and .svg");
+    add_filter(crv.filter);
+    positional.add("experiment", 1);
+  } else if (command == "report") {
+    specific.add_options()
+        ("experiment", po::value<std::string>(&rpt.experiment), "experiment name or TOML file")
+        ("out,o", po::value<std::string>(&out_path)->default_value("report.html"), "the HTML file to write")
+        ("samples", po::value<std::size_t>(&rpt.samples)->default_value(24), "sample ids in the gallery");
+    add_filter(rpt.filter);
+    positional.add("experiment", 1);
+  } else if (command == "serve") {
+    specific.add_options()
+        ("database", po::value<std::string>(&srv.db), "results database (default: --db)")
+        ("host", po::value<std::string>(&srv.host)->default_value("127.0.0.1"),
+         "address to listen on; the default is reachable from this machine only (0.0.0.0: from anywhere)")
+        ("port", po::value<int>(&srv.port)->default_value(8765), "port (0: any free one, printed)")
+        ("refresh", po::value<int>(&srv.refresh)->default_value(10), "seconds between an experiment page's reloads (0: never)")
+        ("verbose,v", po::bool_switch(&srv.verbose), "log each request to stderr");
+    positional.add("database", 1);
   } else if (command == "ensemble") {
     specific.add_options()
         ("run", po::value<std::vector<std::int64_t>>(&ens.runs)->composing(),
@@ -125,6 +179,20 @@ int dispatch(int argc, char** argv) {
     return cli::replay(common, rep);
   }
   if (command == "ensemble") return cli::ensemble(common, ens);
+  if (command == "curves" || command == "report") {
+    const auto& experiment = command == "curves" ? crv.experiment : rpt.experiment;
+    if (experiment.empty()) {
+      std::cerr << "runner " << command << ": name an experiment (or its TOML file)\n";
+      return 2;
+    }
+    if (command == "curves") {
+      crv.out = out_path;
+      return cli::curves(common, crv);
+    }
+    rpt.out = out_path;
+    return cli::report(common, rpt);
+  }
+  if (command == "serve") return cli::serve(common, srv);
   if (!vm.count("experiment")) {
     std::cout << kUsage << "\n" << opts << "\n";
     return 2;

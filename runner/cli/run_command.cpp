@@ -178,6 +178,22 @@ int run(const Common& common, const RunArgs& args) {
       std::cerr << ex.name << ": " << stale << " run(s) were cut off last time; resuming from their checkpoints\n";
     }
     print_cells(ex, std::cerr);
+    // The grid's progress counts the train steps still to run: stages shared by cells once, finished runs not
+    // at all, a resumed run from its last recorded step.
+    ctx.grid = GridProgress{};
+    std::set<std::string> planned;
+    for (const auto& cell : ex.cells) {
+      std::vector<const Cell*> links;
+      for (const auto& stage : cell.before) links.push_back(&stage);
+      links.push_back(&cell);
+      for (const Cell* link : links) {
+        if (link->decode_only || !planned.insert(link->key).second) continue;
+        const auto run = db.find_run(exp_id, link->key);
+        if (run && (run->status == store::Status::done || run->status == store::Status::diverged)) continue;
+        const auto steps = run ? db.steps(run->id, "train") : std::vector<store::StepRow>{};
+        ctx.grid.planned += link->train.steps - (steps.empty() ? 0 : steps.back().step);
+      }
+    }
     for (const auto& cell : ex.cells) {
       // A cell is a chain of stages (one without [[stages]]); each is a run, found by its key, so that a
       // stage another cell already trained is reused rather than trained again.

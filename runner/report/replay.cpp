@@ -74,6 +74,14 @@ int replay(const Common& common, const ReplayArgs& args) {
       }
     }
   }
+  if (!args.samples.empty()) {  // --sample: one question across every run given
+    for (const auto& want : args.samples) {
+      if (std::find(order.begin(), order.end(), want) == order.end()) {
+        throw sdk::InputError("--sample " + report::printable(want) + ": none of the runs stored it at the step shown");
+      }
+    }
+    order = args.samples;
+  }
   for (const auto& id : order) {
     const store::SampleRow* first = nullptr;
     for (const auto& m : by_id) {

@@ -65,3 +65,49 @@ std::string fixed(double v, int digits) {
 }
 
 }  // namespace ablate::report
+
+namespace ablate::report {
+
+void write_csv(std::ostream& out, const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
+  auto field = [](const std::string& s) {
+    if (s.find_first_of(",\"\r\n") == std::string::npos) return s;
+    std::string q = "\"";
+    for (char c : s) q += c == '"' ? std::string("\"\"") : std::string(1, c);
+    return q + "\"";
+  };
+  auto line = [&](const std::vector<std::string>& cells) {
+    for (std::size_t c = 0; c < cells.size(); ++c) out << (c ? "," : "") << field(cells[c]);
+    out << "\r\n";
+  };
+  line(header);
+  for (const auto& r : rows) line(r);
+}
+
+void write_markdown(std::ostream& out, const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
+  auto cell = [](const std::string& s) {
+    std::string e;
+    for (char c : printable(s)) e += c == '|' ? std::string("\\|") : std::string(1, c);
+    return e;
+  };
+  auto line = [&](const std::vector<std::string>& cells) {
+    out << "|";
+    for (const auto& c : cells) out << " " << cell(c) << " |";
+    out << "\n";
+  };
+  line(header);
+  out << "|";
+  for (std::size_t c = 0; c < header.size(); ++c) out << " --- |";
+  out << "\n";
+  for (const auto& r : rows) line(r);
+}
+
+std::string exact(double v) {
+  char buf[64];
+  for (int digits = 15; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  return buf;
+}
+
+}  // namespace ablate::report

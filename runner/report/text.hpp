@@ -17,3 +17,14 @@ void print_table(std::ostream& out, const std::vector<std::string>& header, cons
 std::string fixed(double v, int digits = 4);
 
 }  // namespace ablate::report
+
+namespace ablate::report {
+
+/// RFC 4180: fields with a comma, quote or line break are quoted, quotes doubled.
+void write_csv(std::ostream& out, const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
+/// A GitHub-flavoured Markdown table; pipes and line breaks in cells escaped.
+void write_markdown(std::ostream& out, const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
+/// Shortest text that reads back as the same double ("%.17g" trimmed): what CSV and JSON carry.
+std::string exact(double v);
+
+}  // namespace ablate::report

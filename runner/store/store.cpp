@@ -487,6 +487,14 @@ std::vector<std::pair<std::string, double>> Store::metrics_at(std::int64_t run_i
   return out;
 }
 
+std::vector<std::pair<std::int64_t, double>> Store::metric_history(std::int64_t run_id, const std::string& name) {
+  auto st = db_.prepare("SELECT step, value FROM metrics WHERE run_id = ?1 AND name = ?2 ORDER BY step");
+  st.bind(1, run_id).bind(2, name);
+  std::vector<std::pair<std::int64_t, double>> out;
+  while (st.step()) out.emplace_back(st.int64(0), st.real(1));
+  return out;
+}
+
 std::optional<std::int64_t> Store::last_metrics_step(std::int64_t run_id) {
   auto st = db_.prepare("SELECT max(step) FROM metrics WHERE run_id = ?1");
   st.bind(1, run_id);

@@ -146,6 +146,8 @@ class Store {
   std::vector<StepRow> steps(std::int64_t run_id, const std::string& split);
   std::vector<std::pair<std::string, double>> metrics_at(std::int64_t run_id, std::int64_t step);
   std::optional<std::int64_t> last_metrics_step(std::int64_t run_id);
+  /// One metric of a run at every step it was recorded.
+  std::vector<std::pair<std::int64_t, double>> metric_history(std::int64_t run_id, const std::string& name);
   std::vector<CheckpointRow> checkpoints(std::int64_t run_id);
   std::vector<TrainableRow> trainables(std::int64_t run_id);
   std::vector<std::int64_t> sample_steps(std::int64_t run_id);

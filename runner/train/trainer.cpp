@@ -580,7 +580,16 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                     ctx.progress_prefix.c_str(), static_cast<long long>(step), static_cast<long long>(tc.steps), last_loss,
                     rows.back().lr.value_or(0), rows.back().samples_per_s.value_or(0), rows.back().tokens_per_s.value_or(0),
                     human_seconds(per * static_cast<double>(tc.steps - step)).c_str());
-      out << (ctx.interactive ? "\r\033[K" : "") << line << (ctx.interactive ? "" : "\n") << std::flush;
+      std::string grid;
+      if (ctx.grid.planned > 0 && ctx.grid.done > 0) {
+        const double secs_per = std::chrono::duration<double>(Clock::now() - ctx.grid.start).count() / static_cast<double>(ctx.grid.done);
+        const auto left = std::max<std::int64_t>(0, ctx.grid.planned - ctx.grid.done);
+        char g[96];
+        std::snprintf(g, sizeof g, "  | grid %.0f%% eta %s", 100.0 * static_cast<double>(std::min(ctx.grid.done, ctx.grid.planned)) / static_cast<double>(ctx.grid.planned),
+                      human_seconds(secs_per * static_cast<double>(left)).c_str());
+        grid = g;
+      }
+      out << (ctx.interactive ? "\r\033[K" : "") << line << grid << (ctx.interactive ? "" : "\n") << std::flush;
     }
     pending.clear();
     interval_start = Clock::now();
@@ -628,6 +637,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     const auto result = optimizer.step(step - 1);
     pending.push_back({step, step_loss, result.lr, result.grad_norm, samples, tokens, loss_tokens, result.skipped});
     ++steps_done;
+    ++ctx.grid.done;
 
     const bool last = step == tc.steps;
     const bool do_eval = last || (ec.every > 0 && step % ec.every == 0);

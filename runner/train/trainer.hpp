@@ -4,6 +4,7 @@
 // with exactly the model, optimizer, random generators and data position it had.
 
 #include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <string>
@@ -18,6 +19,14 @@ namespace ablate {
 
 class PluginHost;
 
+/// The whole grid's progress, for the progress line: train steps it still had to run when it started, and
+/// how many of them are done.
+struct GridProgress {
+  std::int64_t planned = 0;
+  std::int64_t done = 0;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+};
+
 struct RunContext {
   RunContext(store::Store& s, const PluginHost& h) : store(s), host(h) {}
   store::Store& store;
@@ -30,6 +39,7 @@ struct RunContext {
   std::string hostname;
   std::string progress_prefix;         ///< "[2/5 strategy=projector]"
   bool interactive = false;            ///< progress on one rewritten line (a terminal) or a line per log interval
+  GridProgress grid;
 };
 
 enum class Outcome { done, diverged, interrupted };

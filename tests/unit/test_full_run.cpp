@@ -95,8 +95,15 @@ TEST_CASE("a tiny grid runs end to end and records everything", "[run]") {
 
   cli::Common common;
   common.db = dir / "results" / "results.db";
-  CHECK(cli::compare(common, {"tiny", false, true}) == 0);
-  CHECK(cli::replay(common, {{runs[0].id}, 8, dir / "images"}) == 0);
+  cli::CompareArgs cmp;
+  cmp.experiment = "tiny";
+  cmp.groups = true;
+  CHECK(cli::compare(common, cmp) == 0);
+  cli::ReplayArgs rep;
+  rep.runs = {runs[0].id};
+  rep.step = 8;
+  rep.images = dir / "images";
+  CHECK(cli::replay(common, rep) == 0);
   CHECK(std::filesystem::exists(dir / "images" / (db.samples(runs[0].id, 8)[0].image_sha256 + ".png")));
 }
 
