@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs bench/train_bench.py on a GPU machine from the prebuilt bundle (carry .gpu and .deb, as
+# scripts/gpu_test.sh does): no build there. Extra arguments go to train_bench.py (default: batch 8).
+# Logs and JSON go to $OUT when it is set (the device tool), else to /tmp/ablate-bench-out.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=${OUT:-/tmp/ablate-bench-out}
+mkdir -p "$out" "$root/.deb/root"
+for f in "$root"/.deb/*.deb; do dpkg -x "$f" "$root/.deb/root"; done
+torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$root/.gpu/lib:$torch_lib:$root/.deb/root/usr/lib/x86_64-linux-gnu:$root/.deb/root/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONUNBUFFERED=1
+"$root/.gpu/bin/runner" --version
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+tag=${BENCH_TAG:-bench}
+set -o pipefail
+python3 "$root/bench/train_bench.py" --runner "$root/.gpu/bin/runner" --device cuda --json "$out/$tag.json" "$@" 2>&1 | tee "$out/$tag.log"
