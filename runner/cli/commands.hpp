@@ -20,7 +20,7 @@ struct RunArgs {
   std::vector<std::filesystem::path> experiments;
   bool dry_run = false;
   std::string device = "auto";
-  int workers = 1;
+  int workers = 0;  ///< data threads; 0: half the cores, at most 8
   int threads = 0;  ///< intra-op threads for libtorch; 0: its default
 };
 

@@ -82,7 +82,8 @@ int dispatch(int argc, char** argv) {
         ("experiment", po::value<std::vector<std::string>>()->composing(), "experiment TOML file(s)")
         ("dry-run", po::bool_switch(&run.dry_run), "print the grid's cells and their keys; run nothing")
         ("device", po::value<std::string>(&run.device)->default_value("auto"), "cpu, cuda, cuda:N or auto")
-        ("workers", po::value<int>(&run.workers)->default_value(1), "data worker threads")
+        ("workers", po::value<int>(&run.workers)->default_value(0),
+         "data worker threads (0: half the machine's cores, at most 8; the batch order is the same for any count)")
         ("threads", po::value<int>(&run.threads)->default_value(0), "libtorch intra-op threads (0: its default)");
     positional.add("experiment", -1);
   } else if (command == "compare") {
