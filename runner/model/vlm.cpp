@@ -1,6 +1,7 @@
 #include "model/vlm.hpp"
 
 #include <algorithm>
+#include <chrono>
 
 #include <torch/torch.h>
 
@@ -231,6 +232,8 @@ torch::Tensor sample_next(const torch::Tensor& scores, const GenerateConfig& cfg
 
 VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const GenerateConfig& cfg, std::uint64_t seed) {
   torch::NoGradGuard no_grad;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto& bb = *backbone_.object;
   const auto& tok = bb.tokenizer();
   auto s = assemble(batch.pixels, batch.ids, batch.valid, torch::Tensor(), torch::Tensor());
@@ -243,6 +246,11 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   auto last = hidden.select(1, hidden.size(1) - 1);
   auto next_pos = std::get<0>(s.positions.max(1)) + 1;
 
+  // Decoding appends one token that may see every key before it, so without padding it needs no mask at all and
+  // takes the unmasked attention kernel, instead of building a dense mask in every layer for every token.
+  const bool padded = s.mask.key_valid.defined() && !s.mask.key_valid.all().item<bool>();
+  sdk::AttentionMask step_mask = padded ? s.mask : sdk::AttentionMask::make_causal();
+
   Generated out;
   out.ids.assign(static_cast<std::size_t>(b), {});
   std::vector<bool> finished(static_cast<std::size_t>(b), false);
@@ -250,12 +258,14 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   for (std::int64_t step = 0; step < cfg.max_new_tokens; ++step) {
     auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(last); });
     auto next = sample_next(logits.to(torch::kFloat32), cfg, gen);
-    auto next_cpu = next.cpu();
+    auto next_cpu = next.cpu();  // waits for the device: the times below are real
+    if (step == 0) out.first_token_s = seconds();
     auto na = next_cpu.accessor<std::int64_t, 1>();
     bool all_done = true;
     for (std::int64_t i = 0; i < b; ++i) {
       const auto r = static_cast<std::size_t>(i);
       if (finished[r]) continue;
+      ++out.new_tokens;
       if (na[i] == eos) {
         finished[r] = true;
         continue;
@@ -271,8 +281,8 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
     }
     if (all_done || step + 1 == cfg.max_new_tokens) break;
     auto step_embeds = guarded(backbone_.plugin, "embed", [&] { return bb.embed(next.unsqueeze(1)); });
-    s.mask.key_valid = torch::cat({s.mask.key_valid, torch::ones({b, 1}, s.mask.key_valid.options())}, 1);
-    hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(step_embeds, next_pos.unsqueeze(1), s.mask, &cache); });
+    if (padded) step_mask.key_valid = torch::cat({step_mask.key_valid, torch::ones({b, 1}, step_mask.key_valid.options())}, 1);
+    hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(step_embeds, next_pos.unsqueeze(1), step_mask, &cache); });
     next_pos = next_pos + 1;
     last = hidden.select(1, 0);
   }
@@ -282,6 +292,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
     for (const auto& stop : cfg.stop) cut = std::min(cut, text_out.find(stop));
     out.text.push_back(trim(text_out.substr(0, cut)));
   }
+  out.total_s = seconds();
   return out;
 }
 

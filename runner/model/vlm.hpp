@@ -66,6 +66,9 @@ class VlmModel : public torch::nn::Module {
   struct Generated {
     std::vector<std::vector<std::int64_t>> ids;  ///< new tokens per row, EOS excluded
     std::vector<std::string> text;               ///< decoded, cut at the first stop string, trimmed
+    std::int64_t new_tokens = 0;                 ///< tokens sampled for unfinished rows, EOS included
+    double first_token_s = 0;                    ///< from the call to the first new tokens on the host
+    double total_s = 0;                          ///< the whole call
   };
   /// Greedy or sampled generation with a KV cache; `seed` seeds sampling.
   Generated generate(const GenerationBatch& batch, const GenerateConfig& config, std::uint64_t seed);

@@ -124,6 +124,11 @@ CREATE INDEX runs_by_parent ON runs(parent_run_id);
 ALTER TABLE samples ADD COLUMN raw_output TEXT;  -- the generation before [eval] postprocess, if that changed it
 ALTER TABLE runs ADD COLUMN data_report TEXT;    -- JSON: what the datasets reported when built (counts)
 )sql",
+    // 4: generation speed at each evaluation.
+    R"sql(
+ALTER TABLE steps ADD COLUMN gen_first_token_s REAL;  -- eval rows: mean seconds to the first new token, per batch
+ALTER TABLE steps ADD COLUMN gen_tokens_per_s REAL;   -- eval rows: new tokens per second of generation (batches added up)
+)sql",
 };
 
 constexpr int kSchemaVersion = static_cast<int>(sizeof(kMigrations) / sizeof(kMigrations[0]));
@@ -365,9 +370,10 @@ namespace {
 void insert_step(Database& db, std::int64_t run_id, const StepRow& s) {
   db.prepare(
         "INSERT INTO steps (run_id, step, split, loss, lr, grad_norm, tokens, loss_tokens, samples_per_s, tokens_per_s, "
-        "elapsed_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")
+        "elapsed_s, gen_first_token_s, gen_tokens_per_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)")
       .bind(1, run_id).bind(2, s.step).bind(3, s.split).bind(4, s.loss).bind(5, s.lr).bind(6, s.grad_norm)
       .bind(7, s.tokens).bind(8, s.loss_tokens).bind(9, s.samples_per_s).bind(10, s.tokens_per_s).bind(11, s.elapsed_s)
+      .bind(12, s.gen_first_token_s).bind(13, s.gen_tokens_per_s)
       .run();
 }
 }  // namespace
@@ -458,8 +464,8 @@ void Store::truncate_after(std::int64_t run_id, std::int64_t step) {
 
 std::vector<StepRow> Store::steps(std::int64_t run_id, const std::string& split) {
   auto st = db_.prepare(
-      "SELECT step, split, loss, lr, grad_norm, tokens, loss_tokens, samples_per_s, tokens_per_s, elapsed_s FROM steps "
-      "WHERE run_id = ?1 AND split = ?2 ORDER BY step");
+      "SELECT step, split, loss, lr, grad_norm, tokens, loss_tokens, samples_per_s, tokens_per_s, elapsed_s, "
+      "gen_first_token_s, gen_tokens_per_s FROM steps WHERE run_id = ?1 AND split = ?2 ORDER BY step");
   st.bind(1, run_id).bind(2, split);
   std::vector<StepRow> out;
   while (st.step()) {
@@ -474,6 +480,8 @@ std::vector<StepRow> Store::steps(std::int64_t run_id, const std::string& split)
     r.samples_per_s = st.maybe_real(7);
     r.tokens_per_s = st.maybe_real(8);
     r.elapsed_s = st.real(9);
+    r.gen_first_token_s = st.maybe_real(10);
+    r.gen_tokens_per_s = st.maybe_real(11);
     out.push_back(r);
   }
   return out;

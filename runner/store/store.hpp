@@ -54,6 +54,8 @@ struct StepRow {
   std::int64_t tokens = 0, loss_tokens = 0;
   std::optional<double> samples_per_s, tokens_per_s;
   double elapsed_s = 0;
+  /// Eval rows: generation speed (mean time to the first new token per batch; new tokens per second).
+  std::optional<double> gen_first_token_s, gen_tokens_per_s;
 };
 
 struct SampleRow {

@@ -370,6 +370,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     double loss_sum = 0;
     std::int64_t tokens = 0, loss_tokens = 0;
     std::vector<std::string> predictions, raw;  // raw: before [eval] postprocess
+    double gen_first_token_s = 0, gen_seconds = 0;  // generation speed, added up over the batches
+    std::int64_t gen_tokens = 0, gen_batches = 0;
     std::vector<std::vector<std::string>> references;
     const auto bs = static_cast<std::size_t>(ec.batch_size);
     for (std::size_t i = 0; i < eval_examples.size(); i += bs) {
@@ -382,6 +384,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
         tokens += batch.text_tokens;
       }
       auto gen = model->generate(collator.generation_batch(chunk), ec.generate, cell.seed + static_cast<std::uint64_t>(step));
+      gen_first_token_s += gen.first_token_s;
+      gen_seconds += gen.total_s;
+      gen_tokens += gen.new_tokens;
+      ++gen_batches;
       for (std::size_t j = 0; j < chunk.size(); ++j) {
         raw.push_back(gen.text[j]);
         predictions.push_back(postprocess(gen.text[j], ec.postprocess));
@@ -435,6 +441,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     row.tokens = tokens;
     row.loss_tokens = loss_tokens;
     row.elapsed_s = std::chrono::duration<double>(Clock::now() - run_start).count();
+    if (gen_batches > 0) row.gen_first_token_s = gen_first_token_s / static_cast<double>(gen_batches);
+    if (gen_seconds > 0) row.gen_tokens_per_s = static_cast<double>(gen_tokens) / gen_seconds;
     if (!std::isfinite(loss)) throw std::runtime_error("eval loss is not finite at step " + std::to_string(step));
     ctx.store.record_eval(run_id, row, values, samples, images);
     std::ostringstream line;
@@ -442,7 +450,14 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     for (const auto& [name, value] : values) {
       if (name.find('[') == std::string::npos) line << ", " << name << " " << value;
     }
-    line << " (" << human_seconds(std::chrono::duration<double>(Clock::now() - t0).count()) << ")";
+    line << " (" << human_seconds(std::chrono::duration<double>(Clock::now() - t0).count());
+    if (row.gen_tokens_per_s) {
+      char g[96];
+      std::snprintf(g, sizeof g, "; generation %.1f ms to first token, %.0f tok/s", 1e3 * row.gen_first_token_s.value_or(0),
+                    *row.gen_tokens_per_s);
+      line << g;
+    }
+    line << ")";
     out << (ctx.interactive ? "\r\033[K" : "") << line.str() << "\n";
   };
 
