@@ -97,6 +97,11 @@ class ViewsTest(TempDirTest):
         self.assertEqual(steps, [2, 4, 5, 6, 8, 10] * 4, "one plain line per log interval")
         self.assertTrue(all("\r" not in l and re.search(r"loss \S+ .* samples/s .* eta \S+ +\| grid \d+% eta \S+$", l) for l in lines), lines[:3])
         self.assertTrue(lines[-1].split("| grid ")[1].startswith("100%"), lines[-1])
+        # Each evaluation records its generation speed, and the eval line shows it.
+        speeds = query(self.db, "SELECT gen_first_token_s, gen_tokens_per_s FROM steps WHERE split = 'eval'")
+        self.assertEqual(len(speeds), 4 * 3)
+        self.assertTrue(all(f > 0 and t > 0 for f, t in speeds), speeds)
+        self.assertRegex(self.out.stderr, r"eval step 10: .*generation [\d.]+ ms to first token, \d+ tok/s\)")
 
     def test_compare_csv_json_markdown_equal_the_database(self):
         rows = list(csv.DictReader(io.StringIO(self.compare("--format", "csv"))))
