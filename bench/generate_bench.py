@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import SIZES, make_assets  # noqa: E402  (the same model and data)
+from train_bench import SIZES, make_assets, model_and_data  # noqa: E402  (the same model and data)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,16 +48,7 @@ def ablate(work, args):
 name = "generate-bench"
 seed = 0
 
-[model]
-layout = "prefix"
-encoder = {{ plugin = "clip_vit", weights = "{work}/vision" }}
-projector = {{ plugin = "git", weights = "{work}/projector.safetensors" }}
-backbone = {{ plugin = "opt", weights = "{work}/llm" }}
-
-[data]
-train = {{ plugin = "coco_captions", file = "{work}/data/captions.json", image_folder = "{work}/data/images" }}
-eval = {{ plugin = "coco_captions", file = "{work}/data/captions.json", image_folder = "{work}/data/images", limit = {args.samples} }}
-
+{model_and_data(work, eval_limit=args.samples)}
 [train]
 steps = 1
 batch_size = 1

@@ -220,6 +220,21 @@ def make_assets(work, size):
 
 # --------------------------------------------------------------------------------------------- ablate
 
+def model_and_data(work, eval_limit):
+    """The [model] and [data] tables of the generated assets (shared with generate_bench.py)."""
+    data = f'file = "{work}/data/captions.json", image_folder = "{work}/data/images"'
+    return f'''[model]
+layout = "prefix"
+encoder = {{ plugin = "clip_vit", weights = "{work}/vision" }}
+projector = {{ plugin = "git", weights = "{work}/projector.safetensors" }}
+backbone = {{ plugin = "opt", weights = "{work}/llm" }}
+
+[data]
+train = {{ plugin = "coco_captions", {data} }}
+eval = {{ plugin = "coco_captions", {data}, limit = {eval_limit} }}
+'''
+
+
 def experiment_toml(work, args):
     return f'''strategy = ["projector", {{ plugin = "lora", weights = "{work}/adapter" }}]
 
@@ -227,16 +242,7 @@ def experiment_toml(work, args):
 name = "bench"
 seed = {args.seed}
 
-[model]
-layout = "prefix"
-encoder = {{ plugin = "clip_vit", weights = "{work}/vision" }}
-projector = {{ plugin = "git", weights = "{work}/projector.safetensors" }}
-backbone = {{ plugin = "opt", weights = "{work}/llm" }}
-
-[data]
-train = {{ plugin = "coco_captions", file = "{work}/data/captions.json", image_folder = "{work}/data/images" }}
-eval = {{ plugin = "coco_captions", file = "{work}/data/captions.json", image_folder = "{work}/data/images", limit = 1 }}
-
+{model_and_data(work, eval_limit=1)}
 [train]
 steps = {args.warmup + args.measure}
 batch_size = {args.batch}
