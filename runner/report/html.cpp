@@ -112,13 +112,16 @@ std::string experiment_page(store::Store& db, const ExperimentView& view, const 
   const bool staged = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.run.stages_total > 1; });
   if (staged) header.push_back("stage");
   for (const auto& a : view.axes) header.push_back(a);
+  const bool ensembles = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.ensemble(); });
+  if (ensembles) header.push_back("ensemble");
   for (const char* c : {"status", "step", "trainable%", "eval_loss@first", "eval_loss"}) header.push_back(c);
   for (const auto& m : metric_names) header.push_back(m);
   std::vector<std::vector<Cell>> rows;
   for (const auto& r : view.runs) {
     std::vector<Cell> row{{std::to_string(r.run.id), true, ""}};
     if (staged) row.push_back({std::to_string(r.run.stage + 1) + "/" + std::to_string(r.run.stages_total) + " " + r.run.stage_name});
-    for (const auto& a : view.axes) row.push_back({r.run.axes.contains(a) ? value_label(r.run.axes[a]) : (r.ensemble() && &a == &view.axes.front() ? r.run.label : "")});
+    for (const auto& a : view.axes) row.push_back({r.run.axes.contains(a) ? value_label(r.run.axes[a]) : ""});
+    if (ensembles) row.push_back({r.ensemble() ? r.run.label : ""});
     row.push_back({store::status_name(r.run.status), false, std::string("status-") + store::status_name(r.run.status)});
     row.push_back({r.ensemble() ? "" : std::to_string(r.last_step) + "/" + std::to_string(r.run.steps_total), true});
     row.push_back({opt_number(r.trainable_pct, 2), true});
