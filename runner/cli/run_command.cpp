@@ -106,6 +106,14 @@ torch::Device pick_device(const std::string& name) {
   }
 }
 
+// A cell is a chain of runs: its earlier stages (or the training run before a decoding sweep), then itself.
+std::vector<const Cell*> chain_of(const Cell& cell) {
+  std::vector<const Cell*> chain;
+  for (const auto& stage : cell.before) chain.push_back(&stage);
+  chain.push_back(&cell);
+  return chain;
+}
+
 store::NewRun new_run(std::int64_t exp_id, const Cell& cell, std::optional<std::int64_t> parent) {
   store::NewRun nr;
   nr.experiment_id = exp_id;
@@ -186,10 +194,7 @@ int run(const Common& common, const RunArgs& args) {
     ctx.grid = GridProgress{};
     std::set<std::string> planned;
     for (const auto& cell : ex.cells) {
-      std::vector<const Cell*> links;
-      for (const auto& stage : cell.before) links.push_back(&stage);
-      links.push_back(&cell);
-      for (const Cell* link : links) {
+      for (const Cell* link : chain_of(cell)) {
         if (link->decode_only || !planned.insert(link->key).second) continue;
         const auto run = db.find_run(exp_id, link->key);
         if (run && (run->status == store::Status::done || run->status == store::Status::diverged)) continue;
@@ -200,9 +205,7 @@ int run(const Common& common, const RunArgs& args) {
     for (const auto& cell : ex.cells) {
       // A cell is a chain of stages (one without [[stages]]); each is a run, found by its key, so that a
       // stage another cell already trained is reused rather than trained again.
-      std::vector<const Cell*> chain;
-      for (const auto& stage : cell.before) chain.push_back(&stage);
-      chain.push_back(&cell);
+      const auto chain = chain_of(cell);
       std::vector<fs::path> finals;  // what the stages so far changed
       std::optional<std::int64_t> parent;
       const std::string cell_id = ex.name + " " + std::to_string(cell.index + 1) + "/" + std::to_string(ex.cells.size());

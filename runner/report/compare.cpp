@@ -115,31 +115,9 @@ int compare(const Common& common, const CompareArgs& args) {
   auto number = [&](std::optional<double> v) { return !v ? std::string() : text ? report::fixed(*v) : report::exact(*v); };
 
   if (!args.summary) {
-    const bool staged = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.run.stages_total > 1; });
-    const bool ensembles = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.ensemble(); });
-    std::vector<std::string> header{"run"};
-    if (staged) header.push_back("stage");
-    for (const auto& a : view.axes) header.push_back(a);
-    if (ensembles) header.push_back("ensemble");
-    for (const char* h : {"status", "step", "trainable%"}) header.push_back(h);
-    for (const auto& n : numbers) header.push_back(n);
-    Table rows;
-    nlohmann::json runs = nlohmann::json::array();
-    for (const auto& r : view.runs) {
-      std::vector<std::string> cells{std::to_string(r.run.id)};
-      if (staged) {
-        cells.push_back(std::to_string(r.run.stage + 1) + "/" + std::to_string(r.run.stages_total) +
-                        (r.run.stage_name.empty() ? "" : " " + r.run.stage_name));
-      }
-      for (const auto& a : view.axes) cells.push_back(r.run.axes.contains(a) ? value_label(r.run.axes[a]) : "");
-      if (ensembles) cells.push_back(r.ensemble() ? value_label(r.run.axes.value("ensemble", Json(""))) : "");
-      cells.push_back(store::status_name(r.run.status));
-      // An ensemble has no steps and trains nothing.
-      cells.push_back(r.ensemble() ? "" : std::to_string(r.last_step) + "/" + std::to_string(r.run.steps_total));
-      cells.push_back(r.trainable_pct ? report::fixed(*r.trainable_pct, 2) : "");
-      for (const auto& n : numbers) cells.push_back(number(r.number(n)));
-      rows.push_back(cells);
-      if (args.format == "json") {
+    if (args.format == "json") {
+      nlohmann::json runs = nlohmann::json::array();
+      for (const auto& r : view.runs) {
         nlohmann::json j = {{"run", r.run.id}, {"label", r.run.label}, {"axes", r.run.axes}, {"status", store::status_name(r.run.status)},
                             {"stage", r.run.stage}, {"stage_name", r.run.stage_name}, {"step", r.last_step},
                             {"steps_total", r.run.steps_total}, {"seed", r.run.seed}, {"error", r.run.error}};
@@ -147,16 +125,15 @@ int compare(const Common& common, const CompareArgs& args) {
         for (const auto& n : numbers) j[n] = r.number(n) ? nlohmann::json(*r.number(n)) : nlohmann::json();
         runs.push_back(j);
       }
-    }
-    if (args.format == "json") {
       std::cout << nlohmann::json{{"experiment", view.name}, {"database", common.db.string()}, {"axes", view.axes}, {"runs", runs}}.dump(1) << "\n";
       return 0;
     }
+    const auto table = report::run_table(view, numbers, number);
     if (args.format == "table") {
-      std::cout << "experiment " << report::printable(view.name) << ": " << rows.size() << " run" << (rows.size() == 1 ? "" : "s")
-                << " (" << common.db.string() << ")\n";
+      std::cout << "experiment " << report::printable(view.name) << ": " << table.rows.size() << " run"
+                << (table.rows.size() == 1 ? "" : "s") << " (" << common.db.string() << ")\n";
     }
-    emit(std::cout, args.format, header, rows);
+    emit(std::cout, args.format, table.header, table.rows);
     if (args.format == "table") {
       for (const auto& r : view.runs) {
         if (!r.run.error.empty()) std::cout << "run " << r.run.id << ": " << report::printable(r.run.error) << "\n";

@@ -67,9 +67,10 @@ details{margin:4px 0} summary{cursor:pointer}
 )css";
 
 struct Cell {
+  Cell(std::string t, bool n = false, std::string c = {}) : text(std::move(t)), number(n), cls(std::move(c)) {}
   std::string text;
-  bool number = false;
-  std::string cls;
+  bool number;
+  std::string cls;  ///< extra CSS class
 };
 
 void table(std::ostringstream& h, const std::vector<std::string>& header, const std::vector<std::vector<Cell>>& rows) {
@@ -107,29 +108,21 @@ std::string experiment_page(store::Store& db, const ExperimentView& view, const 
     << (view.runs.size() == 1 ? "" : "s") << " · " << html_escape(o.database) << " · " << html_escape(store::now_iso8601()) << "</p>\n";
 
   // ---- the grid
-  const auto metric_names = view.metric_names(false);
-  std::vector<std::string> header{"run"};
-  const bool staged = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.run.stages_total > 1; });
-  if (staged) header.push_back("stage");
-  for (const auto& a : view.axes) header.push_back(a);
-  const bool ensembles = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.ensemble(); });
-  if (ensembles) header.push_back("ensemble");
-  for (const char* c : {"status", "step", "trainable%", "eval_loss@first", "eval_loss"}) header.push_back(c);
-  for (const auto& m : metric_names) header.push_back(m);
+  std::vector<std::string> numbers = {"eval_loss@first", "eval_loss"};
+  for (const auto& m : view.metric_names(false)) numbers.push_back(m);
+  const auto grid = run_table(view, numbers, [](std::optional<double> v) { return opt_number(v); });
+  // Right-aligned: the run id and every column from step on; the status coloured.
+  const auto step_col = static_cast<std::size_t>(std::find(grid.header.begin(), grid.header.end(), "step") - grid.header.begin());
   std::vector<std::vector<Cell>> rows;
-  for (const auto& r : view.runs) {
-    std::vector<Cell> row{{std::to_string(r.run.id), true, ""}};
-    if (staged) row.push_back({std::to_string(r.run.stage + 1) + "/" + std::to_string(r.run.stages_total) + " " + r.run.stage_name});
-    for (const auto& a : view.axes) row.push_back({r.run.axes.contains(a) ? value_label(r.run.axes[a]) : ""});
-    if (ensembles) row.push_back({r.ensemble() ? r.run.label : ""});
-    row.push_back({store::status_name(r.run.status), false, std::string("status-") + store::status_name(r.run.status)});
-    row.push_back({r.ensemble() ? "" : std::to_string(r.last_step) + "/" + std::to_string(r.run.steps_total), true});
-    row.push_back({opt_number(r.trainable_pct, 2), true});
-    row.push_back({opt_number(r.first_loss), true});
-    row.push_back({opt_number(r.last_loss), true});
-    for (const auto& m : metric_names) row.push_back({opt_number(r.metric(m)), true});
+  for (const auto& r : grid.rows) {
+    std::vector<Cell> row;
+    for (std::size_t c = 0; c < r.size(); ++c) {
+      const bool status = c + 1 == step_col;
+      row.push_back({r[c], c == 0 || c >= step_col, status ? "status-" + r[c] : ""});
+    }
     rows.push_back(std::move(row));
   }
+  const auto& header = grid.header;
   h << "<h2>Runs</h2>\n";
   table(h, header, rows);
   for (const auto& r : view.runs) {

@@ -8,6 +8,7 @@
 
 #include "ablate/sdk/error.hpp"
 #include "grid/experiment.hpp"
+#include "report/text.hpp"
 
 namespace ablate::report {
 
@@ -76,6 +77,35 @@ std::vector<std::string> ExperimentView::differing_axes(const std::vector<const 
     if (values.size() > 1) out.push_back(a);
   }
   return out;
+}
+
+RunTable run_table(const ExperimentView& view, const std::vector<std::string>& numbers,
+                   const std::function<std::string(std::optional<double>)>& format) {
+  const bool staged = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.run.stages_total > 1; });
+  const bool ensembles = std::any_of(view.runs.begin(), view.runs.end(), [](const RunSummary& r) { return r.ensemble(); });
+  RunTable t;
+  t.header.push_back("run");
+  if (staged) t.header.push_back("stage");
+  for (const auto& a : view.axes) t.header.push_back(a);
+  if (ensembles) t.header.push_back("ensemble");
+  for (const char* h : {"status", "step", "trainable%"}) t.header.push_back(h);
+  for (const auto& n : numbers) t.header.push_back(n);
+  for (const auto& r : view.runs) {
+    std::vector<std::string> cells{std::to_string(r.run.id)};
+    if (staged) {
+      cells.push_back(std::to_string(r.run.stage + 1) + "/" + std::to_string(r.run.stages_total) +
+                      (r.run.stage_name.empty() ? "" : " " + r.run.stage_name));
+    }
+    for (const auto& a : view.axes) cells.push_back(r.run.axes.contains(a) ? value_label(r.run.axes[a]) : "");
+    if (ensembles) cells.push_back(r.ensemble() ? value_label(r.run.axes.value("ensemble", Json(""))) : "");
+    cells.push_back(store::status_name(r.run.status));
+    // An ensemble has no steps and trains nothing.
+    cells.push_back(r.ensemble() ? "" : std::to_string(r.last_step) + "/" + std::to_string(r.run.steps_total));
+    cells.push_back(r.trainable_pct ? fixed(*r.trainable_pct, 2) : "");
+    for (const auto& n : numbers) cells.push_back(format(r.number(n)));
+    t.rows.push_back(std::move(cells));
+  }
+  return t;
 }
 
 std::string run_label(const RunSummary& r, const std::vector<std::string>& axes) {

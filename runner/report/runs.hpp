@@ -2,6 +2,7 @@
 // What every results view starts from: an experiment's runs with their final numbers, selected by axis
 // values and status. `runner compare`, `runner report` and `runner serve` all read the database through here.
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -47,6 +48,16 @@ struct ExperimentView {
 /// experiment is not recorded, or when `where` names an axis the experiment does not have.
 ExperimentView load_experiment(store::Store& db, const std::string& experiment, const Selection& selection,
                                const std::string& db_name);
+
+/// The runs table that compare and the HTML views show: run, stage (staged experiments), the axes, ensemble
+/// (its members, when there is one), status, step, trainable%, then each of `numbers` (a RunSummary::number
+/// column) written by `format`.
+struct RunTable {
+  std::vector<std::string> header;
+  std::vector<std::vector<std::string>> rows;  ///< one per run of the view, in its order
+};
+RunTable run_table(const ExperimentView& view, const std::vector<std::string>& numbers,
+                   const std::function<std::string(std::optional<double>)>& format);
 
 /// A run's short label from the axes that tell it apart from the others ("strategy=full"), or "run N".
 std::string run_label(const RunSummary& r, const std::vector<std::string>& axes);
