@@ -47,6 +47,7 @@ struct Member {
   store::RunRow run;
   std::int64_t step = 0;
   std::map<std::string, store::SampleRow> samples;  // by sample id
+  std::vector<std::string> order;                   // the sample ids as stored
 };
 
 // The first run's [eval] metrics, built from its stored configuration.
@@ -85,17 +86,18 @@ int ensemble(const Common& common, const EnsembleArgs& args) {
     if (!run) throw sdk::InputError(common.db.string() + ": no run " + std::to_string(id));
     const auto steps = db.sample_steps(id);
     if (steps.empty()) throw sdk::InputError(common.db.string() + ": run " + std::to_string(id) + " recorded no samples");
-    Member m{*run, steps.back(), {}};
-    for (auto& s : db.samples(id, m.step)) m.samples.emplace(s.sample_id, std::move(s));
+    Member m{*run, steps.back(), {}, {}};
+    for (auto& s : db.samples(id, m.step)) {
+      m.order.push_back(s.sample_id);
+      m.samples.emplace(s.sample_id, std::move(s));
+    }
     members.push_back(std::move(m));
   }
 
   // Samples every run stored, in the first run's order; their references must agree (the same eval data).
   std::vector<std::string> ids;
-  for (const auto& s : db.samples(members.front().run.id, members.front().step)) {
-    if (std::all_of(members.begin(), members.end(), [&](const Member& m) { return m.samples.count(s.sample_id) > 0; })) {
-      ids.push_back(s.sample_id);
-    }
+  for (const auto& id : members.front().order) {
+    if (std::all_of(members.begin(), members.end(), [&](const Member& m) { return m.samples.count(id) > 0; })) ids.push_back(id);
   }
   if (ids.empty()) {
     throw sdk::InputError("runner ensemble: runs " + report::printable(Json(args.runs).dump()) +
