@@ -78,6 +78,7 @@ class TrainOptimizer {
   /// scheduled learning rate, step, zero the gradients.
   StepResult step(std::int64_t s);
 
+  /// Holds the state (moments, step counts) that checkpoints save; its own step() is not used.
   torch::optim::AdamW& adamw() { return *adamw_; }
   const std::vector<torch::Tensor>& params() const { return params_; }
   const std::vector<GroupSetting>& groups() const { return groups_; }
@@ -85,6 +86,8 @@ class TrainOptimizer {
   LossScaler* scaler() { return scaler_.get(); }
 
  private:
+  void fused_step();
+
   TrainConfig config_;
   std::vector<GroupSetting> groups_;
   std::vector<double> base_lr_;  ///< per AdamW group
