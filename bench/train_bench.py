@@ -30,6 +30,11 @@ What is the same on both sides
   * recipe: AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), constant LR, gradient clipping at 1.0;
     GPU: bf16 autocast around the forward pass on both sides, float32 master weights.
 
+What ablate does that the reference does not: with the encoder frozen, its features are computed once per image
+before step 1 (the runner's frozen-encoder feature cache, --feature-cache, issue 7 item 2) and each step reads
+them instead of running the encoder. `ablate-nocache` (in --refs by default) is the same runner with the cache
+off, so both figures come from one invocation; the cache's build time is printed and is in the wall time.
+
 Differences that favour the reference: its images are decoded and preprocessed once before timing (ablate
 decodes and preprocesses every step on its data threads), and its batches are pre-built on the host.
 
@@ -44,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -321,8 +327,10 @@ def run_child(cmd, log, env=None, gpu=False):
     return p.returncode, wall, usage.ru_maxrss / 1024, mem.mib()
 
 
-def run_ablate(work, args, k):
-    d = work / "runs" / f"ablate-{k}"
+def run_ablate(work, args, k, cache=True):
+    """One ablate run; cache=False turns the frozen-encoder feature cache off (--feature-cache off)."""
+    system = "ablate" if cache else "ablate-nocache"
+    d = work / "runs" / f"{system}-{k}"
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
@@ -332,15 +340,19 @@ def run_ablate(work, args, k):
         cmd += ["--threads", str(args.threads)]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
+    if not cache:
+        cmd += ["--feature-cache", "off"]
     rc, wall, rss, gpu = run_child(cmd, d / "log.txt", gpu=args.device.startswith("cuda"))
     if rc != 0:
         raise Failed(f"ablate run {k} failed (exit {rc}); see {d / 'log.txt'}:\n" + (d / "log.txt").read_text()[-3000:])
     db = sqlite3.connect(d / "results.db")
     rows = db.execute("SELECT step, loss, samples_per_s, tokens, loss_tokens FROM steps WHERE split = 'train' "
                       "ORDER BY step").fetchall()
-    return {"system": "ablate", "losses": [r[1] for r in rows], "step_s": [args.batch / r[2] for r in rows],
+    # Building the feature cache happens before the first step: not in any step time, but in the wall time.
+    cache_s = sum(float(m) for m in re.findall(r"feature cache: data\.train.*encoded in ([0-9.]+)s", (d / "log.txt").read_text()))
+    return {"system": system, "losses": [r[1] for r in rows], "step_s": [args.batch / r[2] for r in rows],
             "text_tokens": [r[3] for r in rows], "loss_tokens": [r[4] for r in rows], "wall_s": wall,
-            "peak_rss_mib": rss, "peak_gpu_mib": gpu, "log": str(d / "log.txt")}
+            "peak_rss_mib": rss, "peak_gpu_mib": gpu, "log": str(d / "log.txt"), "cache_build_s": cache_s}
 
 
 def run_reference(work, args, k, compiled):
@@ -524,7 +536,7 @@ def flops_per_step(size, batch, text_len, loss_tokens):
     attn = 3 * 4 * batch * S * S * d * L
     head = 4 * o["vocab_size"] * w * loss_tokens
     naive = 6 * (n_enc + dv * d + n_bb + n_lora + o["vocab_size"] * w) * batch * S
-    return enc + proj + bb + attn + head, naive, n_img
+    return enc + proj + bb + attn + head, naive, n_img, enc
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -546,7 +558,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--measure", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=1, help="A/B rounds (each: ablate, then every reference)")
-    ap.add_argument("--refs", default="eager,compile", help="references: eager, compile (comma-separated)")
+    ap.add_argument("--refs", default="eager,compile,nocache",
+                    help="what runs beside ablate: eager, compile (transformers + PEFT), nocache (ablate with its "
+                         "feature cache off); comma-separated")
     ap.add_argument("--compile-rounds", type=int, default=1, help="rounds that include the torch.compile reference")
     ap.add_argument("--child-timeout", type=int, default=0, help="seconds after which a run is killed (0: none)")
     ap.add_argument("--workers", type=int, default=0, help="the runner's data threads (0: its default)")
@@ -585,7 +599,10 @@ def main():
                 continue
             print(f"round {k + 1}: {system} ...", flush=True)
             try:
-                r = run_ablate(args.work, args, k) if system == "ablate" else run_reference(args.work, args, k, system == "compile")
+                if system in ("ablate", "nocache"):
+                    r = run_ablate(args.work, args, k, cache=system == "ablate")
+                else:
+                    r = run_reference(args.work, args, k, system == "compile")
             except Failed as e:
                 print(str(e), flush=True)
                 failures.append(f"{system} round {k + 1}")
@@ -609,7 +626,7 @@ def main():
         same_tokens = r["text_tokens"][:n] == base["text_tokens"][:n] and r["loss_tokens"][:n] == base["loss_tokens"][:n]
         good = rel[worst] <= args.tolerance and same_tokens
         ok = ok and good
-        print(f"  {r['system']:<11} max rel diff {rel[worst]:.2e} at step {worst + 1} "
+        print(f"  {r['system']:<14} max rel diff {rel[worst]:.2e} at step {worst + 1} "
               f"({r['losses'][worst]:.5f} vs {base['losses'][worst]:.5f}); mean {statistics.mean(rel):.2e}; "
               f"token counts {'equal' if same_tokens else 'DIFFER'}  {'ok' if good else 'FAIL'}")
     if not ok:
@@ -619,7 +636,7 @@ def main():
 
     # ---- speed
     text_len = base["text_tokens"][0] // args.batch
-    flops, naive, n_img = flops_per_step(args.size, args.batch, text_len, base["loss_tokens"][0])
+    flops, naive, n_img, enc_flops = flops_per_step(args.size, args.batch, text_len, base["loss_tokens"][0])
     seq = n_img + text_len
     gpu = args.device.startswith("cuda")
     device_name = "cpu"
@@ -630,7 +647,7 @@ def main():
           f"{seq} tokens; {args.precision}; {args.warmup} warm-up + {args.measure} timed steps per run, "
           f"{args.rounds} round(s)")
     print(f"FLOPs/step {flops / 1e9:.3f} G (model FLOPs, see flops_per_step); naive 6*N*tokens {naive / 1e9:.3f} G")
-    hdr = f"{'system':<11} {'median ms':>9} {'p10 ms':>8} {'p90 ms':>8} {'samples/s':>10} {'tokens/s':>10}"
+    hdr = f"{'system':<14} {'median ms':>9} {'p10 ms':>8} {'p90 ms':>8} {'samples/s':>10} {'tokens/s':>10}"
     hdr += f" {'MFU':>6}" if gpu else ""
     hdr += f" {'peak mem MiB':>12} {'wall s':>7}"
     print(hdr)
@@ -640,10 +657,12 @@ def main():
         times = [t for r in mine for t in r["step_s"][args.warmup:args.warmup + args.measure]]
         m = statistics.median(times)
         med[system] = m
-        line = f"{system:<11} {m * 1e3:9.2f} {pct(times, 0.1) * 1e3:8.2f} {pct(times, 0.9) * 1e3:8.2f} " \
+        line = f"{system:<14} {m * 1e3:9.2f} {pct(times, 0.1) * 1e3:8.2f} {pct(times, 0.9) * 1e3:8.2f} " \
                f"{args.batch / m:10.1f} {args.batch * seq / m:10.0f}"
         if gpu:
-            line += f" {flops / m / H100_BF16_DENSE:6.1%}"
+            # With the feature cache the encoder does not run in the step: its FLOPs are not counted for it.
+            done = flops - enc_flops if system == "ablate" else flops
+            line += f" {done / m / H100_BF16_DENSE:6.1%}"
         mem = max((r["peak_gpu_mib"] if gpu else r["peak_rss_mib"]) or 0 for r in mine)
         line += f" {mem:12.0f} {statistics.mean(r['wall_s'] for r in mine):7.1f}"
         print(line)
@@ -655,9 +674,14 @@ def main():
             if "torch_max_allocated_mib" in r:
                 print(f"  {r['system']}: torch max allocated {r['torch_max_allocated_mib']:.0f} MiB, "
                       f"reserved {r['torch_max_reserved_mib']:.0f} MiB")
-    for system in med:
-        if system != "ablate" and "ablate" in med:
-            print(f"speed-up ablate vs {system}: {med[system] / med['ablate']:.2f}x (median step time ratio)")
+    builds = [r["cache_build_s"] for r in runs if r["system"] == "ablate" and r.get("cache_build_s")]
+    if builds:
+        print(f"ablate: frozen-encoder feature cache built before step 1 in {statistics.mean(builds):.2f}s on average "
+              f"({SIZES[args.size]['images']} images; in wall s, not in step times); ablate-nocache encodes every step")
+    for mine in ("ablate", "ablate-nocache"):
+        for system in med:
+            if mine in med and system.startswith("hf-"):
+                print(f"speed-up {mine} vs {system}: {med[system] / med[mine]:.2f}x (median step time ratio)")
     if failures:
         sys.exit("failed: " + ", ".join(failures))
 

@@ -22,6 +22,8 @@ struct RunArgs {
   std::string device = "auto";
   int workers = 0;  ///< data threads; 0: half the cores, at most 8
   int threads = 0;  ///< intra-op threads for libtorch; 0: its default
+  std::string feature_cache = "auto";  ///< frozen-encoder feature cache: auto, on, off
+  double feature_cache_gib = -1;       ///< memory for it; < 0: a quarter of the device's
 };
 
 int run(const Common& common, const RunArgs& args);

@@ -84,7 +84,13 @@ int dispatch(int argc, char** argv) {
         ("device", po::value<std::string>(&run.device)->default_value("auto"), "cpu, cuda, cuda:N or auto")
         ("workers", po::value<int>(&run.workers)->default_value(0),
          "data worker threads (0: half the machine's cores, at most 8; the batch order is the same for any count)")
-        ("threads", po::value<int>(&run.threads)->default_value(0), "libtorch intra-op threads (0: its default)");
+        ("threads", po::value<int>(&run.threads)->default_value(0), "libtorch intra-op threads (0: its default)")
+        ("feature-cache", po::value<std::string>(&run.feature_cache)->default_value("auto"),
+         "with a frozen encoder, encode each image once and reuse its features across epochs, evaluations and "
+         "cells: auto (evaluation sets, and training sets the run passes over at least once), on, off")
+        ("feature-cache-gib", po::value<double>(&run.feature_cache_gib)->default_value(-1, "a quarter of the device's"),
+         "memory the cached features may take on the device (main memory on the CPU); beyond it they go to disk "
+         "next to the results database");
     positional.add("experiment", -1);
   } else if (command == "compare") {
     specific.add_options()

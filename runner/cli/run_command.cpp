@@ -19,6 +19,7 @@
 #include "cli/commands.hpp"
 #include "grid/experiment.hpp"
 #include "host/plugin_host.hpp"
+#include "model/feature_cache.hpp"
 #include "revision.hpp"
 #include "store/store.hpp"
 #include "train/trainer.hpp"
@@ -159,6 +160,7 @@ int run(const Common& common, const RunArgs& args) {
   }
 
   const auto device = pick_device(args.device);
+  const auto cache_mode = parse_feature_cache_mode(args.feature_cache);
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
   DbLock lock(common.db);
@@ -178,6 +180,11 @@ int run(const Common& common, const RunArgs& args) {
   ctx.revision = kSourceRevision;
   ctx.hostname = hostname;
   ctx.interactive = ::isatty(STDERR_FILENO) != 0;
+  FeatureCache features(cache_mode,
+                        args.feature_cache_gib < 0 ? FeatureCache::default_budget(device)
+                                                   : static_cast<std::int64_t>(args.feature_cache_gib * double(1 << 30)),
+                        ctx.results_dir / ("feature-cache-" + std::to_string(::getpid())));
+  ctx.features = &features;
 
   int failed = 0, done = 0, skipped = 0;
   for (auto& ex : chain) {

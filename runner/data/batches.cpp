@@ -11,12 +11,15 @@ Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, 
                    bool loss_on_text)
     : tokenizer_(tokenizer), spec_(spec), max_text_tokens_(max_text_tokens), loss_on_text_(loss_on_text) {}
 
-Example Collator::prepare(sdk::Sample sample) const {
-  Example ex;
+torch::Tensor Collator::pixels(const sdk::Image& image) const {
   // A text-only sample (an empty image, as LLaVA's instruction mixes have) still goes through the image
   // tokens of the layout: it gets zeros after normalisation, the dataset's mean colour.
-  ex.pixels = sample.image.size() == 0 ? torch::zeros({3, spec_.height, spec_.width})
-                                       : sdk::prepare_image(sample.image, spec_);
+  return image.size() == 0 ? torch::zeros({3, spec_.height, spec_.width}) : sdk::prepare_image(image, spec_);
+}
+
+Example Collator::prepare(sdk::Sample sample, bool with_pixels) const {
+  Example ex;
+  if (with_pixels) ex.pixels = pixels(sample.image);
   ex.prompt_ids = tokenizer_.encode(sample.prompt, /*add_special_tokens=*/true);
   ex.target_ids = tokenizer_.encode(sample.target, false);
   if (tokenizer_.eos_id() >= 0) ex.target_ids.push_back(tokenizer_.eos_id());
@@ -72,8 +75,10 @@ TrainBatch Collator::train_batch(const std::vector<Example>& examples) const {
     b.text_tokens += static_cast<std::int64_t>(rows[i].size());
   }
   std::vector<torch::Tensor> pixels;
-  for (const auto& ex : examples) pixels.push_back(ex.pixels);
-  b.pixels = torch::stack(pixels);
+  for (const auto& ex : examples) {
+    if (ex.pixels.defined()) pixels.push_back(ex.pixels);
+  }
+  if (pixels.size() == examples.size()) b.pixels = torch::stack(pixels);  // else the feature cache stands in
   return b;
 }
 

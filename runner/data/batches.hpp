@@ -22,18 +22,19 @@ namespace ablate {
 /// One sample, tokenised and with its pixels prepared for the encoder.
 struct Example {
   sdk::Sample sample;
-  torch::Tensor pixels;  ///< [3, H, W] float32
+  torch::Tensor pixels;  ///< [3, H, W] float32; undefined when the feature cache stands in
   std::vector<std::int64_t> prompt_ids;  ///< BOS + prompt
   std::vector<std::int64_t> target_ids;  ///< target + EOS
 };
 
 /// Teacher-forced batch. Text is right-padded, so causal attention never reaches padding from a real token.
 struct TrainBatch {
-  torch::Tensor pixels;   ///< [B, 3, H, W]
+  torch::Tensor pixels;   ///< [B, 3, H, W]; undefined when `features` stand in
   torch::Tensor ids;      ///< [B, T] int64, padded with the pad id
   torch::Tensor targets;  ///< [B, T] bool: ids[:, t] carries loss (predicted from the position before it)
   torch::Tensor valid;    ///< [B, T] bool: real tokens (not padding)
   torch::Tensor prompt_len;  ///< [B] int64: tokens of BOS + prompt (the prefix_lm layout's bidirectional part)
+  torch::Tensor features;    ///< [B, N, D] the frozen encoder's output from the feature cache; undefined: encode pixels
   std::int64_t samples = 0, text_tokens = 0, loss_tokens = 0;
   std::int64_t truncated = 0;  ///< samples whose text max_text_tokens cut
   std::vector<std::string> no_loss;  ///< "ID (prompt P tokens, target T)" of samples truncation left without loss tokens
@@ -44,13 +45,17 @@ struct GenerationBatch {
   torch::Tensor pixels;  ///< [B, 3, H, W]
   torch::Tensor ids;     ///< [B, P] int64
   torch::Tensor valid;   ///< [B, P] bool
+  torch::Tensor features;  ///< as TrainBatch::features
   std::vector<Example> examples;
 };
 
 class Collator {
  public:
   Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens, bool loss_on_text);
-  Example prepare(sdk::Sample sample) const;
+  /// `with_pixels` false: the encoder's features come from the feature cache, the image is not prepared.
+  Example prepare(sdk::Sample sample, bool with_pixels = true) const;
+  /// An image resized, cropped and normalised for the encoder: [3, H, W] float32.
+  torch::Tensor pixels(const sdk::Image& image) const;
   TrainBatch train_batch(const std::vector<Example>& examples) const;
   GenerationBatch generation_batch(std::vector<Example> examples) const;
 

@@ -70,21 +70,23 @@ void VlmModel::refresh_frozen() {
   projector_frozen_ = encoder_frozen_ && !any_trainable(projector_.object->module());
 }
 
-torch::Tensor VlmModel::image_embeddings(const torch::Tensor& pixels) {
-  torch::Tensor features;
-  {
-    // A frozen encoder needs no graph: no activations are kept for it.
-    std::unique_ptr<torch::NoGradGuard> no_grad;
-    if (encoder_frozen_) no_grad = std::make_unique<torch::NoGradGuard>();
-    features = guarded(encoder_.plugin, "forward", [&] { return encoder_.object->encode(pixels); });
-  }
+torch::Tensor VlmModel::encode(const torch::Tensor& pixels) {
+  // A frozen encoder needs no graph: no activations are kept for it.
+  std::unique_ptr<torch::NoGradGuard> no_grad;
+  if (encoder_frozen_) no_grad = std::make_unique<torch::NoGradGuard>();
+  const auto on_device = pixels.to(device(), /*non_blocking=*/true);
+  return guarded(encoder_.plugin, "forward", [&] { return encoder_.object->encode(on_device); });
+}
+
+torch::Tensor VlmModel::image_embeddings(const torch::Tensor& pixels, const torch::Tensor& cached) {
+  const auto features = cached.defined() ? cached.to(device(), true) : encode(pixels);
   std::unique_ptr<torch::NoGradGuard> no_grad;
   if (projector_frozen_) no_grad = std::make_unique<torch::NoGradGuard>();
   return guarded(projector_.plugin, "forward", [&] { return projector_.object->project(features); });
 }
 
-Sequence VlmModel::assemble(const torch::Tensor& pixels_in, const torch::Tensor& ids_in, const torch::Tensor& valid_in,
-                            const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in) {
+Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& ids_in, const torch::Tensor& valid_in,
+                            const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in, const torch::Tensor& features) {
   auto& bb = *backbone_.object;
   const auto dev = device();
   auto ids = ids_in.to(dev, /*non_blocking=*/true);
@@ -93,7 +95,7 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels_in, const torch::Tensor&
   auto targets = training ? targets_in.to(dev, true) : torch::Tensor();
   const auto b = ids.size(0), t = ids.size(1);
 
-  auto image = image_embeddings(pixels_in.to(dev, true));
+  auto image = image_embeddings(pixels, features);
   auto text = guarded(backbone_.plugin, "embed", [&] { return bb.embed(ids); });
   image = image.to(text.dtype());
   const auto n = image.size(1);
@@ -196,7 +198,7 @@ torch::Tensor VlmModel::loss_sum(const TrainBatch& batch) {
     throw std::runtime_error("a batch has no loss tokens (is max_text_tokens cutting every target?)");
   }
   auto& bb = *backbone_.object;
-  auto s = assemble(batch.pixels, batch.ids, batch.valid, batch.targets, batch.prompt_len);
+  auto s = assemble(batch.pixels, batch.ids, batch.valid, batch.targets, batch.prompt_len, batch.features);
   // Positions count from 0 over the (right-padded) sequence, so its length bounds them; no device read.
   check_length(layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1));
   auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
@@ -236,7 +238,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto& bb = *backbone_.object;
   const auto& tok = bb.tokenizer();
-  auto s = assemble(batch.pixels, batch.ids, batch.valid, torch::Tensor(), torch::Tensor());
+  auto s = assemble(batch.pixels, batch.ids, batch.valid, torch::Tensor(), torch::Tensor(), batch.features);
   check_length((layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1)) + cfg.max_new_tokens - 1);
   const auto b = s.embeds.size(0);
   auto gen = at::detail::createCPUGenerator(seed);

@@ -53,9 +53,10 @@ class VlmModel : public torch::nn::Module {
            Layout layout = Layout::prefix, std::int64_t image_token = -1);
 
   /// Places image and text for the backbone. ids/valid: [B, T], right-padded for training (with targets and
-  /// prompt_len) or left-padded for generation (targets and prompt_len undefined).
+  /// prompt_len) or left-padded for generation (targets and prompt_len undefined). `features`: the encoder's
+  /// output for these images when the feature cache has it (pixels are then not used).
   Sequence assemble(const torch::Tensor& pixels, const torch::Tensor& ids, const torch::Tensor& valid,
-                    const torch::Tensor& targets, const torch::Tensor& prompt_len);
+                    const torch::Tensor& targets, const torch::Tensor& prompt_len, const torch::Tensor& features = {});
 
   /// Sum of the cross-entropy over the batch's loss tokens (divide by the step's loss-token count).
   /// Throws if the batch has no loss token.
@@ -75,6 +76,10 @@ class VlmModel : public torch::nn::Module {
 
   /// Call after strategies changed what trains: frozen components then run without autograd.
   void refresh_frozen();
+  /// Nothing in the encoder trains (as of the last refresh_frozen()).
+  bool encoder_frozen() const { return encoder_frozen_; }
+  /// The encoder alone: features [B, N, D] of prepared pixels (moved to the model's device).
+  torch::Tensor encode(const torch::Tensor& pixels);
 
   Layout layout() const { return layout_; }
   std::int64_t image_tokens() const { return image_tokens_; }
@@ -88,8 +93,8 @@ class VlmModel : public torch::nn::Module {
   const Part<sdk::Backbone>& backbone_part() const { return backbone_; }
 
  private:
-  /// Image tokens in the backbone's space: [B, N', D].
-  torch::Tensor image_embeddings(const torch::Tensor& pixels);
+  /// Image tokens in the backbone's space: [B, N', D], from cached features when given, else from pixels.
+  torch::Tensor image_embeddings(const torch::Tensor& pixels, const torch::Tensor& features);
   torch::Device device() const;
   /// Throws InputError when a sequence needs more positions than the backbone has.
   void check_length(std::int64_t positions) const;

@@ -21,6 +21,7 @@
 #include "data/sources.hpp"
 #include "eval/scoring.hpp"
 #include "host/plugin_host.hpp"
+#include "model/feature_cache.hpp"
 #include "model/vlm.hpp"
 #include "train/artifacts.hpp"
 #include "train/optimizer.hpp"
@@ -356,6 +357,100 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   for (std::size_t i = 0; i < eval_set.size(); ++i) {
     if (auto sample = eval_set.get(i)) eval_examples.push_back(collator.prepare(std::move(*sample)));
   }
+  // ---- frozen-encoder feature cache (model/feature_cache.hpp): a table per training dataset (all or none)
+  // and one for the evaluation set, each built once per process and shared by the cells that agree on the key.
+  std::vector<std::shared_ptr<const FeatureTable>> train_features;
+  std::shared_ptr<const FeatureTable> eval_features;
+  if (ctx.features && ctx.features->mode() != FeatureCacheMode::off && model->encoder_frozen()) {
+    const auto spec = encoder->image_spec();
+    const sdk::Json base = {
+        {"encoder", cell.encoder.qualified()}, {"weights", module_fingerprint(encoder->module())},
+        {"spec", {spec.height, spec.width, spec.shortest_edge, spec.center_crop, spec.resample, spec.rescale_factor, spec.mean, spec.std}},
+        {"precision", tc.precision}, {"device", ctx.device.str()}, {"base_dir", experiment.base_dir.string()}};
+    auto key_of = [&](const std::string& role, const std::vector<DataSource>& sources) {
+      auto k = base;
+      k["role"] = role;
+      for (const auto& src : sources) {
+        k["data"].push_back({cell.resolved.at(sdk::Json::json_pointer(src.plugin.pointer)), src.limit, src.on_bad_sample});
+      }
+      return sdk::sha256_hex(k.dump());
+    };
+    auto encode = [&](const torch::Tensor& pixels) {
+      AutocastGuard autocast(ctx.device, tc.precision);
+      return model->encode(pixels);  // in training mode, as the training steps would run it
+    };
+    std::string refused;
+    auto obtain = [&](const std::string& what, const std::string& key, std::int64_t count,
+                      const std::function<torch::Tensor(std::int64_t, std::int64_t)>& load) -> std::shared_ptr<const FeatureTable> {
+      if (!refused.empty()) return nullptr;
+      auto table = ctx.features->find(key);
+      const bool reused = table != nullptr;
+      if (!table) table = ctx.features->build(key, count, ctx.workers, ctx.device, load, encode, refused);
+      if (!table) {
+        if (!refused.empty()) out << "  feature cache: not used, the encoder is not deterministic: " << refused << "\n";
+        return nullptr;
+      }
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.2fs", table->seconds);
+      out << "  feature cache: " << what << ": " << table->describe() << (reused ? ", reused" : ", encoded in " + std::string(secs)) << "\n";
+      return table;
+    };
+    // Training: where the run passes over each dataset at least once (or --feature-cache on, or the table
+    // exists); a mixture either has every table or uses none.
+    std::vector<std::string> keys;
+    bool worth = true;
+    for (std::size_t s = 0; s < train_set.sources(); ++s) {
+      keys.push_back(key_of("train", {cell.train_data.sources[s]}));
+      worth = worth && (ctx.features->mode() == FeatureCacheMode::on || order.drawn()[s] >= train_set.count(s) ||
+                        ctx.features->find(keys.back()));
+    }
+    for (std::size_t s = 0; worth && !cell.decode_only && s < train_set.sources(); ++s) {
+      auto table = obtain(cell.train_data.sources[s].plugin.display, keys[s], static_cast<std::int64_t>(train_set.count(s)),
+                          [&, s](std::int64_t first, std::int64_t n) {
+                            std::vector<torch::Tensor> pixels;
+                            for (auto i = first; i < first + n; ++i) {
+                              // A sample that cannot be made gets blank features: training never draws it (it
+                              // takes the next one that can be made), and "fail" stops the run when it is drawn.
+                              std::optional<sdk::Sample> sample;
+                              try {
+                                sample = train_set.get(s, static_cast<std::size_t>(i));
+                              } catch (const sdk::InputError&) {
+                              }
+                              pixels.push_back(collator.pixels(sample ? sample->image : sdk::Image()));
+                            }
+                            return torch::stack(pixels);
+                          });
+      if (!table) {
+        train_features.clear();
+        break;
+      }
+      train_features.push_back(table);
+    }
+    if (!eval_examples.empty()) {
+      eval_features = obtain(cell.eval_data.display(), key_of("eval", cell.eval_data.sources),
+                             static_cast<std::int64_t>(eval_examples.size()), [&](std::int64_t first, std::int64_t n) {
+                               std::vector<torch::Tensor> pixels;
+                               for (auto i = first; i < first + n; ++i) pixels.push_back(eval_examples[static_cast<std::size_t>(i)].pixels);
+                               return torch::stack(pixels);
+                             });
+    }
+  }
+  // A training batch's cached features, its rows gathered from each dataset's table.
+  auto cached_features = [&](const std::vector<std::pair<std::size_t, std::size_t>>& rows) {
+    std::map<std::size_t, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> by_source;  // positions, indices
+    for (std::size_t j = 0; j < rows.size(); ++j) {
+      by_source[rows[j].first].first.push_back(static_cast<std::int64_t>(j));
+      by_source[rows[j].first].second.push_back(static_cast<std::int64_t>(rows[j].second));
+    }
+    if (by_source.size() == 1) return train_features[by_source.begin()->first]->rows(torch::tensor(by_source.begin()->second.second), ctx.device);
+    const auto& any = train_features.front()->features;
+    auto out = torch::empty({static_cast<std::int64_t>(rows.size()), any.size(1), any.size(2)}, any.options().device(ctx.device));
+    for (const auto& [source, pick] : by_source) {
+      out.index_copy_(0, torch::tensor(pick.first).to(ctx.device), train_features[source]->rows(torch::tensor(pick.second), ctx.device));
+    }
+    return out;
+  };
+
   Metrics metrics;
   for (const auto& ref : ec.metrics) {
     auto o = cell.options(ref);
@@ -378,12 +473,15 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       std::vector<Example> chunk(eval_examples.begin() + static_cast<std::ptrdiff_t>(i),
                                  eval_examples.begin() + static_cast<std::ptrdiff_t>(std::min(eval_examples.size(), i + bs)));
       auto batch = collator.train_batch(chunk);
+      if (eval_features) batch.features = eval_features->slice(static_cast<std::int64_t>(i), static_cast<std::int64_t>(chunk.size()), ctx.device);
       if (batch.loss_tokens > 0) {
         loss_sum += model->loss_sum(batch).item<double>();
         loss_tokens += batch.loss_tokens;
         tokens += batch.text_tokens;
       }
-      auto gen = model->generate(collator.generation_batch(chunk), ec.generate, cell.seed + static_cast<std::uint64_t>(step));
+      auto prompts = collator.generation_batch(chunk);
+      prompts.features = batch.features;
+      auto gen = model->generate(prompts, ec.generate, cell.seed + static_cast<std::uint64_t>(step));
       gen_first_token_s += gen.first_token_s;
       gen_seconds += gen.total_s;
       gen_tokens += gen.new_tokens;
@@ -523,18 +621,22 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     std::vector<TrainBatch> micro;
     for (std::int64_t m = 0; m < tc.grad_accum; ++m) {
       std::vector<Example> examples;
+      std::vector<std::pair<std::size_t, std::size_t>> rows;  // (dataset, index) of each sample taken
       for (std::int64_t j = 0; j < tc.batch_size; ++j) {
         const auto [source, i] = idx[static_cast<std::size_t>(m * tc.batch_size + j)];
         // A sample that cannot be made (on_bad_sample = "skip") is replaced by the next one in its dataset
         // that can: deterministic, so a resumed run draws the same batches.
         const auto count = train_set.count(source);
         std::optional<sdk::Sample> sample;
-        for (std::size_t k = 0; k < count && !sample; ++k) sample = train_set.get(source, (i + k) % count);
+        std::size_t k = 0;
+        for (; k < count && !sample; ++k) sample = train_set.get(source, (i + k) % count);
         if (!sample) throw sdk::InputError(cell.train_data.sources[source].plugin.display + ": no sample of the training set can be made");
-        examples.push_back(collator.prepare(std::move(*sample)));
+        rows.emplace_back(source, (i + k - 1) % count);
+        examples.push_back(collator.prepare(std::move(*sample), /*with_pixels=*/train_features.empty()));
       }
       auto b = collator.train_batch(examples);
-      if (ctx.device.is_cuda()) b.pixels = b.pixels.pin_memory();
+      if (!train_features.empty()) b.features = cached_features(rows);
+      else if (ctx.device.is_cuda()) b.pixels = b.pixels.pin_memory();
       micro.push_back(std::move(b));
     }
     return micro;

@@ -18,6 +18,7 @@
 namespace ablate {
 
 class PluginHost;
+class FeatureCache;
 
 /// The whole grid's progress, for the progress line: train steps it still had to run when it started, and
 /// how many of them are done.
@@ -40,6 +41,7 @@ struct RunContext {
   std::string progress_prefix;         ///< "[2/5 strategy=projector]"
   bool interactive = false;            ///< progress on one rewritten line (a terminal) or a line per log interval
   GridProgress grid;
+  FeatureCache* features = nullptr;    ///< frozen-encoder features shared by the grid's cells; null: none
 };
 
 enum class Outcome { done, diverged, interrupted };

@@ -26,6 +26,43 @@ torch::Tensor dense_mask(const AttentionMask& mask, std::int64_t batch, std::int
   return allowed.unsqueeze(1);
 }
 
+namespace {
+
+// Every layer of a forward pass is given the same AttentionMask, and building its dense form takes about ten
+// small operations: done once per pass, not once per layer, by remembering the last one built on this thread.
+// The memo holds the mask's tensors, so their addresses cannot be reused by other tensors while it is kept,
+// and compares their version counters, so an in-place change to them is seen.
+struct MaskMemo {
+  torch::Tensor prefix, key_valid;
+  std::uint32_t prefix_version = 0, key_valid_version = 0;
+  bool causal = true;
+  std::int64_t batch = 0, q_len = 0, k_len = 0, q_offset = 0;
+  torch::Device device{torch::kCPU};
+  torch::Tensor dense;
+
+  static std::uint32_t version(const torch::Tensor& t) { return t.defined() ? t._version() : 0; }
+  bool same(const AttentionMask& m, std::int64_t b, std::int64_t q, std::int64_t k, std::int64_t off,
+            const torch::Device& dev) const {
+    return dense.defined() && m.causal == causal && b == batch && q == q_len && k == k_len && off == q_offset &&
+           dev == device && m.prefix.unsafeGetTensorImpl() == prefix.unsafeGetTensorImpl() &&
+           m.key_valid.unsafeGetTensorImpl() == key_valid.unsafeGetTensorImpl() && version(m.prefix) == prefix_version &&
+           version(m.key_valid) == key_valid_version;
+  }
+};
+
+torch::Tensor layer_mask(const AttentionMask& mask, std::int64_t batch, std::int64_t q_len, std::int64_t k_len,
+                         std::int64_t q_offset, const torch::Device& device) {
+  thread_local MaskMemo memo;
+  if (!memo.same(mask, batch, q_len, k_len, q_offset, device)) {
+    memo = {mask.prefix, mask.key_valid, MaskMemo::version(mask.prefix), MaskMemo::version(mask.key_valid),
+            mask.causal, batch, q_len, k_len, q_offset, device,
+            dense_mask(mask, batch, q_len, k_len, q_offset, device)};
+  }
+  return memo.dense;
+}
+
+}  // namespace
+
 std::pair<torch::Tensor, torch::Tensor> KvCache::append(std::size_t layer, const torch::Tensor& k,
                                                         const torch::Tensor& v) {
   if (layers_.size() <= layer) layers_.resize(layer + 1);
@@ -72,8 +109,8 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   if (plain && q_offset == 0 && q_len == k_len) {
     return at::scaled_dot_product_attention(q, key, value, std::nullopt, dropout_p, true, scale);
   }
-  auto m = dense_mask(mask, q.size(0), q_len, k_len, q_offset, q.device());
-  return at::scaled_dot_product_attention(q, key, value, m, dropout_p, false, scale);
+  return at::scaled_dot_product_attention(q, key, value, layer_mask(mask, q.size(0), q_len, k_len, q_offset, q.device()),
+                                         dropout_p, false, scale);
 }
 
 }  // namespace ablate::sdk

@@ -1,0 +1,209 @@
+#include "model/feature_cache.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <optional>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include "ablate/sdk/error.hpp"
+#include "ablate/sdk/hash.hpp"
+#include "data/batches.hpp"
+
+#ifdef ABLATE_WITH_CUDA_PROPERTIES
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace ablate {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// The caller's random generators, put back when the guard goes: building a table must not shift the draws of
+// the run that asked for it (an encoder with dropout draws before the check refuses it).
+class GeneratorGuard {
+ public:
+  explicit GeneratorGuard(const torch::Device& device) {
+    cpu_ = save(at::detail::getDefaultCPUGenerator());
+    if (device.is_cuda()) {
+      device_gen_ = at::globalContext().defaultGenerator(device);
+      device_ = save(*device_gen_);
+    }
+  }
+  ~GeneratorGuard() {
+    restore(at::detail::getDefaultCPUGenerator(), cpu_);
+    if (device_gen_) restore(*device_gen_, device_);
+  }
+  GeneratorGuard(const GeneratorGuard&) = delete;
+  GeneratorGuard& operator=(const GeneratorGuard&) = delete;
+
+ private:
+  static torch::Tensor save(at::Generator gen) {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    return gen.get_state();
+  }
+  static void restore(at::Generator gen, const torch::Tensor& state) {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
+  }
+  torch::Tensor cpu_, device_;
+  std::optional<at::Generator> device_gen_;
+};
+
+std::string mib(double bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f MiB", bytes / (1024.0 * 1024.0));
+  return b;
+}
+
+// Why the encoder's features cannot be cached, or empty. `chunk`: the first chunk's pixels.
+std::string check_deterministic(const torch::Tensor& chunk, const std::function<torch::Tensor(const torch::Tensor&)>& encode) {
+  const auto a = encode(chunk), b = encode(chunk);
+  if (!torch::equal(a, b)) return "its output differs between two passes over the same images (dropout?)";
+  if (chunk.size(0) > 1) {
+    // Alone and within a batch an image's features differ by rounding only, unless the encoder uses
+    // batch statistics; rounding moves them by about 1e-3 of their size in bf16.
+    const auto alone = encode(chunk.slice(0, 0, 1)).to(torch::kFloat32);
+    const auto batched = a.slice(0, 0, 1).to(torch::kFloat32);
+    const double diff = (alone - batched).abs().mean().item<double>();
+    const double size = batched.abs().mean().item<double>();
+    if (diff > 1e-2 * size + 1e-6) return "an image's features depend on the other images of its batch";
+  }
+  return {};
+}
+
+}  // namespace
+
+FeatureCacheMode parse_feature_cache_mode(const std::string& name) {
+  if (name == "auto") return FeatureCacheMode::automatic;
+  if (name == "on") return FeatureCacheMode::on;
+  if (name == "off") return FeatureCacheMode::off;
+  throw sdk::InputError("--feature-cache " + name + ": expected auto, on or off");
+}
+
+std::string FeatureTable::describe() const {
+  const auto bytes = static_cast<double>(features.numel() * static_cast<std::int64_t>(features.element_size()));
+  return std::to_string(features.size(0)) + " images x " + std::to_string(features.size(1)) + " x " +
+         std::to_string(features.size(2)) + " " + std::string(c10::toString(features.scalar_type())) + ", " + mib(bytes) +
+         (file.empty() ? " on " + features.device().str() : " on disk");
+}
+
+torch::Tensor FeatureTable::rows(const torch::Tensor& index, const torch::Device& device) const {
+  if (features.device() == device) return features.index_select(0, index.to(device));
+  auto picked = features.index_select(0, index);
+  return device.is_cuda() ? picked.pin_memory().to(device, /*non_blocking=*/true) : picked;
+}
+
+torch::Tensor FeatureTable::slice(std::int64_t first, std::int64_t n, const torch::Device& device) const {
+  auto part = features.slice(0, first, first + n);
+  if (part.device() == device) return part;
+  return device.is_cuda() ? part.contiguous().pin_memory().to(device, true) : part.contiguous();
+}
+
+FeatureCache::FeatureCache(FeatureCacheMode mode, std::int64_t budget_bytes, fs::path spill_dir)
+    : mode_(mode), budget_(budget_bytes), spill_dir_(std::move(spill_dir)) {}
+
+FeatureCache::~FeatureCache() {
+  std::error_code ec;
+  tables_.clear();  // unmaps the files before they go
+  if (!spill_dir_.empty()) fs::remove_all(spill_dir_, ec);
+}
+
+std::int64_t FeatureCache::default_budget(const torch::Device& device) {
+#ifdef ABLATE_WITH_CUDA_PROPERTIES
+  if (device.is_cuda()) {
+    const auto index = device.has_index() ? device.index() : at::cuda::current_device();
+    return static_cast<std::int64_t>(at::cuda::getDeviceProperties(index)->totalGlobalMem / 4);
+  }
+#else
+  if (device.is_cuda()) return std::int64_t{4} << 30;  // built without CUDA headers: a fixed 4 GiB
+#endif
+  return static_cast<std::int64_t>(::sysconf(_SC_PHYS_PAGES)) * static_cast<std::int64_t>(::sysconf(_SC_PAGESIZE)) / 4;
+}
+
+std::shared_ptr<const FeatureTable> FeatureCache::find(const std::string& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto it = tables_.find(key);
+  return it == tables_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, std::int64_t count, int workers,
+                                                        const torch::Device& device,
+                                                        const std::function<torch::Tensor(std::int64_t, std::int64_t)>& load,
+                                                        const std::function<torch::Tensor(const torch::Tensor&)>& encode,
+                                                        std::string& refused) {
+  if (auto found = find(key)) return found;
+  if (count <= 0) return nullptr;
+  const auto t0 = std::chrono::steady_clock::now();
+  GeneratorGuard generators(device);
+  torch::NoGradGuard no_grad;
+  const auto chunks = (count + kChunk - 1) / kChunk;
+  Prefetcher<torch::Tensor> pixels(0, chunks, std::max(1, workers), 4,
+                                   [&](std::int64_t c) { return load(c * kChunk, std::min(kChunk, count - c * kChunk)); });
+  auto table = std::make_shared<FeatureTable>();
+  std::ofstream file;
+  for (std::int64_t c = 0; c < chunks; ++c) {
+    const auto chunk = pixels.next().to(device);
+    if (c == 0) {
+      refused = check_deterministic(chunk, encode);
+      if (!refused.empty()) return nullptr;
+    }
+    const auto features = encode(chunk);
+    if (c == 0) {
+      // The first chunk tells the table's shape and type, and so whether it fits.
+      std::vector<std::int64_t> shape(features.sizes().begin(), features.sizes().end());
+      shape[0] = count;
+      const auto bytes = count * features[0].numel() * static_cast<std::int64_t>(features.element_size());
+      std::lock_guard<std::mutex> lock(mu_);
+      if (used_ + bytes <= budget_) {
+        table->features = torch::empty(shape, features.options());
+        used_ += bytes;
+      } else {
+        fs::create_directories(spill_dir_);
+        table->file = spill_dir_ / (sdk::sha256_hex(key).substr(0, 16) + ".bin");
+        file.open(table->file, std::ios::binary | std::ios::trunc);
+        if (!file) throw std::runtime_error(table->file.string() + ": cannot write the feature cache");
+      }
+    }
+    if (table->file.empty()) {
+      table->features.slice(0, c * kChunk, c * kChunk + features.size(0)).copy_(features);
+    } else {
+      const auto host = features.to(torch::kCPU).contiguous();
+      file.write(static_cast<const char*>(host.data_ptr()), static_cast<std::streamsize>(host.nbytes()));
+      if (!file) throw std::runtime_error(table->file.string() + ": cannot write the feature cache (disk full?)");
+      if (c + 1 == chunks) {
+        file.close();
+        std::vector<std::int64_t> shape(features.sizes().begin(), features.sizes().end());
+        shape[0] = count;
+        std::int64_t elements = 1;
+        for (auto s : shape) elements *= s;
+        table->features = at::from_file(table->file.string(), /*shared=*/false, elements,
+                                        features.options().device(torch::kCPU)).view(shape);
+      }
+    }
+  }
+  table->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::lock_guard<std::mutex> lock(mu_);
+  tables_[key] = table;
+  return table;
+}
+
+std::string module_fingerprint(torch::nn::Module& module) {
+  sdk::Sha256 h;
+  auto add = [&](const std::string& name, const torch::Tensor& t) {
+    const auto host = t.detach().to(torch::kCPU).contiguous();
+    h.update(name).update(std::string(c10::toString(host.scalar_type())));
+    for (auto s : host.sizes()) h.update(&s, sizeof s);
+    h.update(host.data_ptr(), host.nbytes());
+  };
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) add("p:" + p.key(), p.value());
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) add("b:" + b.key(), b.value());
+  return h.hex();
+}
+
+}  // namespace ablate
