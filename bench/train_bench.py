@@ -82,6 +82,15 @@ SIZES = {
         images=32, image_wh=(40, 36), caption_words=12),
 }
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+# What trains, by name: the runner's strategy list (TOML) and the parts the reference trains. The projector
+# trains in every one; "head" is OPT's tied embedding matrix; "lora" is the adapter folder made by make_assets.
+STRATEGIES = {
+    "projector": ('["projector"]', {"projector"}),
+    "projector+head": ('["projector", "head"]', {"projector", "head"}),
+    "projector+lora": ('["projector", {{ plugin = "lora", weights = "{work}/adapter" }}]', {"projector", "lora"}),
+    "projector+encoder": ('["projector", "encoder"]', {"projector", "encoder"}),
+    "full": ('["full"]', {"projector", "encoder", "backbone"}),
+}
 
 
 # --------------------------------------------------------------------------------------------- sample order
@@ -241,8 +250,13 @@ eval = {{ plugin = "coco_captions", {data}, limit = {eval_limit} }}
 '''
 
 
-def experiment_toml(work, args):
-    return f'''strategy = ["projector", {{ plugin = "lora", weights = "{work}/adapter" }}]
+def experiment_toml(work, args, grid=None):
+    """The benchmark's experiment: projector + LoRA, or with `grid` (names of STRATEGIES) a grid over them."""
+    strategy = STRATEGIES["projector+lora"][0].format(work=work)
+    if grid:
+        strategy = ", ".join(STRATEGIES[g][0].format(work=work) for g in grid)
+        strategy = f"[{strategy}]"
+    return f'''{"" if grid else f"strategy = {strategy}"}
 
 [experiment]
 name = "bench"
@@ -267,7 +281,10 @@ every = 0
 at_start = false
 samples = 0
 generate = {{ max_new_tokens = 1 }}
-'''
+{f"""
+[grid]
+strategy = {strategy}
+""" if grid else ""}'''
 
 
 class GpuMemory:
@@ -355,9 +372,10 @@ def run_ablate(work, args, k, cache=True):
             "peak_rss_mib": rss, "peak_gpu_mib": gpu, "log": str(d / "log.txt"), "cache_build_s": cache_s}
 
 
-def run_reference(work, args, k, compiled):
+def run_reference(work, args, k, compiled, strategy="projector+lora"):
+    """One reference process. `strategy`: what trains, one of STRATEGIES (grid_bench.py runs them all)."""
     name = "hf-compile" if compiled else "hf-eager"
-    d = work / "runs" / f"{name}-{k}"
+    d = work / "runs" / (f"{name}-{k}" if strategy == "projector+lora" else f"{name}-{strategy}-{k}")
     d.mkdir(parents=True, exist_ok=True)
     out = d / "result.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--work", str(work), "--out", str(out)]
@@ -367,6 +385,7 @@ def run_reference(work, args, k, compiled):
         cmd += ["--threads", str(args.threads)]
     if compiled:
         cmd.append("--compile")
+    cmd += ["--strategy", strategy]
     rc, wall, rss, gpu = run_child(cmd, d / "log.txt", env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                    gpu=args.device.startswith("cuda"))
     if rc != 0:
@@ -395,12 +414,20 @@ def reference_worker(args):
     torch.manual_seed(args.seed)
     t_load = time.perf_counter()
 
+    parts = STRATEGIES[args.strategy][1]
     vision = CLIPVisionModel.from_pretrained(work / "vision", attn_implementation="sdpa").to(dev)
-    vision.requires_grad_(False)
+    vision.requires_grad_("encoder" in parts)
     llm = OPTForCausalLM.from_pretrained(work / "llm", attn_implementation="sdpa")
-    llm = PeftModel.from_pretrained(llm, work / "adapter", is_trainable=True).to(dev)
-    decoder = llm.base_model.model.model.decoder
-    head = llm.base_model.model.lm_head  # tied to embed_tokens
+    llm.requires_grad_("backbone" in parts)
+    if "head" in parts:
+        llm.lm_head.weight.requires_grad_(True)  # tied: the embedding matrix, as ablate's head strategy
+    if "lora" in parts:
+        llm = PeftModel.from_pretrained(llm, work / "adapter", is_trainable=True).to(dev)
+        decoder = llm.base_model.model.model.decoder
+        head = llm.base_model.model.lm_head  # tied to embed_tokens
+    else:
+        llm = llm.to(dev)
+        decoder, head = llm.model.decoder, llm.lm_head
     hv, hd = vision.config.hidden_size, decoder.config.hidden_size
     proj = torch.nn.Sequential(torch.nn.Linear(hv, hd), torch.nn.LayerNorm(hd, eps=1e-5))
     proj.load_state_dict({k.removeprefix("visual_projection."): v
@@ -417,7 +444,7 @@ def reference_worker(args):
             self.vision, self.proj, self.llm, self.project_in = vision, proj, llm, project_in
 
         def forward(self, pixels, ids, mask, positions, select, targets, n_loss):
-            with torch.no_grad():  # frozen encoder: no graph, as ablate's VlmModel::image_embeddings
+            with torch.set_grad_enabled("encoder" in parts):  # frozen: no graph, as VlmModel::image_embeddings
                 feats = self.vision(pixel_values=pixels).last_hidden_state
             image = self.proj(feats)
             text = decoder.embed_tokens(ids)
@@ -510,6 +537,30 @@ def reference_worker(args):
     Path(args.out).write_text(json.dumps(result))
 
 
+# --------------------------------------------------------------------------------------------- largest batch
+
+def largest_batch(args, limit=4096):
+    """The largest power-of-two batch (from 8) with which a 3-step run of ablate and of the eager reference both
+    finish: a failed run (out of memory) ends the search. Probe runs go to runs/probe-*."""
+    import copy
+    best, b = None, 8
+    while b <= limit:
+        probe = copy.copy(args)
+        probe.batch, probe.warmup, probe.measure = b, 1, 2
+        print(f"largest batch: trying {b} ...", flush=True)
+        try:
+            run_ablate(args.work, probe, f"probe-{b}")
+            run_reference(args.work, probe, f"probe-{b}", compiled=False)
+        except Failed as e:
+            print(f"  batch {b} does not fit: {str(e).splitlines()[0]}", flush=True)
+            break
+        best, b = b, b * 2
+    if best is None:
+        sys.exit("largest batch: not even batch 8 fits")
+    print(f"largest batch that fits both: {best}", flush=True)
+    return best
+
+
 # --------------------------------------------------------------------------------------------- FLOPs
 
 def flops_per_step(size, batch, text_len, loss_tokens):
@@ -554,7 +605,9 @@ def main():
     ap.add_argument("--runner", type=Path, default=REPO / "build" / "bin" / "runner")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, cpu with --tiny)")
     ap.add_argument("--work", type=Path, default=None, help="generated files (default /tmp/ablate-bench-SIZE)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="8",
+                    help="samples per step, or 'max': the largest power of two from 8 up that both ablate and the "
+                         "eager reference train without running out of memory (3-step probes), then the benchmark")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--measure", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=1, help="A/B rounds (each: ablate, then every reference)")
@@ -574,7 +627,10 @@ def main():
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", default="projector+lora", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.batch != "max":
+        args.batch = int(args.batch)
     if args.worker:
         return reference_worker(args)
 
@@ -592,6 +648,9 @@ def main():
     make_assets(args.work, args.size)
 
     CHILD_TIMEOUT[0] = args.child_timeout
+    if args.batch == "max":
+        args.batch = largest_batch(args)
+    args.batch = int(args.batch)
     runs, failures = [], []
     for k in range(args.rounds):
         for system in ["ablate"] + refs:
