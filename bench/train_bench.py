@@ -515,7 +515,13 @@ def reference_worker(args):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_first = time.perf_counter()
+    # ABLATE_OP_PROFILE=FIRST:LAST: torch.profiler over those steps, the counterpart of the runner's operator profile.
+    spec = os.environ.get("ABLATE_OP_PROFILE")
+    first, last = (int(x) for x in spec.split(":")) if spec else (0, -1)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if spec else None
     for step in range(steps):
+        if profiler and step + 1 == first:
+            profiler.__enter__()
         t0 = time.perf_counter()
         b = batches[step]
         pixels, ids, mask, positions, select, targets = (x.to(dev, non_blocking=True) for x in b[:6])
@@ -527,6 +533,10 @@ def reference_worker(args):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
+        if profiler and step + 1 == last:
+            profiler.__exit__(None, None, None)
+            print(f"operator profile, steps {first}..{last} (totals over {last - first + 1} steps)")
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
         if step < 3 or (step + 1) % 10 == 0:
             print(f"step {step + 1}: loss {losses[-1]:.4f} ({times[-1] * 1e3:.1f} ms)", flush=True)
     result = {"losses": losses, "step_s": times, "text_tokens": [b[7] for b in batches],

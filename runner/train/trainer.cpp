@@ -24,6 +24,7 @@
 #include "model/feature_cache.hpp"
 #include "model/vlm.hpp"
 #include "train/artifacts.hpp"
+#include "train/op_profile.hpp"
 #include "train/optimizer.hpp"
 #include "train/precision.hpp"
 #include "train/strategies.hpp"
@@ -713,6 +714,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     return finite;
   };
 
+  const auto op_profile = OpProfile::from_env();
   for (std::int64_t step = start + 1; step <= tc.steps; ++step) {
     if (ctx.interrupted && ctx.interrupted->load()) {
       flush(step - 1);
@@ -739,6 +741,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                             " has no loss tokens (train.max_text_tokens = " + std::to_string(tc.max_text_tokens) +
                             " truncates every target)");
     }
+    if (op_profile) op_profile->before_step(step);
     // Token-weighted over the whole step: each loss token counts the same whatever micro-batch holds it.
     torch::Tensor step_loss = torch::zeros({}, torch::TensorOptions().device(ctx.device));
     for (const auto& b : micro) {
@@ -752,6 +755,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       step_loss = step_loss + loss.detach();
     }
     const auto result = optimizer.step(step - 1);
+    if (op_profile) {
+      step_loss.item<double>();  // the step's work done (a device synchronisation, only when profiling)
+      op_profile->after_step(step, out);
+    }
     pending.push_back({step, step_loss, result.lr, result.grad_norm, samples, tokens, loss_tokens, result.skipped});
     ++steps_done;
     ++ctx.grid.done;

@@ -47,7 +47,10 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
     auto flat = x.reshape({-1, in_features});
     y = (bias.defined() ? torch::addmm(bias, flat, weight) : torch::mm(flat, weight)).view(shape);
   } else {
-    y = torch::nn::functional::linear(x, weight, bias.defined() ? bias : torch::Tensor());
+    // ATen's linear, as torch.nn.functional.linear: a contiguous batch goes through one addmm with the bias
+    // fused in. (torch::nn::functional::linear does a matmul and then a separate bias add for 3-D input: an
+    // extra pass over the output forward and backward, and a different rounding from transformers'.)
+    y = torch::linear(x, weight, bias);
   }
   if (has_lora() && !merged_) {
     // PEFT's order: result + lora_B(lora_A(dropout(x))) * scaling.
