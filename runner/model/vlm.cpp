@@ -89,10 +89,14 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
                             const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in, const torch::Tensor& features) {
   auto& bb = *backbone_.object;
   const auto dev = device();
+  // Batches come pinned from the data threads on CUDA, so these copies queue behind the device's work instead
+  // of waiting for it (a copy from pageable memory synchronises the stream first).
   auto ids = ids_in.to(dev, /*non_blocking=*/true);
   auto valid = valid_in.to(dev, true);
   const bool training = targets_in.defined();
-  auto targets = training ? targets_in.to(dev, true) : torch::Tensor();
+  // Which positions carry loss is decided on the host, where the batch was made: the loss then selects its
+  // rows with an index, not a boolean mask, whose size the host would have to wait for the device to learn.
+  const auto targets = training ? targets_in.to(torch::kCPU) : torch::Tensor();
   const auto b = ids.size(0), t = ids.size(1);
 
   auto image = image_embeddings(pixels, features);
@@ -105,7 +109,7 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   if (layout_ != Layout::inline_) {
     s.embeds = torch::cat({image, text}, 1);
     s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids}, 1);
-    if (training) s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets}, 1);
+    if (training) s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets}, 1);  // host
     auto key_valid = torch::cat({torch::ones({b, n}, valid.options()), valid}, 1);
     if (layout_ == Layout::prefix) {
       s.positions = torch::cat({torch::full({b, n}, -1, long_opts), count_positions(valid)}, 1);
@@ -113,7 +117,7 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
     } else {
       // Generation: every prompt token is in the bidirectional prefix. Training: image + BOS + prompt.
       s.positions = count_positions(key_valid);
-      s.mask = sdk::AttentionMask::with_prefix(training ? prompt_len_in.to(dev) + n : torch::full({b}, n + t, long_opts));
+      s.mask = sdk::AttentionMask::with_prefix(training ? prompt_len_in.to(dev, true) + n : torch::full({b}, n + t, long_opts));
     }
     s.mask.key_valid = key_valid;
     return s;
@@ -123,7 +127,7 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   // token is replaced by the n image tokens; a row without one gets them after its first token if that is
   // BOS, else at its start. Rows keep their padding side: right for training, left for generation.
   const auto width = t + n;
-  auto ids_cpu = ids.cpu(), valid_cpu = valid.cpu();
+  auto ids_cpu = ids_in.to(torch::kCPU), valid_cpu = valid_in.to(torch::kCPU);  // the host's copies: no device read
   auto ia = ids_cpu.accessor<std::int64_t, 2>();
   auto va = valid_cpu.accessor<bool, 2>();
   const auto bos = bb.tokenizer().bos_id();
@@ -160,7 +164,8 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   }
   if (!training) index = index.slice(1, width - used);
   else index = index.slice(1, 0, used);
-  index = index.to(dev);
+  const auto index_cpu = index.contiguous();
+  index = (dev.is_cuda() ? index_cpu.pin_memory() : index_cpu).to(dev, true);
 
   const auto d = text.size(2);
   auto source = torch::cat({image, text, torch::zeros({b, 1, d}, text.options())}, 1);
@@ -169,9 +174,9 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids, blank}, 1).gather(1, index);
   auto source_valid = torch::cat({torch::ones({b, n}, valid.options()), valid, torch::zeros({b, 1}, valid.options())}, 1);
   auto valid_out = source_valid.gather(1, index);
-  if (training) {
+  if (training) {  // host
     s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets, torch::zeros({b, 1}, targets.options())}, 1)
-                    .gather(1, index);
+                    .gather(1, index_cpu);
   }
   s.positions = count_positions(valid_out);
   s.mask = sdk::AttentionMask::make_causal();
@@ -204,10 +209,12 @@ torch::Tensor VlmModel::loss_sum(const TrainBatch& batch) {
   auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
   // The hidden state at position j predicts the token at j + 1; only loss positions go through the head.
   const auto len = hidden.size(1);
-  auto carries = s.targets.slice(1, 1);
-  auto selected = hidden.slice(1, 0, len - 1).index({carries});
+  auto carries = s.targets.slice(1, 1).reshape({-1}).nonzero().squeeze(1);  // flat positions in [B, len - 1], host
+  if (hidden.is_cuda()) carries = carries.pin_memory();
+  carries = carries.to(hidden.device(), /*non_blocking=*/true);
+  auto selected = hidden.slice(1, 0, len - 1).reshape({-1, hidden.size(2)}).index_select(0, carries);
   auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(selected); });
-  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.slice(1, 1).index({carries}),
+  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.slice(1, 1).reshape({-1}).index_select(0, carries),
                                               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
 }
 

@@ -39,7 +39,7 @@ struct Sequence {
   torch::Tensor positions;  ///< [B, S] int64, -1 where a token gets no position
   sdk::AttentionMask mask;
   torch::Tensor ids;        ///< [B, S] the text token at each position, -1 at image positions
-  torch::Tensor targets;    ///< [B, S] bool: the token there carries loss (undefined when generating)
+  torch::Tensor targets;    ///< [B, S] bool on the host: the token there carries loss (undefined when generating)
 };
 
 /// The next token from scores [B, V] (float32): the argmax, or a sample after temperature, top-k and top-p,

@@ -637,7 +637,12 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       }
       auto b = collator.train_batch(examples);
       if (!train_features.empty()) b.features = cached_features(rows);
-      else if (ctx.device.is_cuda()) b.pixels = b.pixels.pin_memory();
+      if (ctx.device.is_cuda()) {
+        // Pinned, the step's copies to the device are queued without waiting for the device (VlmModel::assemble).
+        for (auto* t : {&b.pixels, &b.ids, &b.valid, &b.targets, &b.prompt_len}) {
+          if (t->defined()) *t = t->pin_memory();
+        }
+      }
       micro.push_back(std::move(b));
     }
     return micro;
