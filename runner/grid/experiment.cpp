@@ -121,6 +121,7 @@ TrainConfig parse_train_config(sdk::Options& t) {
   c.max_text_tokens = t.get("max_text_tokens", c.max_text_tokens);
   c.loss_on = t.get("loss_on", c.loss_on);
   c.precision = t.get("precision", c.precision);
+  c.tf32 = t.get("tf32", c.tf32);
   // gradient_checkpointing = true (every component that has a layer stack) or a list of components.
   const Json gc = t.get("gradient_checkpointing", Json(false));
   if (gc.is_boolean()) {
@@ -619,6 +620,10 @@ std::string own_key(const Experiment& ex, const Cell& cell) {
     Json::json_pointer jp(p);
     if (hashed.contains(jp)) hashed[jp.parent_pointer()].erase(jp.back());
   }
+  // Keys added after runs were recorded count only when they differ from their default, so that adding them
+  // left every existing cell's key as it was.
+  const Json::json_pointer tf32("/train/tf32");
+  if (hashed.contains(tf32) && hashed[tf32] == Json(false)) hashed["train"].erase("tf32");
   Json plugins = Json::object();
   for (const PluginRef* r : cell.plugins()) plugins[r->pointer] = r->qualified() + "@" + std::to_string(r->version);
 

@@ -72,6 +72,7 @@ struct TrainConfig {
   std::int64_t max_text_tokens = 64;
   std::string loss_on = "target";  ///< target (default) or text
   std::string precision = "fp32";  ///< fp32, bf16 or fp16: mixed precision (autocast), fp32 master weights
+  bool tf32 = false;  ///< CUDA: float32 matrix products on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)
   std::vector<std::string> gradient_checkpointing;  ///< components whose layers recompute activations
 };
 

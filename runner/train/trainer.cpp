@@ -649,6 +649,15 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   };
   Prefetcher<std::vector<TrainBatch>> stream(start + 1, tc.steps + 1, ctx.workers, 4, produce);
 
+  // [train] tf32: float32 matrix products on TF32 tensor cores on CUDA during this run, as
+  // torch.backends.cuda.matmul.allow_tf32 = True (cuDNN's convolutions use TF32 by torch's default already);
+  // the previous setting comes back when the run ends.
+  struct Tf32Scope {
+    bool before = at::globalContext().allowTF32CuBLAS();
+    explicit Tf32Scope(bool on) { at::globalContext().setAllowTF32CuBLAS(on); }
+    ~Tf32Scope() { at::globalContext().setAllowTF32CuBLAS(before); }
+  } tf32_scope(tc.tf32 && ctx.device.is_cuda());
+
   model->train();
   std::vector<PendingStep> pending;
   auto interval_start = Clock::now();

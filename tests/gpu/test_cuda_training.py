@@ -1,6 +1,7 @@
 """Training on the GPU (label `gpu`: scripts/test.sh skips it; run it with `ctest -L gpu` on a machine with CUDA).
 fp32 on CUDA computes what the CPU computes, to float rounding; bf16 and fp16 (with its loss scale) train to
-losses near fp32's; gradient checkpointing on CUDA changes no number."""
+losses near fp32's; gradient checkpointing on CUDA changes no number; TF32 trains near fp32; the frozen-encoder
+feature cache lives on the device."""
 import unittest
 
 from ablate_testing import TempDirTest, query, run, tiny_experiment
@@ -19,6 +20,7 @@ class CudaTrainingTest(TempDirTest):
         db = self.dir / f"{name}.db"
         out = run([toml, "--db", db, "--device", device])
         self.assertEqual(out.returncode, 0, out.stderr)
+        (self.dir / f"{name}.log").write_text(out.stderr)
         self.assertEqual({s for (s,) in query(db, "SELECT status FROM runs")}, {"done"})
         return db
 
@@ -39,6 +41,18 @@ class CudaTrainingTest(TempDirTest):
         worst = max(abs(a - b) for a, b in zip(plain, checkpointed))
         print(f"gradient checkpointing on cuda: worst loss difference {worst:.2e}")
         self.assertLessEqual(worst, 1e-5)
+
+    def test_tf32_and_the_feature_cache_on_cuda(self):
+        db = self.grid("tf32", '"train.tf32" = [false, true]', "cuda")
+        log = (self.dir / "tf32.log").read_text()
+        plain, tf32 = self.losses(db, 0), self.losses(db, 1)
+        worst = max(abs(a - b) / abs(b) for a, b in zip(plain, tf32))
+        print(f"tf32 on cuda: worst relative loss difference to fp32 over {STEPS} steps {worst:.2e}")
+        self.assertEqual(len(tf32), STEPS)
+        self.assertLessEqual(worst, 1e-2)
+        # The frozen encoder's features were kept on the device (the grid's second cell reuses them).
+        self.assertRegex(log, r"feature cache: data\.train: 64 images x 5 x 16 Float, [0-9.]+ MiB on cuda")
+        self.assertRegex(log, r"feature cache: data\.train: .* reused")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,13 @@ TEST_CASE("cell keys: equal configurations agree, changed values differ, bookkee
   std::string seed = tiny_experiment("k");
   seed.replace(seed.find("seed = 3"), 8, "seed = 4");
   CHECK(key(g, seed) != base);
+  // tf32 came after runs were recorded: at its default it leaves the key as it was; on, it is a new cell.
+  TempDir h, i;
+  std::string tf32 = tiny_experiment("k");
+  tf32.replace(tf32.find("batch_size = 4"), 14, "batch_size = 4\ntf32 = false");
+  CHECK(key(h, tf32) == base);
+  tf32.replace(tf32.find("tf32 = false"), 12, "tf32 = true");
+  CHECK(key(i, tf32) != base);
 }
 
 TEST_CASE("cell keys follow the contents of the weights folders they read", "[grid]") {

@@ -1,0 +1,113 @@
+#include "train/op_profile.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <ATen/record_function.h>
+
+#include "ablate/sdk/error.hpp"
+
+namespace ablate {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Totals {
+  std::int64_t calls = 0;
+  double self_s = 0, total_s = 0;
+};
+
+std::mutex g_mu;
+std::map<std::string, Totals> g_totals;
+
+// Per thread, the operators open on it: self time = own time minus that of the operators called inside.
+struct Frame {
+  Clock::time_point start;
+  double children_s = 0;
+};
+thread_local std::vector<Frame> t_stack;
+
+
+std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction&) {
+  t_stack.push_back({Clock::now(), 0});
+  return nullptr;
+}
+
+void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
+  if (t_stack.empty()) return;  // started before the callback was added
+  const auto frame = t_stack.back();
+  t_stack.pop_back();
+  const double total = std::chrono::duration<double>(Clock::now() - frame.start).count();
+  if (!t_stack.empty()) t_stack.back().children_s += total;
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto& t = g_totals[fn.name()];
+  t.calls += 1;
+  t.total_s += total;
+  t.self_s += total - frame.children_s;
+}
+
+}  // namespace
+
+std::unique_ptr<OpProfile> OpProfile::from_env() {
+  const char* spec = std::getenv("ABLATE_OP_PROFILE");
+  if (!spec || !*spec) return nullptr;
+  long long first = 0, last = 0;
+  char tail = 0;
+  if (std::sscanf(spec, "%lld:%lld%c", &first, &last, &tail) != 2 || first < 1 || last < first) {
+    throw sdk::InputError(std::string("ABLATE_OP_PROFILE=") + spec + ": expected FIRST:LAST, training steps from 1");
+  }
+  return std::unique_ptr<OpProfile>(new OpProfile(first, last));
+}
+
+OpProfile::~OpProfile() {
+  if (handle_) at::removeCallback(handle_);
+}
+
+void OpProfile::before_step(std::int64_t step) {
+  if (step != first_ || handle_) return;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_totals.clear();
+  }
+  // Thread-local: the training thread and, through the autograd engine's state propagation, its backward
+  // threads; not the data workers.
+  handle_ = at::addThreadLocalCallback(at::RecordFunctionCallback(on_start, on_end));
+}
+
+void OpProfile::after_step(std::int64_t step, std::ostream& out) {
+  if (step != last_ || !handle_) return;
+  at::removeCallback(handle_);
+  handle_ = 0;
+  std::vector<std::pair<std::string, Totals>> rows;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    rows.assign(g_totals.begin(), g_totals.end());
+  }
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.self_s > b.second.self_s; });
+  const double steps = static_cast<double>(last_ - first_ + 1);
+  double self_sum = 0;
+  for (const auto& r : rows) self_sum += r.second.self_s;
+  char line[256];
+  std::snprintf(line, sizeof line, "operator profile, steps %lld..%lld (per step; self time excludes operators called inside)\n",
+                static_cast<long long>(first_), static_cast<long long>(last_));
+  out << line;
+  std::snprintf(line, sizeof line, "  %-48s %8s %10s %10s\n", "name", "calls", "self ms", "total ms");
+  out << line;
+  for (std::size_t i = 0; i < rows.size() && i < 40; ++i) {
+    const auto& [name, t] = rows[i];
+    std::snprintf(line, sizeof line, "  %-48.48s %8.1f %10.3f %10.3f\n", name.c_str(), static_cast<double>(t.calls) / steps,
+                  1e3 * t.self_s / steps, 1e3 * t.total_s / steps);
+    out << line;
+  }
+  std::snprintf(line, sizeof line, "  %-48s %8s %10.3f\n", "all operators", "", 1e3 * self_sum / steps);
+  out << line;
+}
+
+}  // namespace ablate
