@@ -4,8 +4,11 @@
 // float32). fp16 adds loss scaling (train/optimizer.hpp).
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <ATen/autocast_mode.h>
+#include <torch/nn/module.h>
 #include <torch/types.h>
 
 namespace ablate {
@@ -37,6 +40,28 @@ class AutocastGuard {
   bool active_ = false;
   bool was_enabled_ = false;
   at::ScalarType was_dtype_ = at::kFloat;
+};
+
+/// Under bf16 / fp16 autocast, the frozen weights and biases of sdk::Linear layers are held in that type.
+/// Autocast would otherwise cast them at every use (it caches the casts of trainable leaves only): one more
+/// kernel and a pass over the weight per layer per forward pass, every training step and every decoded token.
+/// The cast is the one autocast makes (round to nearest even), so no number changes. The float32 originals
+/// are kept (on the host for a CUDA model) and restore() puts them back before anything merges or writes
+/// weights (exports, a stage's hand-over), which then see the exact weights they would have seen.
+class FrozenInLowPrecision {
+ public:
+  FrozenInLowPrecision(torch::nn::Module& model, const std::string& precision);
+  ~FrozenInLowPrecision() = default;
+  FrozenInLowPrecision(const FrozenInLowPrecision&) = delete;
+  FrozenInLowPrecision& operator=(const FrozenInLowPrecision&) = delete;
+
+  /// The float32 originals back in place (once; later calls do nothing).
+  void restore();
+  /// Tensors held in low precision now.
+  std::size_t count() const { return kept_.size(); }
+
+ private:
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> kept_;  ///< (parameter, its float32 data)
 };
 
 }  // namespace ablate

@@ -283,6 +283,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   }
   model->to(ctx.device);
   model->refresh_frozen();
+  FrozenInLowPrecision frozen_low(*model, tc.precision);
+  if (frozen_low.count() > 0) {
+    out << "  frozen linear weights held in " << tc.precision << ": " << frozen_low.count() << " tensors\n";
+  }
   const auto rows = trainables(*model, groups, settings);
   const auto params = trainable_parameters(*model, groups);
   if (params.empty()) {
@@ -800,6 +804,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     return outcome;
   }
 
+  // ---- from here on weights are merged and written: the frozen ones as they were loaded, in float32.
+  frozen_low.restore();
   // ---- PEFT adapters, before anything is merged.
   for (auto it = cell.export_adapters.begin(); it != cell.export_adapters.end(); ++it) {
     const auto dir = sdk::resolve_path(experiment.base_dir, it.value().get<std::string>());

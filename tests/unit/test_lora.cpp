@@ -10,6 +10,7 @@
 #include "ablate/sdk/strategy.hpp"
 #include "helpers.hpp"
 #include "model/vlm.hpp"
+#include "train/precision.hpp"
 
 using namespace ablate;
 
@@ -203,4 +204,64 @@ TEST_CASE("the layouts place image and text as GIT, LLaVA and PaliGemma do", "[l
   CHECK(row(inline_.positions) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
   CHECK_FALSE(inline_.mask.prefix.defined());  // causal throughout
   CHECK(row(inline_.targets.to(torch::kLong)) == std::vector<std::int64_t>{0, 0, 0, 0, 0, 0, 0, 0, 1, 1});
+}
+
+TEST_CASE("frozen linear weights held in bf16 change no number under autocast, and come back exactly", "[precision]") {
+  torch::manual_seed(0);
+  auto model = tiny_model();
+  apply_lora(*model, {{"r", 4}});
+  for (auto& p : model->projector().module().parameters()) p.set_requires_grad(true);
+  model->refresh_frozen();
+  // B starts at zero; give the adapters values so that they count in the output.
+  for (auto& p : model->named_parameters()) {
+    if (p.key().find("lora_B") != std::string::npos) {
+      torch::NoGradGuard no_grad;
+      p.value().normal_(0.0, 0.5);
+    }
+  }
+  TrainBatch batch;
+  batch.pixels = torch::randn({2, 3, 16, 16});
+  batch.ids = torch::tensor({{1, 4, 5, 6, 2, 0}, {1, 5, 4, 2, 0, 0}}, torch::kLong);
+  batch.valid = batch.ids != 0;
+  batch.targets = torch::tensor({{0, 0, 0, 1, 1, 0}, {0, 0, 1, 1, 0, 0}}, torch::kBool);
+  batch.prompt_len = torch::tensor({3, 2}, torch::kLong);
+  batch.loss_tokens = 4;
+  auto loss_and_grads = [&] {
+    torch::manual_seed(1);  // the same dropout masks (the tiny OPT keeps transformers' default dropout 0.1)
+    for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
+    torch::Tensor loss;
+    {
+      AutocastGuard autocast(torch::kCPU, "bf16");
+      loss = model->loss_sum(batch);
+    }
+    loss.backward();
+    std::vector<torch::Tensor> out{loss.detach()};
+    for (auto& p : model->parameters()) {
+      if (p.requires_grad()) out.push_back(p.grad().clone());
+    }
+    return out;
+  };
+  std::map<std::string, torch::Tensor> original;
+  for (const auto& p : model->named_parameters()) original[p.key()] = p.value().detach().clone();
+
+  const auto as_autocast_does = loss_and_grads();
+  FrozenInLowPrecision held(*model, "bf16");
+  CHECK(held.count() > 20);  // every frozen weight and bias of the encoder's, projector's and backbone's linears
+  CHECK(model->named_parameters()["backbone.model.decoder.layers.0.fc1.weight"].scalar_type() == torch::kBFloat16);
+  CHECK(model->named_parameters()["backbone.model.decoder.layers.0.self_attn_layer_norm.weight"].scalar_type() == torch::kFloat32);
+  CHECK(model->named_parameters()["projector.visual_projection.0.weight"].scalar_type() == torch::kFloat32);  // trains
+  const auto held_low = loss_and_grads();
+  REQUIRE(held_low.size() == as_autocast_does.size());
+  for (std::size_t i = 0; i < held_low.size(); ++i) {
+    INFO("tensor " << i << " max difference " << (held_low[i].to(torch::kDouble) - as_autocast_does[i].to(torch::kDouble)).abs().max().item<double>());
+    CHECK(torch::equal(held_low[i], as_autocast_does[i]));
+  }
+
+  held.restore();
+  for (const auto& p : model->named_parameters()) {
+    INFO(p.key());
+    CHECK(p.value().scalar_type() == original[p.key()].scalar_type());
+    CHECK(torch::equal(p.value(), original[p.key()]));
+  }
+  CHECK(held.count() == 0);
 }
