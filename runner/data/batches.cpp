@@ -11,6 +11,11 @@ Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, 
                    bool loss_on_text)
     : tokenizer_(tokenizer), spec_(spec), max_text_tokens_(max_text_tokens), loss_on_text_(loss_on_text) {}
 
+torch::Tensor to_device_async(const torch::Tensor& t, const torch::Device& device) {
+  if (t.device() == device) return t;
+  return device.is_cuda() && t.is_cpu() ? (t.is_pinned() ? t : t.pin_memory()).to(device, /*non_blocking=*/true) : t.to(device);
+}
+
 torch::Tensor Collator::pixels(const sdk::Image& image) const {
   // A text-only sample (an empty image, as LLaVA's instruction mixes have) still goes through the image
   // tokens of the layout: it gets zeros after normalisation, the dataset's mean colour.

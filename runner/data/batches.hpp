@@ -66,6 +66,10 @@ class Collator {
   bool loss_on_text_;
 };
 
+/// A host tensor on `device`. On CUDA it is pinned first, so that the copy is queued behind the device's work
+/// instead of waiting for it (a copy from pageable memory synchronises the stream).
+torch::Tensor to_device_async(const torch::Tensor& t, const torch::Device& device);
+
 /// Which dataset index the n-th training sample is: a fresh permutation per epoch, seeded by (seed, epoch),
 /// so that any step's batch can be rebuilt exactly after a resume.
 class SampleOrder {

@@ -94,15 +94,14 @@ std::string FeatureTable::describe() const {
 }
 
 torch::Tensor FeatureTable::rows(const torch::Tensor& index, const torch::Device& device) const {
-  if (features.device() == device) return features.index_select(0, index.to(device));
-  auto picked = features.index_select(0, index);
-  return device.is_cuda() ? picked.pin_memory().to(device, /*non_blocking=*/true) : picked;
+  if (features.device() == device) return features.index_select(0, to_device_async(index, device));
+  return to_device_async(features.index_select(0, index), device);
 }
 
 torch::Tensor FeatureTable::slice(std::int64_t first, std::int64_t n, const torch::Device& device) const {
   auto part = features.slice(0, first, first + n);
   if (part.device() == device) return part;
-  return device.is_cuda() ? part.contiguous().pin_memory().to(device, true) : part.contiguous();
+  return to_device_async(part.contiguous(), device);
 }
 
 FeatureCache::FeatureCache(FeatureCacheMode mode, std::int64_t budget_bytes, fs::path spill_dir)

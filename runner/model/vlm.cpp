@@ -74,7 +74,7 @@ torch::Tensor VlmModel::encode(const torch::Tensor& pixels) {
   // A frozen encoder needs no graph: no activations are kept for it.
   std::unique_ptr<torch::NoGradGuard> no_grad;
   if (encoder_frozen_) no_grad = std::make_unique<torch::NoGradGuard>();
-  const auto on_device = pixels.to(device(), /*non_blocking=*/true);
+  const auto on_device = to_device_async(pixels, device());
   return guarded(encoder_.plugin, "forward", [&] { return encoder_.object->encode(on_device); });
 }
 
@@ -89,10 +89,9 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
                             const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in, const torch::Tensor& features) {
   auto& bb = *backbone_.object;
   const auto dev = device();
-  // Batches come pinned from the data threads on CUDA, so these copies queue behind the device's work instead
-  // of waiting for it (a copy from pageable memory synchronises the stream first).
-  auto ids = ids_in.to(dev, /*non_blocking=*/true);
-  auto valid = valid_in.to(dev, true);
+  // Training batches come pinned from the data threads on CUDA: these copies queue behind the device's work.
+  auto ids = to_device_async(ids_in, dev);
+  auto valid = to_device_async(valid_in, dev);
   const bool training = targets_in.defined();
   // Which positions carry loss is decided on the host, where the batch was made: the loss then selects its
   // rows with an index, not a boolean mask, whose size the host would have to wait for the device to learn.
@@ -117,7 +116,7 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
     } else {
       // Generation: every prompt token is in the bidirectional prefix. Training: image + BOS + prompt.
       s.positions = count_positions(key_valid);
-      s.mask = sdk::AttentionMask::with_prefix(training ? prompt_len_in.to(dev, true) + n : torch::full({b}, n + t, long_opts));
+      s.mask = sdk::AttentionMask::with_prefix(training ? to_device_async(prompt_len_in, dev) + n : torch::full({b}, n + t, long_opts));
     }
     s.mask.key_valid = key_valid;
     return s;
@@ -165,7 +164,7 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   if (!training) index = index.slice(1, width - used);
   else index = index.slice(1, 0, used);
   const auto index_cpu = index.contiguous();
-  index = (dev.is_cuda() ? index_cpu.pin_memory() : index_cpu).to(dev, true);
+  index = to_device_async(index_cpu, dev);
 
   const auto d = text.size(2);
   auto source = torch::cat({image, text, torch::zeros({b, 1, d}, text.options())}, 1);
@@ -209,9 +208,8 @@ torch::Tensor VlmModel::loss_sum(const TrainBatch& batch) {
   auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
   // The hidden state at position j predicts the token at j + 1; only loss positions go through the head.
   const auto len = hidden.size(1);
-  auto carries = s.targets.slice(1, 1).reshape({-1}).nonzero().squeeze(1);  // flat positions in [B, len - 1], host
-  if (hidden.is_cuda()) carries = carries.pin_memory();
-  carries = carries.to(hidden.device(), /*non_blocking=*/true);
+  // Flat positions in [B, len - 1], found on the host.
+  const auto carries = to_device_async(s.targets.slice(1, 1).reshape({-1}).nonzero().squeeze(1), hidden.device());
   auto selected = hidden.slice(1, 0, len - 1).reshape({-1, hidden.size(2)}).index_select(0, carries);
   auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(selected); });
   return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.slice(1, 1).reshape({-1}).index_select(0, carries),

@@ -451,7 +451,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     const auto& any = train_features.front()->features;
     auto out = torch::empty({static_cast<std::int64_t>(rows.size()), any.size(1), any.size(2)}, any.options().device(ctx.device));
     for (const auto& [source, pick] : by_source) {
-      out.index_copy_(0, torch::tensor(pick.first).to(ctx.device), train_features[source]->rows(torch::tensor(pick.second), ctx.device));
+      out.index_copy_(0, to_device_async(torch::tensor(pick.first), ctx.device), train_features[source]->rows(torch::tensor(pick.second), ctx.device));
     }
     return out;
   };
