@@ -550,8 +550,9 @@ def reference_worker(args):
 # --------------------------------------------------------------------------------------------- largest batch
 
 def largest_batch(args, limit=4096):
-    """The largest power-of-two batch (from 8) with which a 3-step run of ablate and of the eager reference both
-    finish: a failed run (out of memory) ends the search. Probe runs go to runs/probe-*."""
+    """The largest power-of-two batch (from 8) with which a 3-step run of ablate (and of ablate-nocache when it is
+    in --refs) and of the eager reference finish: a failed run (out of memory) ends the search. Probe runs go to
+    runs/*probe-*. torch.compile is not probed: it may still run out of memory at the batch found."""
     import copy
     best, b = None, 8
     while b <= limit:
@@ -560,6 +561,8 @@ def largest_batch(args, limit=4096):
         print(f"largest batch: trying {b} ...", flush=True)
         try:
             run_ablate(args.work, probe, f"probe-{b}")
+            if "nocache" in args.refs:
+                run_ablate(args.work, probe, f"probe-{b}", cache=False)
             run_reference(args.work, probe, f"probe-{b}", compiled=False)
         except Failed as e:
             print(f"  batch {b} does not fit: {str(e).splitlines()[0]}", flush=True)

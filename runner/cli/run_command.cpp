@@ -96,11 +96,13 @@ void print_cells(const Experiment& ex, std::ostream& out) {
   }
 }
 
+// "cuda" and "auto" become cuda:0, where libtorch puts them: tensors then compare equal to the run's device.
 torch::Device pick_device(const std::string& name) {
-  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
   try {
     torch::Device d(name);
     if (d.is_cuda() && !torch::cuda::is_available()) throw sdk::InputError("--device " + name + ": no CUDA device is available");
+    if (d.is_cuda() && !d.has_index()) d = torch::Device(torch::kCUDA, 0);
     return d;
   } catch (const c10::Error&) {
     throw sdk::InputError("--device " + name + ": not a device (cpu, cuda, cuda:N, auto)");

@@ -35,6 +35,7 @@ struct TrainBatch {
   torch::Tensor valid;    ///< [B, T] bool: real tokens (not padding)
   torch::Tensor prompt_len;  ///< [B] int64: tokens of BOS + prompt (the prefix_lm layout's bidirectional part)
   torch::Tensor features;    ///< [B, N, D] the frozen encoder's output from the feature cache; undefined: encode pixels
+  std::vector<std::pair<std::size_t, std::size_t>> rows;  ///< (dataset, index) of each sample, for the feature cache
   std::int64_t samples = 0, text_tokens = 0, loss_tokens = 0;
   std::int64_t truncated = 0;  ///< samples whose text max_text_tokens cut
   std::vector<std::string> no_loss;  ///< "ID (prompt P tokens, target T)" of samples truncation left without loss tokens

@@ -16,6 +16,8 @@
 
 #ifdef ABLATE_WITH_CUDA_PROPERTIES
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace ablate {
@@ -64,7 +66,7 @@ std::string mib(double bytes) {
 // Why the encoder's features cannot be cached, or empty. `chunk`: the first chunk's pixels.
 std::string check_deterministic(const torch::Tensor& chunk, const std::function<torch::Tensor(const torch::Tensor&)>& encode) {
   const auto a = encode(chunk), b = encode(chunk);
-  if (!torch::equal(a, b)) return "its output differs between two passes over the same images (dropout?)";
+  if (!torch::equal(a, b)) return "the encoder is not deterministic: its output differs between two passes over the same images (dropout?)";
   if (chunk.size(0) > 1) {
     // Alone and within a batch an image's features differ by rounding only, unless the encoder uses
     // batch statistics; rounding moves them by about 1e-3 of their size in bf16.
@@ -72,7 +74,7 @@ std::string check_deterministic(const torch::Tensor& chunk, const std::function<
     const auto batched = a.slice(0, 0, 1).to(torch::kFloat32);
     const double diff = (alone - batched).abs().mean().item<double>();
     const double size = batched.abs().mean().item<double>();
-    if (diff > 1e-2 * size + 1e-6) return "an image's features depend on the other images of its batch";
+    if (diff > 1e-2 * size + 1e-6) return "the encoder's features of an image depend on the other images of its batch";
   }
   return {};
 }
@@ -94,7 +96,7 @@ std::string FeatureTable::describe() const {
 }
 
 torch::Tensor FeatureTable::rows(const torch::Tensor& index, const torch::Device& device) const {
-  if (features.device() == device) return features.index_select(0, to_device_async(index, device));
+  if (features.is_cuda()) return features.index_select(0, to_device_async(index, features.device())).to(device);
   return to_device_async(features.index_select(0, index), device);
 }
 
@@ -125,6 +127,23 @@ std::int64_t FeatureCache::default_budget(const torch::Device& device) {
   return static_cast<std::int64_t>(::sysconf(_SC_PHYS_PAGES)) * static_cast<std::int64_t>(::sysconf(_SC_PAGESIZE)) / 4;
 }
 
+bool FeatureCache::fits_in_memory(std::int64_t bytes, const torch::Device& device) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (used_ + bytes > budget_) return false;
+#ifdef ABLATE_WITH_CUDA_PROPERTIES
+  if (device.is_cuda()) {
+    // What the model, optimizer and activations will need is not known yet: leave at least half of what is free.
+    std::size_t free = 0, total = 0;
+    c10::cuda::CUDAGuard guard(device.index());
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return false;
+    return static_cast<std::uint64_t>(bytes) <= free / 2;
+  }
+#else
+  (void)device;
+#endif
+  return true;
+}
+
 std::shared_ptr<const FeatureTable> FeatureCache::find(const std::string& key) const {
   std::lock_guard<std::mutex> lock(mu_);
   const auto it = tables_.find(key);
@@ -146,6 +165,7 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
                                    [&](std::int64_t c) { return load(c * kChunk, std::min(kChunk, count - c * kChunk)); });
   auto table = std::make_shared<FeatureTable>();
   std::ofstream file;
+  std::int64_t bytes = 0;
   for (std::int64_t c = 0; c < chunks; ++c) {
     const auto chunk = pixels.next().to(device);
     if (c == 0) {
@@ -154,16 +174,23 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
     }
     const auto features = encode(chunk);
     if (c == 0) {
-      // The first chunk tells the table's shape and type, and so whether it fits.
+      // The first chunk tells the table's shape and type, and so whether it fits: on the device within the
+      // budget and half of what the device has free, else on disk where the disk has twice its size free,
+      // else nowhere.
       std::vector<std::int64_t> shape(features.sizes().begin(), features.sizes().end());
       shape[0] = count;
-      const auto bytes = count * features[0].numel() * static_cast<std::int64_t>(features.element_size());
-      std::lock_guard<std::mutex> lock(mu_);
-      if (used_ + bytes <= budget_) {
+      bytes = count * features[0].numel() * static_cast<std::int64_t>(features.element_size());
+      if (fits_in_memory(bytes, device)) {
         table->features = torch::empty(shape, features.options());
-        used_ += bytes;
       } else {
         fs::create_directories(spill_dir_);
+        std::error_code ec;
+        const auto space = fs::space(spill_dir_, ec);
+        if (ec || space.available < static_cast<std::uintmax_t>(2 * bytes)) {
+          refused = "its features (" + mib(static_cast<double>(bytes)) + ") fit neither the memory budget (--feature-cache-gib) nor the free disk space of " +
+                    spill_dir_.string();
+          return nullptr;
+        }
         table->file = spill_dir_ / (sdk::sha256_hex(key).substr(0, 16) + ".bin");
         file.open(table->file, std::ios::binary | std::ios::trunc);
         if (!file) throw std::runtime_error(table->file.string() + ": cannot write the feature cache");
@@ -183,11 +210,15 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
         for (auto s : shape) elements *= s;
         table->features = at::from_file(table->file.string(), /*shared=*/false, elements,
                                         features.options().device(torch::kCPU)).view(shape);
+        // The mapping outlives the name: nothing is left on disk however the process ends.
+        std::error_code ec;
+        fs::remove(table->file, ec);
       }
     }
   }
   table->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::lock_guard<std::mutex> lock(mu_);
+  if (table->file.empty()) used_ += bytes;  // counted once the table is complete
   tables_[key] = table;
   return table;
 }

@@ -10,8 +10,9 @@
 // another cell, alone, or resumed after a kill. (Computed per training batch, the first batch an image
 // appears in would decide its rounding.)
 //
-// Each dataset's table lives on the device when it fits the memory budget, else in a file under the results
-// folder, mapped into memory and removed when the process ends.
+// Each dataset's table lives on the device when it fits the memory budget (and half of the device's free
+// memory), else in a file under the results folder, mapped into memory and unlinked at once (nothing stays on
+// disk), else, when the disk lacks the room too, nowhere: the run encodes every step.
 
 #include <cstdint>
 #include <filesystem>
@@ -68,13 +69,16 @@ class FeatureCache {
   /// [first, first + n) ([n, 3, H, W], called on `workers` threads), encode(pixels) their features. Before
   /// it, checks on the first chunk that the encoder is deterministic and computes each image independently
   /// of the others in its batch (no dropout, no batch statistics); returns null, with the reason in
-  /// `refused`, when it is not. The caller's random generators are left as they were.
+  /// `refused`, when it is not (or when the table fits neither memory nor disk). The caller's random
+  /// generators are left as they were.
   std::shared_ptr<const FeatureTable> build(const std::string& key, std::int64_t count, int workers, const torch::Device& device,
                                             const std::function<torch::Tensor(std::int64_t, std::int64_t)>& load,
                                             const std::function<torch::Tensor(const torch::Tensor&)>& encode,
                                             std::string& refused);
 
  private:
+  bool fits_in_memory(std::int64_t bytes, const torch::Device& device) const;
+
   FeatureCacheMode mode_;
   std::int64_t budget_, used_ = 0;
   std::filesystem::path spill_dir_;

@@ -207,12 +207,16 @@ torch::Tensor VlmModel::loss_sum(const TrainBatch& batch) {
   check_length(layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1));
   auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
   // The hidden state at position j predicts the token at j + 1; only loss positions go through the head.
-  const auto len = hidden.size(1);
-  // Flat positions in [B, len - 1], found on the host.
-  const auto carries = to_device_async(s.targets.slice(1, 1).reshape({-1}).nonzero().squeeze(1), hidden.device());
-  auto selected = hidden.slice(1, 0, len - 1).reshape({-1, hidden.size(2)}).index_select(0, carries);
+  // Their flat positions in [B * len] are found on the host (a token at j of row b that carries loss: b * len + j - 1).
+  // A row's first position has no predictor: it never carries loss.
+  auto carries = s.targets.clone();
+  carries.select(1, 0).fill_(false);
+  const auto carried = carries.reshape({-1}).nonzero().squeeze(1);
+  const auto predictors = to_device_async(carried - 1, hidden.device());
+  const auto labels = to_device_async(carried, hidden.device());
+  auto selected = hidden.reshape({-1, hidden.size(2)}).index_select(0, predictors);
   auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(selected); });
-  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.slice(1, 1).reshape({-1}).index_select(0, carries),
+  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.reshape({-1}).index_select(0, labels),
                                               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
 }
 

@@ -126,8 +126,8 @@ TrainOptimizer::TrainOptimizer(const std::vector<TrainableParam>& params, std::v
 void TrainOptimizer::fused_step() {
   // torch::optim::AdamW keeps the state (and writes it into checkpoints); the update itself is ATen's fused
   // AdamW kernel (torch.optim.AdamW(fused=True)): one multi-tensor kernel per group instead of about ten
-  // operations per parameter. Same arithmetic as AdamW::step: decoupled decay p *= 1 - lr * wd, then
-  // p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
+  // operations per parameter. The update of AdamW::step (decoupled decay p *= 1 - lr * wd, then
+  // p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)), rounded slightly differently.
   for (auto& group : adamw_->param_groups()) {
     const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
     // One kernel call per (dtype, step count): the kernel needs one dtype per list and reads each parameter's

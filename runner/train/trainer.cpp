@@ -362,16 +362,30 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   for (std::size_t i = 0; i < eval_set.size(); ++i) {
     if (auto sample = eval_set.get(i)) eval_examples.push_back(collator.prepare(std::move(*sample)));
   }
+  // [train] tf32: float32 matrix products on TF32 tensor cores on CUDA during this run (its feature cache and
+  // evaluations included), as torch.backends.cuda.matmul.allow_tf32 = True (cuDNN's convolutions use TF32 by
+  // torch's default already); the previous setting comes back when the run ends.
+  struct Tf32Scope {
+    bool before = at::globalContext().allowTF32CuBLAS();
+    explicit Tf32Scope(bool on) { at::globalContext().setAllowTF32CuBLAS(on); }
+    ~Tf32Scope() { at::globalContext().setAllowTF32CuBLAS(before); }
+  } tf32_scope(tc.tf32 && ctx.device.is_cuda());
+
   // ---- frozen-encoder feature cache (model/feature_cache.hpp): a table per training dataset (all or none)
   // and one for the evaluation set, each built once per process and shared by the cells that agree on the key.
   std::vector<std::shared_ptr<const FeatureTable>> train_features;
   std::shared_ptr<const FeatureTable> eval_features;
   if (ctx.features && ctx.features->mode() != FeatureCacheMode::off && model->encoder_frozen()) {
+    // Everything the encoder's output depends on: plugin and version, its options (feature_layer, tokens...),
+    // weights, preprocessing, precision, TF32 and device; and the dataset (below).
     const auto spec = encoder->image_spec();
     const sdk::Json base = {
-        {"encoder", cell.encoder.qualified()}, {"weights", module_fingerprint(encoder->module())},
+        {"encoder", cell.encoder.qualified() + "@" + std::to_string(cell.encoder.version)},
+        {"options", cell.resolved.at(sdk::Json::json_pointer(cell.encoder.pointer))},
+        {"tokens", encoder->num_tokens()}, {"weights", module_fingerprint(encoder->module())},
         {"spec", {spec.height, spec.width, spec.shortest_edge, spec.center_crop, spec.resample, spec.rescale_factor, spec.mean, spec.std}},
-        {"precision", tc.precision}, {"device", ctx.device.str()}, {"base_dir", experiment.base_dir.string()}};
+        {"precision", tc.precision}, {"tf32", tc.tf32 && ctx.device.is_cuda()}, {"device", ctx.device.str()},
+        {"base_dir", experiment.base_dir.string()}};
     auto key_of = [&](const std::string& role, const std::vector<DataSource>& sources) {
       auto k = base;
       k["role"] = role;
@@ -392,7 +406,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       const bool reused = table != nullptr;
       if (!table) table = ctx.features->build(key, count, ctx.workers, ctx.device, load, encode, refused);
       if (!table) {
-        if (!refused.empty()) out << "  feature cache: not used, the encoder is not deterministic: " << refused << "\n";
+        if (!refused.empty()) out << "  feature cache: not used: " << refused << "\n";
         return nullptr;
       }
       char secs[32];
@@ -400,14 +414,13 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       out << "  feature cache: " << what << ": " << table->describe() << (reused ? ", reused" : ", encoded in " + std::string(secs)) << "\n";
       return table;
     };
-    // Training: where the run passes over each dataset at least once (or --feature-cache on, or the table
-    // exists); a mixture either has every table or uses none.
+    // Training: where the run passes over each dataset at least once (or --feature-cache on); decided from the
+    // cell alone, so that its numbers do not depend on what ran before it. A mixture has every table or none.
     std::vector<std::string> keys;
     bool worth = true;
     for (std::size_t s = 0; s < train_set.sources(); ++s) {
       keys.push_back(key_of("train", {cell.train_data.sources[s]}));
-      worth = worth && (ctx.features->mode() == FeatureCacheMode::on || order.drawn()[s] >= train_set.count(s) ||
-                        ctx.features->find(keys.back()));
+      worth = worth && (ctx.features->mode() == FeatureCacheMode::on || order.drawn()[s] >= train_set.count(s));
     }
     for (std::size_t s = 0; worth && !cell.decode_only && s < train_set.sources(); ++s) {
       auto table = obtain(cell.train_data.sources[s].plugin.display, keys[s], static_cast<std::int64_t>(train_set.count(s)),
@@ -640,7 +653,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
         examples.push_back(collator.prepare(std::move(*sample), /*with_pixels=*/train_features.empty()));
       }
       auto b = collator.train_batch(examples);
-      if (!train_features.empty()) b.features = cached_features(rows);
+      if (!train_features.empty()) b.rows = std::move(rows);  // features gathered when the step runs
       if (ctx.device.is_cuda()) {
         // Pinned, the step's copies to the device are queued without waiting for the device (VlmModel::assemble).
         for (auto* t : {&b.pixels, &b.ids, &b.valid, &b.targets, &b.prompt_len}) {
@@ -653,14 +666,6 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   };
   Prefetcher<std::vector<TrainBatch>> stream(start + 1, tc.steps + 1, ctx.workers, 4, produce);
 
-  // [train] tf32: float32 matrix products on TF32 tensor cores on CUDA during this run, as
-  // torch.backends.cuda.matmul.allow_tf32 = True (cuDNN's convolutions use TF32 by torch's default already);
-  // the previous setting comes back when the run ends.
-  struct Tf32Scope {
-    bool before = at::globalContext().allowTF32CuBLAS();
-    explicit Tf32Scope(bool on) { at::globalContext().setAllowTF32CuBLAS(on); }
-    ~Tf32Scope() { at::globalContext().setAllowTF32CuBLAS(before); }
-  } tf32_scope(tc.tf32 && ctx.device.is_cuda());
 
   model->train();
   std::vector<PendingStep> pending;
@@ -758,6 +763,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       throw sdk::InputError(cell.train_data.display() + ": the batch of step " + std::to_string(step) +
                             " has no loss tokens (train.max_text_tokens = " + std::to_string(tc.max_text_tokens) +
                             " truncates every target)");
+    }
+    // Cached features are gathered here, not on the data threads: prefetched batches hold no device memory.
+    if (!train_features.empty()) {
+      for (auto& b : micro) b.features = cached_features(b.rows);
     }
     if (op_profile) op_profile->before_step(step);
     // Token-weighted over the whole step: each loss token counts the same whatever micro-batch holds it.

@@ -50,6 +50,18 @@ class FeatureCacheTest(TempDirTest):
         self.assertRegex(cells[2], r"feature cache: data\.eval: 12 images .* reused")
         self.assertEqual(list(self.dir.glob("cached/feature-cache-*")), [], "nothing spilled, nothing left")
 
+    def test_encoder_options_are_part_of_the_key(self):
+        # The same weights, another feature layer: the second cell must encode anew, not reuse the first's table.
+        grid = '[grid]\n"model.encoder.feature_layer" = [-1, -2]\n'
+        toml = self.write("layers.toml", tiny_experiment("layers", steps=24, every=12, extra=grid, train_size=48,
+                                                         strategy='["projector", "head"]'))
+        cached, plain = self.dir / "cached" / "results.db", self.dir / "plain" / "results.db"
+        log = self.run_ok(toml, cached)
+        self.assertEqual(len(re.findall(r"feature cache: data\.train: 48 images .* encoded in", log)), 2, log)
+        self.assertNotIn("reused", log)
+        self.run_ok(toml, plain, "--feature-cache", "off")
+        self.assert_same_training(cached, plain)
+
     def test_auto_leaves_short_runs_alone_and_on_forces(self):
         # 4 steps of 4 samples draw 16 of 64 images: encoding all 64 first would cost more than it saves.
         toml = self.write("short.toml", tiny_experiment("short", steps=4, every=4, strategy='["projector", "head"]'))
@@ -76,7 +88,7 @@ class FeatureCacheTest(TempDirTest):
         self.assertIn("attention_dropout = 0.5", text)
         toml = self.write("dropout.toml", text)
         log = self.run_ok(toml, self.dir / "auto" / "results.db")
-        self.assertIn("feature cache: not used, the encoder is not deterministic: its output differs between two "
+        self.assertIn("feature cache: not used: the encoder is not deterministic: its output differs between two "
                       "passes over the same images (dropout?)", log)
         self.assertNotIn("encoded in", log)
         self.run_ok(toml, self.dir / "off" / "results.db", "--feature-cache", "off")
