@@ -16,8 +16,7 @@
 
 #ifdef ABLATE_WITH_CUDA_PROPERTIES
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_runtime_api.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 namespace ablate {
@@ -132,11 +131,13 @@ bool FeatureCache::fits_in_memory(std::int64_t bytes, const torch::Device& devic
   if (used_ + bytes > budget_) return false;
 #ifdef ABLATE_WITH_CUDA_PROPERTIES
   if (device.is_cuda()) {
-    // What the model, optimizer and activations will need is not known yet: leave at least half of what is free.
-    std::size_t free = 0, total = 0;
-    c10::cuda::CUDAGuard guard(device.index());
-    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return false;
-    return static_cast<std::uint64_t>(bytes) <= free / 2;
+    // What the model, optimizer and activations will need is not known yet: leave at least half of what this
+    // process has not reserved. (From libtorch's allocator rather than cudaMemGetInfo, so that the runner calls
+    // no CUDA runtime function of its own and loads no libcudart beside the wheel's.)
+    const auto index = device.has_index() ? device.index() : c10::DeviceIndex{0};
+    const auto total = static_cast<std::int64_t>(at::cuda::getDeviceProperties(index)->totalGlobalMem);
+    const auto reserved = c10::cuda::CUDACachingAllocator::getDeviceStats(index).reserved_bytes[0].current;
+    return bytes <= (total - reserved) / 2;
   }
 #else
   (void)device;

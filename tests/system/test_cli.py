@@ -208,5 +208,16 @@ class RunOutcomesTest(TempDirTest):
         self.assertIn("not an ablate plugin", out.stderr)
 
 
+class LinkTest(unittest.TestCase):
+    def test_runner_loads_no_cuda_runtime_of_its_own(self):
+        """cmake/AblateTorch.cmake: libtorch_cuda finds the wheel's CUDA libraries; a libcudart NEEDED by the runner
+        itself would be resolved from the toolkit's folder first and shadow the wheel's (or be missing where only
+        the wheel is, as on the GPU machine)."""
+        dynamic = subprocess.run(["readelf", "-d", str(RUNNER)], capture_output=True, text=True, check=True).stdout
+        needed = [line.split("[")[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+        self.assertIn("libtorch_cpu.so", needed)
+        self.assertEqual([n for n in needed if n.startswith(("libcudart", "libcublas", "libnvrtc"))], [], needed)
+
+
 if __name__ == "__main__":
     unittest.main()
