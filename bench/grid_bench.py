@@ -80,14 +80,7 @@ def main():
     unknown = [c for c in args.cells if c not in tb.STRATEGIES]
     if unknown:
         sys.exit(f"--cells: unknown {', '.join(unknown)} (known: {', '.join(tb.STRATEGIES)})")
-    args.size = "tiny" if args.tiny else "full"
-    if args.device is None:
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    args.work = (args.work or Path(f"/tmp/ablate-bench-{args.size}")).resolve()
-    args.runner = args.runner.resolve()
+    tb.resolve_common(args)
     # The train_bench reference worker runs warmup + measure steps.
     args.warmup, args.measure = min(10, args.steps // 2), args.steps - min(10, args.steps // 2)
     tb.make_assets(args.work, args.size)

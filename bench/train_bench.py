@@ -547,6 +547,21 @@ def reference_worker(args):
     Path(args.out).write_text(json.dumps(result))
 
 
+# --------------------------------------------------------------------------------------------- options
+
+def resolve_common(args):
+    """The defaults train_bench and grid_bench share: size from --tiny, device (CUDA when there is one, CPU for
+    --tiny), precision (bf16 on CUDA, else fp32), the work folder and the runner's absolute path."""
+    args.size = "tiny" if args.tiny else "full"
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    args.work = (args.work or Path(f"/tmp/ablate-bench-{args.size}")).resolve()
+    args.runner = args.runner.resolve()
+
+
 # --------------------------------------------------------------------------------------------- largest batch
 
 def largest_batch(args, limit=4096):
@@ -647,14 +662,7 @@ def main():
     if args.worker:
         return reference_worker(args)
 
-    args.size = "tiny" if args.tiny else "full"
-    if args.device is None:
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    args.work = (args.work or Path(f"/tmp/ablate-bench-{args.size}")).resolve()
-    args.runner = args.runner.resolve()
+    resolve_common(args)
     refs = [r for r in args.refs.split(",") if r]
     if args.warmup + args.measure < 50:
         sys.exit("the loss check needs at least 50 steps (warmup + measure)")
