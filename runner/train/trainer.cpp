@@ -192,6 +192,112 @@ std::string postprocess(std::string text, const std::vector<std::string>& steps)
   return text;
 }
 
+// The feature cache's tables for one cell (model/feature_cache.hpp): one per training dataset (all or none) and
+// one for the evaluation set, each built once per process and shared by the cells that agree on its key.
+struct CellFeatures {
+  std::vector<std::shared_ptr<const FeatureTable>> train;  ///< per training dataset, or empty
+  std::shared_ptr<const FeatureTable> eval;
+
+  /// A training batch's features: its (dataset, index) rows gathered from each dataset's table.
+  torch::Tensor gather(const std::vector<std::pair<std::size_t, std::size_t>>& rows, const torch::Device& device) const {
+    std::map<std::size_t, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> by_source;  // positions, indices
+    for (std::size_t j = 0; j < rows.size(); ++j) {
+      by_source[rows[j].first].first.push_back(static_cast<std::int64_t>(j));
+      by_source[rows[j].first].second.push_back(static_cast<std::int64_t>(rows[j].second));
+    }
+    if (by_source.size() == 1) return train[by_source.begin()->first]->rows(torch::tensor(by_source.begin()->second.second), device);
+    const auto& any = train.front()->features;
+    auto out = torch::empty({static_cast<std::int64_t>(rows.size()), any.size(1), any.size(2)}, any.options().device(device));
+    for (const auto& [source, pick] : by_source) {
+      out.index_copy_(0, to_device_async(torch::tensor(pick.first), device), train[source]->rows(torch::tensor(pick.second), device));
+    }
+    return out;
+  }
+};
+
+CellFeatures cell_features(const Experiment& experiment, const Cell& cell, RunContext& ctx, VlmModel& model, sdk::Encoder& encoder,
+                           DataSources& train_set, const DrawOrder& order, const std::vector<Example>& eval_examples,
+                           const Collator& collator, std::ostream& out) {
+  CellFeatures features;
+  const TrainConfig& tc = cell.train;
+  if (!ctx.features || ctx.features->mode() == FeatureCacheMode::off || !model.encoder_frozen()) return features;
+  // Everything the encoder's output depends on: plugin and version, its options (feature_layer, tokens...),
+  // weights, preprocessing, precision, TF32 and device; and the dataset (below).
+  const auto spec = encoder.image_spec();
+  const sdk::Json base = {
+      {"encoder", cell.encoder.qualified() + "@" + std::to_string(cell.encoder.version)},
+      {"options", cell.resolved.at(sdk::Json::json_pointer(cell.encoder.pointer))},
+      {"tokens", encoder.num_tokens()}, {"weights", module_fingerprint(encoder.module())},
+      {"spec", {spec.height, spec.width, spec.shortest_edge, spec.center_crop, spec.resample, spec.rescale_factor, spec.mean, spec.std}},
+      {"precision", tc.precision}, {"tf32", tc.tf32 && ctx.device.is_cuda()}, {"device", ctx.device.str()},
+      {"base_dir", experiment.base_dir.string()}};
+  auto key_of = [&](const std::string& role, const std::vector<DataSource>& sources) {
+    auto k = base;
+    k["role"] = role;
+    for (const auto& src : sources) {
+      k["data"].push_back({cell.resolved.at(sdk::Json::json_pointer(src.plugin.pointer)), src.limit, src.on_bad_sample});
+    }
+    return sdk::sha256_hex(k.dump());
+  };
+  auto encode = [&](const torch::Tensor& pixels) {
+    AutocastGuard autocast(ctx.device, tc.precision);
+    return model.encode(pixels);  // in training mode, as the training steps would run it
+  };
+  std::string refused;
+  auto obtain = [&](const std::string& what, const std::string& key, std::int64_t count,
+                    const std::function<torch::Tensor(std::int64_t, std::int64_t)>& load) -> std::shared_ptr<const FeatureTable> {
+    if (!refused.empty()) return nullptr;
+    auto table = ctx.features->find(key);
+    const bool reused = table != nullptr;
+    if (!table) table = ctx.features->build(key, count, ctx.workers, ctx.device, load, encode, refused);
+    if (!table) {
+      if (!refused.empty()) out << "  feature cache: not used: " << refused << "\n";
+      return nullptr;
+    }
+    char secs[32];
+    std::snprintf(secs, sizeof secs, "%.2fs", table->seconds);
+    out << "  feature cache: " << what << ": " << table->describe() << (reused ? ", reused" : ", encoded in " + std::string(secs)) << "\n";
+    return table;
+  };
+  // Training: where the run passes over each dataset at least once (or --feature-cache on); decided from the
+  // cell alone, so that its numbers do not depend on what ran before it.
+  bool worth = !cell.decode_only;
+  for (std::size_t s = 0; s < train_set.sources(); ++s) {
+    worth = worth && (ctx.features->mode() == FeatureCacheMode::on || order.drawn()[s] >= train_set.count(s));
+  }
+  for (std::size_t s = 0; worth && s < train_set.sources(); ++s) {
+    auto table = obtain(cell.train_data.sources[s].plugin.display, key_of("train", {cell.train_data.sources[s]}),
+                        static_cast<std::int64_t>(train_set.count(s)), [&, s](std::int64_t first, std::int64_t n) {
+                          std::vector<torch::Tensor> pixels;
+                          for (auto i = first; i < first + n; ++i) {
+                            // A sample that cannot be made gets blank features: training never draws it (it takes
+                            // the next one that can be made), and "fail" stops the run when it is drawn.
+                            std::optional<sdk::Sample> sample;
+                            try {
+                              sample = train_set.get(s, static_cast<std::size_t>(i));
+                            } catch (const sdk::InputError&) {
+                            }
+                            pixels.push_back(collator.pixels(sample ? sample->image : sdk::Image()));
+                          }
+                          return torch::stack(pixels);
+                        });
+    if (!table) {
+      features.train.clear();  // a mixture has every table or none
+      break;
+    }
+    features.train.push_back(table);
+  }
+  if (!eval_examples.empty()) {
+    features.eval = obtain(cell.eval_data.display(), key_of("eval", cell.eval_data.sources),
+                           static_cast<std::int64_t>(eval_examples.size()), [&](std::int64_t first, std::int64_t n) {
+                             std::vector<torch::Tensor> pixels;
+                             for (auto i = first; i < first + n; ++i) pixels.push_back(eval_examples[static_cast<std::size_t>(i)].pixels);
+                             return torch::stack(pixels);
+                           });
+  }
+  return features;
+}
+
 }  // namespace
 
 Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t run_id, RunContext& ctx,
@@ -371,103 +477,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     ~Tf32Scope() { at::globalContext().setAllowTF32CuBLAS(before); }
   } tf32_scope(tc.tf32 && ctx.device.is_cuda());
 
-  // ---- frozen-encoder feature cache (model/feature_cache.hpp): a table per training dataset (all or none)
-  // and one for the evaluation set, each built once per process and shared by the cells that agree on the key.
-  std::vector<std::shared_ptr<const FeatureTable>> train_features;
-  std::shared_ptr<const FeatureTable> eval_features;
-  if (ctx.features && ctx.features->mode() != FeatureCacheMode::off && model->encoder_frozen()) {
-    // Everything the encoder's output depends on: plugin and version, its options (feature_layer, tokens...),
-    // weights, preprocessing, precision, TF32 and device; and the dataset (below).
-    const auto spec = encoder->image_spec();
-    const sdk::Json base = {
-        {"encoder", cell.encoder.qualified() + "@" + std::to_string(cell.encoder.version)},
-        {"options", cell.resolved.at(sdk::Json::json_pointer(cell.encoder.pointer))},
-        {"tokens", encoder->num_tokens()}, {"weights", module_fingerprint(encoder->module())},
-        {"spec", {spec.height, spec.width, spec.shortest_edge, spec.center_crop, spec.resample, spec.rescale_factor, spec.mean, spec.std}},
-        {"precision", tc.precision}, {"tf32", tc.tf32 && ctx.device.is_cuda()}, {"device", ctx.device.str()},
-        {"base_dir", experiment.base_dir.string()}};
-    auto key_of = [&](const std::string& role, const std::vector<DataSource>& sources) {
-      auto k = base;
-      k["role"] = role;
-      for (const auto& src : sources) {
-        k["data"].push_back({cell.resolved.at(sdk::Json::json_pointer(src.plugin.pointer)), src.limit, src.on_bad_sample});
-      }
-      return sdk::sha256_hex(k.dump());
-    };
-    auto encode = [&](const torch::Tensor& pixels) {
-      AutocastGuard autocast(ctx.device, tc.precision);
-      return model->encode(pixels);  // in training mode, as the training steps would run it
-    };
-    std::string refused;
-    auto obtain = [&](const std::string& what, const std::string& key, std::int64_t count,
-                      const std::function<torch::Tensor(std::int64_t, std::int64_t)>& load) -> std::shared_ptr<const FeatureTable> {
-      if (!refused.empty()) return nullptr;
-      auto table = ctx.features->find(key);
-      const bool reused = table != nullptr;
-      if (!table) table = ctx.features->build(key, count, ctx.workers, ctx.device, load, encode, refused);
-      if (!table) {
-        if (!refused.empty()) out << "  feature cache: not used: " << refused << "\n";
-        return nullptr;
-      }
-      char secs[32];
-      std::snprintf(secs, sizeof secs, "%.2fs", table->seconds);
-      out << "  feature cache: " << what << ": " << table->describe() << (reused ? ", reused" : ", encoded in " + std::string(secs)) << "\n";
-      return table;
-    };
-    // Training: where the run passes over each dataset at least once (or --feature-cache on); decided from the
-    // cell alone, so that its numbers do not depend on what ran before it. A mixture has every table or none.
-    std::vector<std::string> keys;
-    bool worth = true;
-    for (std::size_t s = 0; s < train_set.sources(); ++s) {
-      keys.push_back(key_of("train", {cell.train_data.sources[s]}));
-      worth = worth && (ctx.features->mode() == FeatureCacheMode::on || order.drawn()[s] >= train_set.count(s));
-    }
-    for (std::size_t s = 0; worth && !cell.decode_only && s < train_set.sources(); ++s) {
-      auto table = obtain(cell.train_data.sources[s].plugin.display, keys[s], static_cast<std::int64_t>(train_set.count(s)),
-                          [&, s](std::int64_t first, std::int64_t n) {
-                            std::vector<torch::Tensor> pixels;
-                            for (auto i = first; i < first + n; ++i) {
-                              // A sample that cannot be made gets blank features: training never draws it (it
-                              // takes the next one that can be made), and "fail" stops the run when it is drawn.
-                              std::optional<sdk::Sample> sample;
-                              try {
-                                sample = train_set.get(s, static_cast<std::size_t>(i));
-                              } catch (const sdk::InputError&) {
-                              }
-                              pixels.push_back(collator.pixels(sample ? sample->image : sdk::Image()));
-                            }
-                            return torch::stack(pixels);
-                          });
-      if (!table) {
-        train_features.clear();
-        break;
-      }
-      train_features.push_back(table);
-    }
-    if (!eval_examples.empty()) {
-      eval_features = obtain(cell.eval_data.display(), key_of("eval", cell.eval_data.sources),
-                             static_cast<std::int64_t>(eval_examples.size()), [&](std::int64_t first, std::int64_t n) {
-                               std::vector<torch::Tensor> pixels;
-                               for (auto i = first; i < first + n; ++i) pixels.push_back(eval_examples[static_cast<std::size_t>(i)].pixels);
-                               return torch::stack(pixels);
-                             });
-    }
-  }
-  // A training batch's cached features, its rows gathered from each dataset's table.
-  auto cached_features = [&](const std::vector<std::pair<std::size_t, std::size_t>>& rows) {
-    std::map<std::size_t, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> by_source;  // positions, indices
-    for (std::size_t j = 0; j < rows.size(); ++j) {
-      by_source[rows[j].first].first.push_back(static_cast<std::int64_t>(j));
-      by_source[rows[j].first].second.push_back(static_cast<std::int64_t>(rows[j].second));
-    }
-    if (by_source.size() == 1) return train_features[by_source.begin()->first]->rows(torch::tensor(by_source.begin()->second.second), ctx.device);
-    const auto& any = train_features.front()->features;
-    auto out = torch::empty({static_cast<std::int64_t>(rows.size()), any.size(1), any.size(2)}, any.options().device(ctx.device));
-    for (const auto& [source, pick] : by_source) {
-      out.index_copy_(0, to_device_async(torch::tensor(pick.first), ctx.device), train_features[source]->rows(torch::tensor(pick.second), ctx.device));
-    }
-    return out;
-  };
+  // ---- frozen-encoder feature cache (model/feature_cache.hpp)
+  const auto features = cell_features(experiment, cell, ctx, *model, *encoder, train_set, order, eval_examples, collator, out);
 
   Metrics metrics;
   for (const auto& ref : ec.metrics) {
@@ -491,7 +502,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       std::vector<Example> chunk(eval_examples.begin() + static_cast<std::ptrdiff_t>(i),
                                  eval_examples.begin() + static_cast<std::ptrdiff_t>(std::min(eval_examples.size(), i + bs)));
       auto batch = collator.train_batch(chunk);
-      if (eval_features) batch.features = eval_features->slice(static_cast<std::int64_t>(i), static_cast<std::int64_t>(chunk.size()), ctx.device);
+      if (features.eval) batch.features = features.eval->slice(static_cast<std::int64_t>(i), static_cast<std::int64_t>(chunk.size()), ctx.device);
       if (batch.loss_tokens > 0) {
         loss_sum += model->loss_sum(batch).item<double>();
         loss_tokens += batch.loss_tokens;
@@ -650,10 +661,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
         for (; k < count && !sample; ++k) sample = train_set.get(source, (i + k) % count);
         if (!sample) throw sdk::InputError(cell.train_data.sources[source].plugin.display + ": no sample of the training set can be made");
         rows.emplace_back(source, (i + k - 1) % count);
-        examples.push_back(collator.prepare(std::move(*sample), /*with_pixels=*/train_features.empty()));
+        examples.push_back(collator.prepare(std::move(*sample), /*with_pixels=*/features.train.empty()));
       }
       auto b = collator.train_batch(examples);
-      if (!train_features.empty()) b.rows = std::move(rows);  // features gathered when the step runs
+      if (!features.train.empty()) b.rows = std::move(rows);  // features gathered when the step runs
       if (ctx.device.is_cuda()) {
         // Pinned, the step's copies to the device are queued without waiting for the device (VlmModel::assemble).
         for (auto* t : {&b.pixels, &b.ids, &b.valid, &b.targets, &b.prompt_len}) {
@@ -765,8 +776,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                             " truncates every target)");
     }
     // Cached features are gathered here, not on the data threads: prefetched batches hold no device memory.
-    if (!train_features.empty()) {
-      for (auto& b : micro) b.features = cached_features(b.rows);
+    if (!features.train.empty()) {
+      for (auto& b : micro) b.features = features.gather(b.rows, ctx.device);
     }
     if (op_profile) op_profile->before_step(step);
     // Token-weighted over the whole step: each loss token counts the same whatever micro-batch holds it.
