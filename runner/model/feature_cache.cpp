@@ -145,6 +145,19 @@ bool FeatureCache::fits_in_memory(std::int64_t bytes, const torch::Device& devic
   return true;
 }
 
+void FeatureCache::keep_only(const std::set<std::string>& keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = tables_.begin(); it != tables_.end();) {
+    if (keys.count(it->first)) {
+      ++it;
+      continue;
+    }
+    const auto& t = it->second->features;
+    if (it->second->file.empty()) used_ -= t.numel() * static_cast<std::int64_t>(t.element_size());
+    it = tables_.erase(it);
+  }
+}
+
 std::shared_ptr<const FeatureTable> FeatureCache::find(const std::string& key) const {
   std::lock_guard<std::mutex> lock(mu_);
   const auto it = tables_.find(key);

@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 
 #include <torch/nn/module.h>
@@ -64,6 +65,10 @@ class FeatureCache {
   FeatureCacheMode mode() const { return mode_; }
   /// The table built under `key`, or null.
   std::shared_ptr<const FeatureTable> find(const std::string& key) const;
+  /// Lets go of every table but those under `keys` (a cell calls it with the keys it uses, none when it uses
+  /// none): memory goes back to the cells that follow, at the price of encoding again should a later cell need
+  /// a table that was let go (with the same result: tables are built in a fixed order).
+  void keep_only(const std::set<std::string>& keys);
 
   /// Builds the table of `count` images under `key`: load(first, n) gives the prepared pixels of images
   /// [first, first + n) ([n, 3, H, W], called on `workers` threads), encode(pixels) their features. Before

@@ -220,7 +220,11 @@ CellFeatures cell_features(const Experiment& experiment, const Cell& cell, RunCo
                            const Collator& collator, std::ostream& out) {
   CellFeatures features;
   const TrainConfig& tc = cell.train;
-  if (!ctx.features || ctx.features->mode() == FeatureCacheMode::off || !model.encoder_frozen()) return features;
+  if (!ctx.features) return features;
+  if (ctx.features->mode() == FeatureCacheMode::off || !model.encoder_frozen()) {
+    ctx.features->keep_only({});  // this cell uses none: the memory is its own
+    return features;
+  }
   // Everything the encoder's output depends on: plugin and version, its options (feature_layer, tokens...),
   // weights, preprocessing, precision, TF32 and device; and the dataset (below).
   const auto spec = encoder.image_spec();
@@ -262,11 +266,17 @@ CellFeatures cell_features(const Experiment& experiment, const Cell& cell, RunCo
   // Training: where the run passes over each dataset at least once (or --feature-cache on); decided from the
   // cell alone, so that its numbers do not depend on what ran before it.
   bool worth = !cell.decode_only;
+  std::vector<std::string> train_keys;
   for (std::size_t s = 0; s < train_set.sources(); ++s) {
     worth = worth && (ctx.features->mode() == FeatureCacheMode::on || order.drawn()[s] >= train_set.count(s));
+    train_keys.push_back(key_of("train", {cell.train_data.sources[s]}));
   }
+  const auto eval_key = key_of("eval", cell.eval_data.sources);
+  std::set<std::string> used{eval_key};
+  if (worth) used.insert(train_keys.begin(), train_keys.end());
+  ctx.features->keep_only(used);  // tables of earlier cells that this one does not use make room
   for (std::size_t s = 0; worth && s < train_set.sources(); ++s) {
-    auto table = obtain(cell.train_data.sources[s].plugin.display, key_of("train", {cell.train_data.sources[s]}),
+    auto table = obtain(cell.train_data.sources[s].plugin.display, train_keys[s],
                         static_cast<std::int64_t>(train_set.count(s)), [&, s](std::int64_t first, std::int64_t n) {
                           std::vector<torch::Tensor> pixels;
                           for (auto i = first; i < first + n; ++i) {
@@ -288,7 +298,7 @@ CellFeatures cell_features(const Experiment& experiment, const Cell& cell, RunCo
     features.train.push_back(table);
   }
   if (!eval_examples.empty()) {
-    features.eval = obtain(cell.eval_data.display(), key_of("eval", cell.eval_data.sources),
+    features.eval = obtain(cell.eval_data.display(), eval_key,
                            static_cast<std::int64_t>(eval_examples.size()), [&](std::int64_t first, std::int64_t n) {
                              std::vector<torch::Tensor> pixels;
                              for (auto i = first; i < first + n; ++i) pixels.push_back(eval_examples[static_cast<std::size_t>(i)].pixels);

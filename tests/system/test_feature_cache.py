@@ -50,6 +50,22 @@ class FeatureCacheTest(TempDirTest):
         self.assertRegex(cells[2], r"feature cache: data\.eval: 12 images .* reused")
         self.assertEqual(list(self.dir.glob("cached/feature-cache-*")), [], "nothing spilled, nothing left")
 
+    def test_a_cell_without_the_cache_lets_the_tables_go(self):
+        # projector+head builds; "full" trains the encoder and lets the tables go (its memory); the third cell
+        # builds them again, to the same values.
+        grid = '[grid]\nstrategy = [["projector", "head"], ["full"], ["projector", { plugin = "lora", r = 4 }]]\n'
+        toml = self.write("order.toml", tiny_experiment("order", steps=24, every=12, extra=grid, train_size=48))
+        cached, plain = self.dir / "cached" / "results.db", self.dir / "plain" / "results.db"
+        log = self.run_ok(toml, cached)
+        cells = re.split(r"^\[order \d/3[^\]]*\] run ", log, flags=re.M)[1:]
+        self.assertEqual(len(cells), 3)
+        self.assertRegex(cells[0], r"feature cache: data\.train: 48 images .* encoded in")
+        self.assertNotIn("feature cache", cells[1])
+        self.assertRegex(cells[2], r"feature cache: data\.train: 48 images .* encoded in")
+        self.assertNotIn("reused", log)
+        self.run_ok(toml, plain, "--feature-cache", "off")
+        self.assert_same_training(cached, plain)
+
     def test_encoder_options_are_part_of_the_key(self):
         # The same weights, another feature layer: the second cell must encode anew, not reuse the first's table.
         grid = '[grid]\n"model.encoder.feature_layer" = [-1, -2]\n'
