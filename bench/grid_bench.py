@@ -104,14 +104,9 @@ def main():
     for cell in args.cells:
         base = grids[0]["cells"][cell]
         for r in refs[cell] + [g["cells"][cell] for g in grids[1:]]:
-            n = min(50, len(r["losses"]), len(base["losses"]))
-            rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], base["losses"][:n])]
-            worst = max(range(n), key=lambda i: rel[i])
-            same = r["text_tokens"][:n] == base["text_tokens"][:n] and r["loss_tokens"][:n] == base["loss_tokens"][:n]
-            good = rel[worst] <= args.tolerance and same
+            good, line = tb.agreement(r, base, args.tolerance)
             ok = ok and good
-            print(f"  {cell:<18} max rel diff {rel[worst]:.2e} at step {worst + 1}; token counts "
-                  f"{'equal' if same else 'DIFFER'}  {'ok' if good else 'FAIL'}")
+            print(f"  {cell:<18} {line}")
     if not ok:
         sys.exit("losses disagree: no speed reported")
 

@@ -547,6 +547,21 @@ def reference_worker(args):
     Path(args.out).write_text(json.dumps(result))
 
 
+# --------------------------------------------------------------------------------------------- checks
+
+def agreement(run, base, tolerance):
+    """Whether a run's first 50 losses agree with `base`'s within `tolerance` (relative) and its token counts are
+    equal; and a line saying how close they are."""
+    n = min(50, len(run["losses"]), len(base["losses"]))
+    rel = [abs(a - b) / abs(b) for a, b in zip(run["losses"][:n], base["losses"][:n])]
+    worst = max(range(n), key=lambda i: rel[i])
+    same = run["text_tokens"][:n] == base["text_tokens"][:n] and run["loss_tokens"][:n] == base["loss_tokens"][:n]
+    good = rel[worst] <= tolerance and same
+    return good, (f"max rel diff {rel[worst]:.2e} at step {worst + 1} ({run['losses'][worst]:.5f} vs "
+                  f"{base['losses'][worst]:.5f}); mean {statistics.mean(rel):.2e}; token counts "
+                  f"{'equal' if same else 'DIFFER'}  {'ok' if good else 'FAIL'}")
+
+
 # --------------------------------------------------------------------------------------------- options
 
 def resolve_common(args):
@@ -700,15 +715,9 @@ def main():
     ok = True
     print(f"\nloss check: first 50 steps, relative tolerance {args.tolerance:.0%}, against {base['system']} (first run)")
     for r in runs[1:]:
-        n = min(50, len(r["losses"]), len(base["losses"]))
-        rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], base["losses"][:n])]
-        worst = max(range(n), key=lambda i: rel[i])
-        same_tokens = r["text_tokens"][:n] == base["text_tokens"][:n] and r["loss_tokens"][:n] == base["loss_tokens"][:n]
-        good = rel[worst] <= args.tolerance and same_tokens
+        good, line = agreement(r, base, args.tolerance)
         ok = ok and good
-        print(f"  {r['system']:<14} max rel diff {rel[worst]:.2e} at step {worst + 1} "
-              f"({r['losses'][worst]:.5f} vs {base['losses'][worst]:.5f}); mean {statistics.mean(rel):.2e}; "
-              f"token counts {'equal' if same_tokens else 'DIFFER'}  {'ok' if good else 'FAIL'}")
+        print(f"  {r['system']:<14} {line}")
     if not ok:
         for i in range(min(50, len(base["losses"]))):
             print(f"  step {i + 1:3d} " + "  ".join(f"{r['system']} {r['losses'][i]:.5f}" for r in runs))
