@@ -62,10 +62,10 @@ std::string mib(double bytes) {
   return b;
 }
 
-// Why the encoder's features cannot be cached, or empty. `chunk`: the first chunk's pixels.
-std::string check_deterministic(const torch::Tensor& chunk, const std::function<torch::Tensor(const torch::Tensor&)>& encode) {
-  const auto a = encode(chunk), b = encode(chunk);
-  if (!torch::equal(a, b)) return "the encoder is not deterministic: its output differs between two passes over the same images (dropout?)";
+// Why the encoder's features cannot be cached, or empty. `chunk`: the first chunk's pixels, `a` their features.
+std::string check_deterministic(const torch::Tensor& chunk, const torch::Tensor& a,
+                                const std::function<torch::Tensor(const torch::Tensor&)>& encode) {
+  if (!torch::equal(a, encode(chunk))) return "the encoder is not deterministic: its output differs between two passes over the same images (dropout?)";
   if (chunk.size(0) > 1) {
     // Alone and within a batch an image's features differ by rounding only, unless the encoder uses
     // batch statistics; rounding moves them by about 1e-3 of their size in bf16.
@@ -88,7 +88,7 @@ FeatureCacheMode parse_feature_cache_mode(const std::string& name) {
 }
 
 std::string FeatureTable::describe() const {
-  const auto bytes = static_cast<double>(features.numel() * static_cast<std::int64_t>(features.element_size()));
+  const auto bytes = static_cast<double>(features.nbytes());
   return std::to_string(features.size(0)) + " images x " + std::to_string(features.size(1)) + " x " +
          std::to_string(features.size(2)) + " " + std::string(c10::toString(features.scalar_type())) + ", " + mib(bytes) +
          (file.empty() ? " on " + features.device().str() : " on disk");
@@ -152,8 +152,7 @@ void FeatureCache::keep_only(const std::set<std::string>& keys) {
       ++it;
       continue;
     }
-    const auto& t = it->second->features;
-    if (it->second->file.empty()) used_ -= t.numel() * static_cast<std::int64_t>(t.element_size());
+    if (it->second->file.empty()) used_ -= static_cast<std::int64_t>(it->second->features.nbytes());
     it = tables_.erase(it);
   }
 }
@@ -179,21 +178,20 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
                                    [&](std::int64_t c) { return load(c * kChunk, std::min(kChunk, count - c * kChunk)); });
   auto table = std::make_shared<FeatureTable>();
   std::ofstream file;
+  std::vector<std::int64_t> shape;  // [count, T, D]
   std::int64_t bytes = 0;
   for (std::int64_t c = 0; c < chunks; ++c) {
     const auto chunk = pixels.next().to(device);
-    if (c == 0) {
-      refused = check_deterministic(chunk, encode);
-      if (!refused.empty()) return nullptr;
-    }
     const auto features = encode(chunk);
     if (c == 0) {
+      refused = check_deterministic(chunk, features, encode);
+      if (!refused.empty()) return nullptr;
       // The first chunk tells the table's shape and type, and so whether it fits: on the device within the
       // budget and half of what the device has free, else on disk where the disk has twice its size free,
       // else nowhere.
-      std::vector<std::int64_t> shape(features.sizes().begin(), features.sizes().end());
+      shape.assign(features.sizes().begin(), features.sizes().end());
       shape[0] = count;
-      bytes = count * features[0].numel() * static_cast<std::int64_t>(features.element_size());
+      bytes = count * static_cast<std::int64_t>(features[0].nbytes());
       if (fits_in_memory(bytes, device)) {
         table->features = torch::empty(shape, features.options());
       } else {
@@ -218,11 +216,7 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
       if (!file) throw std::runtime_error(table->file.string() + ": cannot write the feature cache (disk full?)");
       if (c + 1 == chunks) {
         file.close();
-        std::vector<std::int64_t> shape(features.sizes().begin(), features.sizes().end());
-        shape[0] = count;
-        std::int64_t elements = 1;
-        for (auto s : shape) elements *= s;
-        table->features = at::from_file(table->file.string(), /*shared=*/false, elements,
+        table->features = at::from_file(table->file.string(), /*shared=*/false, bytes / static_cast<std::int64_t>(features.element_size()),
                                         features.options().device(torch::kCPU)).view(shape);
         // The mapping outlives the name: nothing is left on disk however the process ends.
         std::error_code ec;
