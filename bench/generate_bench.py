@@ -22,6 +22,7 @@ warms up), the reference's over the samples after --warmup warm-up samples.
 """
 import argparse
 import json
+import re
 import shutil
 import sqlite3
 import statistics
@@ -36,8 +37,8 @@ from train_bench import SIZES, make_assets, model_and_data  # noqa: E402  (the s
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ablate(work, args):
-    d = work / "runs" / "generate-ablate"
+def ablate(work, args, system="ablate", flags=()):
+    d = work / "runs" / f"generate-{system}"
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
@@ -63,7 +64,7 @@ samples = "all"
 batch_size = 1
 generate = {{ max_new_tokens = {args.new_tokens} }}
 ''')
-    cmd = [str(args.runner), str(toml), "--db", str(d / "results.db"), "--device", args.device]
+    cmd = [str(args.runner), str(toml), "--db", str(d / "results.db"), "--device", args.device, *flags]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     with open(d / "log.txt", "w") as log:
@@ -74,8 +75,11 @@ generate = {{ max_new_tokens = {args.new_tokens} }}
     (ttft, tps), = db.execute("SELECT gen_first_token_s, gen_tokens_per_s FROM steps WHERE split = 'eval' "
                              "ORDER BY step DESC LIMIT 1").fetchall()
     outputs = [o for (o,) in db.execute("SELECT output FROM samples WHERE step = 1 ORDER BY rowid")]
-    return {"system": "ablate", "ttft_ms": 1e3 * ttft, "tokens_per_s": tps,
-            "mean_new_tokens": statistics.mean(len(o.split()) for o in outputs) if outputs else 0.0}
+    # How the decode steps ran, from the evaluation line ("decode steps: CUDA graph"); absent: a growing cache.
+    steps = re.findall(r"decode steps: ([^;)]*)", (d / "log.txt").read_text())
+    return {"system": system, "ttft_ms": 1e3 * ttft, "tokens_per_s": tps,
+            "mean_new_tokens": statistics.mean(len(o.split()) for o in outputs) if outputs else 0.0,
+            "decode_steps": steps[-1] if steps else "growing KV cache"}
 
 
 def reference(work, args):
@@ -157,14 +161,20 @@ def main():
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     work = args.work or Path(f"/tmp/ablate-bench-{size}")
     make_assets(work, size)
-    rows = [ablate(work, args), reference(work, args)]
+    # The runner as it runs by default (on CUDA: decode steps replayed as CUDA graphs), and beside it the other
+    # decode path, so the graphs' share is visible (on the CPU: the fixed-size cache's cost without a graph).
+    other = ("ablate-nograph", "off") if args.device.startswith("cuda") else ("ablate-fixed", "on")
+    rows = [ablate(work, args), ablate(work, args, other[0], ("--decode-graph", other[1])), reference(work, args)]
     print(f"\ngreedy generation, batch 1, up to {args.new_tokens} new tokens, {args.samples} images; model {size} "
           f"({SIZES[size]['opt']['num_hidden_layers']} decoder layers); {args.device}, {args.precision}")
-    print(f"{'system':<12} {'first token ms':>15} {'tokens/s':>10} {'mean new tokens':>16}")
+    print(f"{'system':<15} {'first token ms':>15} {'tokens/s':>10} {'mean new tokens':>16}  decode steps")
     for r in rows:
-        print(f"{r['system']:<12} {r['ttft_ms']:>15.2f} {r['tokens_per_s']:>10.1f} {r['mean_new_tokens']:>16.1f}")
-    print(f"ablate vs transformers generate: tokens/s x{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}, "
-          f"time to first token x{rows[1]['ttft_ms'] / rows[0]['ttft_ms']:.2f} (higher is better for ablate)")
+        print(f"{r['system']:<15} {r['ttft_ms']:>15.2f} {r['tokens_per_s']:>10.1f} {r['mean_new_tokens']:>16.1f}  "
+              f"{r.get('decode_steps', '')}")
+    ref = rows[-1]
+    for r in rows[:-1]:
+        print(f"{r['system']} vs transformers generate: tokens/s x{r['tokens_per_s'] / ref['tokens_per_s']:.2f}, "
+              f"time to first token x{ref['ttft_ms'] / r['ttft_ms']:.2f} (higher is better for ablate)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -24,6 +24,7 @@ struct RunArgs {
   int threads = 0;  ///< intra-op threads for libtorch; 0: its default
   std::string feature_cache = "auto";  ///< frozen-encoder feature cache: auto, on, off
   double feature_cache_gib = -1;       ///< memory for it; < 0: a quarter of the device's
+  std::string decode_graph = "auto";   ///< decode steps: auto, on (fixed-size KV cache, CUDA graph), off
 };
 
 int run(const Common& common, const RunArgs& args);

@@ -90,7 +90,11 @@ int dispatch(int argc, char** argv) {
          "cells: auto (evaluation sets, and training sets the run passes over at least once), on, off")
         ("feature-cache-gib", po::value<double>(&run.feature_cache_gib)->default_value(-1, "a quarter of the device's"),
          "memory the cached features may take on the device (main memory on the CPU); beyond it they go to disk "
-         "next to the results database");
+         "next to the results database")
+        ("decode-graph", po::value<std::string>(&run.decode_graph)->default_value("auto"),
+         "generation's steps after the prompt: on = a KV cache sized for the whole generation, each step a "
+         "replayed CUDA graph on CUDA (checked once against the eager step; eager steps on the CPU); off = a "
+         "growing cache, eager steps; auto = on for CUDA generations of at least 9 tokens, else off");
     positional.add("experiment", -1);
   } else if (command == "compare") {
     specific.add_options()

@@ -163,6 +163,7 @@ int run(const Common& common, const RunArgs& args) {
 
   const auto device = pick_device(args.device);
   const auto cache_mode = parse_feature_cache_mode(args.feature_cache);
+  const auto decode_graph = parse_decode_graph_mode(args.decode_graph);
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
   DbLock lock(common.db);
@@ -187,6 +188,7 @@ int run(const Common& common, const RunArgs& args) {
                                                    : static_cast<std::int64_t>(args.feature_cache_gib * double(1 << 30)),
                         ctx.results_dir / ("feature-cache-" + std::to_string(::getpid())));
   ctx.features = &features;
+  ctx.decode_graph = decode_graph;
 
   int failed = 0, done = 0, skipped = 0;
   for (auto& ex : chain) {

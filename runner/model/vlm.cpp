@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <sstream>
 
 #include <torch/torch.h>
 
 #include "ablate/sdk/error.hpp"
 #include "host/plugin_host.hpp"
+#include "model/cuda_graph.hpp"
 
 namespace ablate {
 
@@ -40,6 +42,13 @@ torch::Tensor count_positions(const torch::Tensor& valid) {
 }
 
 }  // namespace
+
+DecodeGraphMode parse_decode_graph_mode(const std::string& name) {
+  if (name == "auto") return DecodeGraphMode::automatic;
+  if (name == "on") return DecodeGraphMode::on;
+  if (name == "off") return DecodeGraphMode::off;
+  throw sdk::InputError("--decode-graph: unknown value '" + name + "' (auto, on, off)");
+}
 
 Layout parse_layout(const std::string& name) {
   if (name == "prefix") return Layout::prefix;
@@ -241,6 +250,103 @@ torch::Tensor sample_next(const torch::Tensor& scores, const GenerateConfig& cfg
   return torch::multinomial(logits.softmax(-1).cpu(), 1, false, generator).squeeze(-1).to(scores.device());
 }
 
+namespace {
+
+// Decode steps whose every tensor stays where it is: a KV cache with room for the whole generation
+// (sdk::KvCache::make_fixed), and the step's inputs (token, position, write slot, valid keys) in tensors that
+// are refilled in place. On CUDA the first step runs eagerly, is then captured as a graph, replayed on the same
+// inputs and compared with the eager result; every later step is one graph launch instead of a few hundred
+// kernel launches. A graph that cannot be captured, or computes something else, is dropped with the reason
+// and the steps go on eagerly over the same tensors.
+class FixedSteps {
+ public:
+  FixedSteps(sdk::Backbone& backbone, const std::string& plugin, sdk::KvCache& cache, const Sequence& prompt,
+             std::int64_t steps, bool graph)
+      : bb_(backbone), plugin_(plugin), cache_(cache), want_graph_(graph) {
+    const auto b = prompt.embeds.size(0), len = prompt.embeds.size(1);
+    auto on = torch::TensorOptions().device(prompt.embeds.device());
+    slot_ = torch::full({1}, len, on.dtype(torch::kLong));
+    cache_.make_fixed(len + steps, slot_);
+    key_valid_ = torch::zeros({b, len + steps}, on.dtype(torch::kBool));
+    if (prompt.mask.key_valid.defined()) key_valid_.narrow(1, 0, len).copy_(prompt.mask.key_valid);
+    else key_valid_.narrow(1, 0, len).fill_(true);
+    // The new token comes after every prompt token (a prefix included), so key_valid is the whole mask.
+    mask_.key_valid = key_valid_;
+    ids_ = torch::zeros({b, 1}, on.dtype(torch::kLong));
+    positions_ = torch::zeros({b, 1}, on.dtype(torch::kLong));
+    next_slot_ = len;
+  }
+
+  /// Float32 scores [B, V] for the tokens `next` [B] at positions `positions` [B]. The tensor is rewritten by
+  /// the next call.
+  torch::Tensor step(const torch::Tensor& next, const torch::Tensor& positions) {
+    ids_.copy_(next.view(ids_.sizes()));
+    positions_.copy_(positions.view(positions_.sizes()));
+    slot_.fill_(next_slot_);
+    key_valid_.select(1, next_slot_).fill_(true);
+    ++next_slot_;
+    if (graph_ && graph_->captured()) {
+      graph_->replay();
+      return scores_;
+    }
+    run();
+    if (want_graph_ && !graph_) try_graph();
+    return scores_;
+  }
+
+  /// "graph", "fixed", or "fixed, no CUDA graph: <why>".
+  std::string decoding() const {
+    if (graph_ && graph_->captured()) return "graph";
+    return refused_.empty() ? "fixed" : "fixed, no CUDA graph: " + refused_;
+  }
+
+ private:
+  void run() {
+    auto embeds = guarded(plugin_, "embed", [&] { return bb_.embed(ids_); });
+    auto hidden = guarded(plugin_, "forward", [&] { return bb_.forward(embeds, positions_, mask_, &cache_); });
+    scores_ = guarded(plugin_, "logits", [&] { return bb_.logits(hidden.select(1, 0)); }).to(torch::kFloat32);
+  }
+
+  void try_graph() {
+    auto eager = scores_;
+    graph_ = std::make_unique<CudaGraph>();
+    try {
+      graph_->capture(eager.device(), [this] { run(); });
+      graph_->replay();  // the same inputs once more: it rewrites the same cache slot with the same values
+      const auto scale = std::max(1.0, eager.abs().max().item<double>());
+      const auto diff = (scores_ - eager).abs().max().item<double>();
+      if (!(diff <= 1e-3 * scale) || !torch::equal(scores_.argmax(-1), eager.argmax(-1))) {
+        std::ostringstream why;
+        why << "the replayed step differs from the eager one (largest difference " << diff << ")";
+        refused_ = why.str();
+      }
+    } catch (const std::exception& e) {
+      const std::string what = e.what();
+      refused_ = what.substr(0, what.find('\n'));
+    }
+    if (!refused_.empty()) {
+      graph_.reset();
+      want_graph_ = false;
+      scores_ = eager;
+    }
+  }
+
+  sdk::Backbone& bb_;
+  const std::string& plugin_;
+  sdk::KvCache& cache_;
+  bool want_graph_;
+  sdk::AttentionMask mask_;
+  torch::Tensor slot_, key_valid_, ids_, positions_, scores_;
+  std::int64_t next_slot_ = 0;
+  std::unique_ptr<CudaGraph> graph_;
+  std::string refused_;
+};
+
+// A capture costs about two steps (the eager warm-up and the check): below this many steps a graph cannot pay.
+constexpr std::int64_t kMinStepsForGraph = 8;
+
+}  // namespace
+
 VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const GenerateConfig& cfg, std::uint64_t seed) {
   torch::NoGradGuard no_grad;
   const auto t0 = std::chrono::steady_clock::now();
@@ -254,12 +360,19 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
 
   sdk::KvCache cache;
   auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, &cache); });
-  auto last = hidden.select(1, hidden.size(1) - 1);
+  auto scores = guarded(backbone_.plugin, "logits", [&] { return bb.logits(hidden.select(1, hidden.size(1) - 1)); })
+                    .to(torch::kFloat32);
   auto next_pos = std::get<0>(s.positions.max(1)) + 1;
 
-  // Decoding appends one token that may see every key before it, so without padding it needs no mask at all and
-  // takes the unmasked attention kernel, instead of building a dense mask in every layer for every token.
-  const bool padded = s.mask.key_valid.defined() && !s.mask.key_valid.all().item<bool>();
+  const auto steps = cfg.max_new_tokens - 1;  // forward passes after the prompt's
+  const bool graph_possible = CudaGraph::available(s.embeds.device());
+  const bool fixed = steps > 0 && (decode_graph_ == DecodeGraphMode::on ||
+                                   (decode_graph_ == DecodeGraphMode::automatic && graph_possible && steps >= kMinStepsForGraph));
+  std::unique_ptr<FixedSteps> fixed_steps;
+  if (fixed) fixed_steps = std::make_unique<FixedSteps>(bb, backbone_.plugin, cache, s, steps, graph_possible);
+  // Growing cache: a token appended at the end may see every key before it, so without padding it needs no
+  // mask at all and takes the unmasked attention kernel, instead of a dense mask in every layer for every token.
+  const bool padded = !fixed && s.mask.key_valid.defined() && !s.mask.key_valid.all().item<bool>();
   sdk::AttentionMask step_mask = padded ? s.mask : sdk::AttentionMask::make_causal();
 
   Generated out;
@@ -267,8 +380,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   std::vector<bool> finished(static_cast<std::size_t>(b), false);
   const auto eos = tok.eos_id();
   for (std::int64_t step = 0; step < cfg.max_new_tokens; ++step) {
-    auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(last); });
-    auto next = sample_next(logits.to(torch::kFloat32), cfg, gen);
+    auto next = sample_next(scores, cfg, gen);
     auto next_cpu = next.cpu();  // waits for the device: the times below are real
     if (step == 0) out.first_token_s = seconds();
     auto na = next_cpu.accessor<std::int64_t, 1>();
@@ -291,11 +403,15 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
       all_done = all_done && finished[r];
     }
     if (all_done || step + 1 == cfg.max_new_tokens) break;
-    auto step_embeds = guarded(backbone_.plugin, "embed", [&] { return bb.embed(next.unsqueeze(1)); });
-    if (padded) step_mask.key_valid = torch::cat({step_mask.key_valid, torch::ones({b, 1}, step_mask.key_valid.options())}, 1);
-    hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(step_embeds, next_pos.unsqueeze(1), step_mask, &cache); });
+    if (fixed_steps) {
+      scores = fixed_steps->step(next, next_pos);
+    } else {
+      auto step_embeds = guarded(backbone_.plugin, "embed", [&] { return bb.embed(next.unsqueeze(1)); });
+      if (padded) step_mask.key_valid = torch::cat({step_mask.key_valid, torch::ones({b, 1}, step_mask.key_valid.options())}, 1);
+      hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(step_embeds, next_pos.unsqueeze(1), step_mask, &cache); });
+      scores = guarded(backbone_.plugin, "logits", [&] { return bb.logits(hidden.select(1, 0)); }).to(torch::kFloat32);
+    }
     next_pos = next_pos + 1;
-    last = hidden.select(1, 0);
   }
   for (const auto& row : out.ids) {
     auto text_out = tok.decode(row, true);
@@ -303,6 +419,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
     for (const auto& stop : cfg.stop) cut = std::min(cut, text_out.find(stop));
     out.text.push_back(trim(text_out.substr(0, cut)));
   }
+  out.decoding = fixed_steps ? fixed_steps->decoding() : "growing";
   out.total_s = seconds();
   return out;
 }

@@ -33,6 +33,14 @@ struct Part {
 enum class Layout { prefix, inline_, prefix_lm };
 Layout parse_layout(const std::string& name);
 
+/// How generate() runs the one-token steps after the prompt (`runner --decode-graph`):
+///  - automatic: on CUDA, with enough steps to pay for a capture, as `on`; elsewhere as `off`;
+///  - on: a fixed-size KV cache, every step over the same tensors; on CUDA each step after the first is a
+///    replayed CUDA graph (checked against the eager step once). On the CPU the same steps run eagerly;
+///  - off: a KV cache that grows by one position a step, every step eager.
+enum class DecodeGraphMode { automatic, on, off };
+DecodeGraphMode parse_decode_graph_mode(const std::string& name);
+
 /// What the backbone is given for one batch, once the layout has placed image and text.
 struct Sequence {
   torch::Tensor embeds;     ///< [B, S, D]
@@ -70,9 +78,12 @@ class VlmModel : public torch::nn::Module {
     std::int64_t new_tokens = 0;                 ///< tokens sampled for unfinished rows, EOS included
     double first_token_s = 0;                    ///< from the call to the first new tokens on the host
     double total_s = 0;                          ///< the whole call
+    std::string decoding;                        ///< how the steps ran: "growing", "fixed", "graph", or why not a graph
   };
   /// Greedy or sampled generation with a KV cache; `seed` seeds sampling.
   Generated generate(const GenerationBatch& batch, const GenerateConfig& config, std::uint64_t seed);
+
+  void set_decode_graph(DecodeGraphMode mode) { decode_graph_ = mode; }
 
   /// Call after strategies changed what trains: frozen components then run without autograd.
   void refresh_frozen();
@@ -106,6 +117,7 @@ class VlmModel : public torch::nn::Module {
   std::int64_t image_token_;
   std::int64_t image_tokens_ = 0;
   bool encoder_frozen_ = false, projector_frozen_ = false;
+  DecodeGraphMode decode_graph_ = DecodeGraphMode::automatic;
 };
 
 }  // namespace ablate

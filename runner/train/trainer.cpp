@@ -399,6 +399,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   }
   model->to(ctx.device);
   model->refresh_frozen();
+  model->set_decode_graph(ctx.decode_graph);
   FrozenInLowPrecision frozen_low(*model, tc.precision);
   if (frozen_low.count() > 0) {
     out << "  frozen linear weights held in " << tc.precision << ": " << frozen_low.count() << " tensors\n";
@@ -506,6 +507,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     std::vector<std::string> predictions, raw;  // raw: before [eval] postprocess
     double gen_first_token_s = 0, gen_seconds = 0;  // generation speed, added up over the batches
     std::int64_t gen_tokens = 0, gen_batches = 0;
+    std::set<std::string> decodings;  // how the batches ran their decode steps (VlmModel::Generated::decoding)
     std::vector<std::vector<std::string>> references;
     const auto bs = static_cast<std::size_t>(ec.batch_size);
     for (std::size_t i = 0; i < eval_examples.size(); i += bs) {
@@ -525,6 +527,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       gen_seconds += gen.total_s;
       gen_tokens += gen.new_tokens;
       ++gen_batches;
+      if (gen.decoding != "growing") decodings.insert(gen.decoding);
       for (std::size_t j = 0; j < chunk.size(); ++j) {
         raw.push_back(gen.text[j]);
         predictions.push_back(postprocess(gen.text[j], ec.postprocess));
@@ -594,6 +597,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                     *row.gen_tokens_per_s);
       line << g;
     }
+    for (const auto& d : decodings) line << "; decode steps: " << (d == "graph" ? "CUDA graph" : d == "fixed" ? "fixed-size KV cache" : d);
     line << ")";
     out << (ctx.interactive ? "\r\033[K" : "") << line.str() << "\n";
   };

@@ -13,6 +13,7 @@
 #include <torch/types.h>
 
 #include "grid/experiment.hpp"
+#include "model/vlm.hpp"
 #include "store/store.hpp"
 
 namespace ablate {
@@ -42,6 +43,7 @@ struct RunContext {
   bool interactive = false;            ///< progress on one rewritten line (a terminal) or a line per log interval
   GridProgress grid;
   FeatureCache* features = nullptr;    ///< frozen-encoder features shared by the grid's cells; null: none
+  DecodeGraphMode decode_graph = DecodeGraphMode::automatic;  ///< how generation runs its steps (model/vlm.hpp)
 };
 
 enum class Outcome { done, diverged, interrupted };

@@ -50,9 +50,10 @@ struct MaskMemo {
   }
 };
 
+thread_local MaskMemo memo;
+
 torch::Tensor layer_mask(const AttentionMask& mask, std::int64_t batch, std::int64_t q_len, std::int64_t k_len,
                          std::int64_t q_offset, const torch::Device& device) {
-  thread_local MaskMemo memo;
   if (!memo.same(mask, batch, q_len, k_len, q_offset, device)) {
     memo = {mask.prefix, mask.key_valid, MaskMemo::version(mask.prefix), MaskMemo::version(mask.key_valid),
             mask.causal, batch, q_len, k_len, q_offset, device,
@@ -63,8 +64,20 @@ torch::Tensor layer_mask(const AttentionMask& mask, std::int64_t batch, std::int
 
 }  // namespace
 
+void forget_mask_memo() { memo = MaskMemo{}; }
+
 std::pair<torch::Tensor, torch::Tensor> KvCache::append(std::size_t layer, const torch::Tensor& k,
                                                         const torch::Tensor& v) {
+  if (fixed_) {
+    TORCH_CHECK(layer < layers_.size() && layers_[layer].first.defined(), "fixed KV cache: layer ", layer,
+                " held nothing when it was fixed");
+    TORCH_CHECK(k.size(2) == 1, "fixed KV cache: one token per step, got ", k.size(2));
+    auto& [ck, cv] = layers_[layer];
+    // index_copy_ reads the position from the device, so a captured graph writes where slot_ points at replay.
+    ck.index_copy_(2, slot_, k.to(ck.scalar_type()));
+    cv.index_copy_(2, slot_, v.to(cv.scalar_type()));
+    return {ck, cv};
+  }
   if (layers_.size() <= layer) layers_.resize(layer + 1);
   auto& [ck, cv] = layers_[layer];
   if (!ck.defined()) {
@@ -78,8 +91,28 @@ std::pair<torch::Tensor, torch::Tensor> KvCache::append(std::size_t layer, const
 }
 
 std::int64_t KvCache::past_length(std::size_t layer) const {
+  if (fixed_) return capacity_ - 1;
   if (layer >= layers_.size() || !layers_[layer].first.defined()) return 0;
   return layers_[layer].first.size(2);
+}
+
+void KvCache::make_fixed(std::int64_t capacity, torch::Tensor slot) {
+  TORCH_CHECK(!fixed_, "the KV cache is fixed already");
+  TORCH_CHECK(slot.defined() && slot.numel() == 1 && slot.scalar_type() == torch::kLong, "fixed KV cache: slot must be one int64");
+  for (auto& [k, v] : layers_) {
+    if (!k.defined()) continue;
+    TORCH_CHECK(k.size(2) <= capacity, "fixed KV cache: ", k.size(2), " tokens held, capacity ", capacity);
+    auto shape = k.sizes().vec();
+    shape[2] = capacity;
+    auto fk = torch::zeros(shape, k.options()), fv = torch::zeros(shape, v.options());
+    fk.narrow(2, 0, k.size(2)).copy_(k);
+    fv.narrow(2, 0, v.size(2)).copy_(v);
+    k = fk;
+    v = fv;
+  }
+  fixed_ = true;
+  capacity_ = capacity;
+  slot_ = slot.view({1});
 }
 
 void KvCache::select(const torch::Tensor& rows) {

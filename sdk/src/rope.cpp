@@ -143,14 +143,19 @@ std::pair<torch::Tensor, torch::Tensor> Rotary::cos_sin(const torch::Tensor& pos
     const auto len = seq_len.item<std::int64_t>();
     if (len > max_seq_len_cached_) {
       inv_freq_ = inv_freq_for(seq_len);
+      inv_freq_on_device_ = torch::Tensor();
       max_seq_len_cached_ = len;
     }
     if (len < max_positions_ && max_seq_len_cached_ > max_positions_) {
       inv_freq_ = original_inv_freq_;
+      inv_freq_on_device_ = torch::Tensor();
       max_seq_len_cached_ = max_positions_;
     }
   }
-  auto inv = inv_freq_.to(positions.device());
+  if (!inv_freq_on_device_.defined() || inv_freq_on_device_.device() != positions.device()) {
+    inv_freq_on_device_ = inv_freq_.to(positions.device());
+  }
+  const auto& inv = inv_freq_on_device_;
   auto freqs = positions.clamp_min(0).to(torch::kFloat32).unsqueeze(-1) * inv;
   auto emb = torch::cat({freqs, freqs}, -1);
   return {emb.cos() * attention_scaling_, emb.sin() * attention_scaling_};

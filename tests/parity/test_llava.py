@@ -81,21 +81,23 @@ class LlavaParityTest(TempDirTest):
         print(f"LLaVA inline logits: max abs difference {diff:.3g}")
         self.assertLessEqual(diff, 1e-4)
 
-        # Greedy generation, 20 tokens, with a KV cache on both sides.
-        spec["generate"] = 20
-        (self.dir / "spec.json").write_text(json.dumps(spec))
-        save_file({"pixels": pixels[:1].contiguous(), "input_ids": ours_ids[:1].contiguous(),
-                   "attention_mask": ours_mask[:1].contiguous()}, str(self.dir / "in.safetensors"))
-        out = subprocess.run([str(PROBE), "vlm", str(self.dir / "spec.json"), str(self.dir / "in.safetensors"),
-                              str(self.dir / "out.safetensors")], capture_output=True, text=True)
-        self.assertEqual(out.returncode, 0, out.stderr)
-        generated = load_file(str(self.dir / "out.safetensors"))["generated"][0].tolist()
+        # Greedy generation, 20 tokens, with a KV cache on both sides: ours with a growing cache, and with the
+        # fixed-size one CUDA graphs replay (--decode-graph on; eager steps here).
         with torch.no_grad():
             ref_ids = llava.generate(input_ids=hf_ids[:1], attention_mask=hf_mask[:1], pixel_values=pixels[:1],
                                      max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
         expected = ref_ids[0, hf_ids.shape[1]:].tolist()
-        print(f"greedy: ours {generated}\n        ref  {expected}")
-        self.assertEqual(generated, expected)
+        save_file({"pixels": pixels[:1].contiguous(), "input_ids": ours_ids[:1].contiguous(),
+                   "attention_mask": ours_mask[:1].contiguous()}, str(self.dir / "in.safetensors"))
+        for decode_graph in ("off", "on"):
+            spec.update(generate=20, decode_graph=decode_graph)
+            (self.dir / "spec.json").write_text(json.dumps(spec))
+            out = subprocess.run([str(PROBE), "vlm", str(self.dir / "spec.json"), str(self.dir / "in.safetensors"),
+                                  str(self.dir / "out.safetensors")], capture_output=True, text=True)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            generated = load_file(str(self.dir / "out.safetensors"))["generated"][0].tolist()
+            print(f"greedy ({decode_graph}): ours {generated}\n              ref  {expected}")
+            self.assertEqual(generated, expected, decode_graph)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,46 @@ class DecodingSweepTest(TempDirTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+DECODINGS = """
+[grid]
+"eval.generate" = [{ max_new_tokens = 9 }, { max_new_tokens = 9, do_sample = true, top_k = 3 }]
+"""
+
+
+class DecodeGraphTest(TempDirTest):
+    """--decode-graph on decodes over a KV cache sized for the whole generation, the tensors a CUDA graph
+    replays; on the CPU its steps run eagerly, and must generate what the growing cache does."""
+
+    def generations(self, mode):
+        toml = self.write("exp.toml", tiny_experiment("graph", steps=6, every=3, extra=DECODINGS))
+        db = self.dir / f"{mode}.db"
+        out = run([toml, "--db", db, "--decode-graph", mode])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        samples = query(db, "SELECT r.cell_index, s.step, s.sample_id, s.output FROM samples s "
+                            "JOIN runs r ON r.id = s.run_id ORDER BY 1, 2, 3")
+        metrics = query(db, "SELECT r.cell_index, m.step, m.name, m.value FROM metrics m "
+                            "JOIN runs r ON r.id = m.run_id ORDER BY 1, 2, 3")
+        return out.stderr, samples, metrics
+
+    def test_fixed_size_steps_generate_what_growing_ones_do(self):
+        growing_log, growing, growing_metrics = self.generations("off")
+        fixed_log, fixed, fixed_metrics = self.generations("on")
+        self.assertNotIn("decode steps", growing_log)
+        self.assertIn("decode steps: fixed-size KV cache", fixed_log)
+        # Greedy and sampled (the same seeded draws), at every evaluation of both cells.
+        self.assertEqual({c for c, *_ in growing}, {0, 1}, growing)
+        self.assertTrue(any(len(o.split()) > 2 for *_, o in growing), growing)
+        self.assertEqual(fixed, growing)
+        self.assertEqual(fixed_metrics, growing_metrics)
+
+    def test_bad_mode_is_one_line_and_records_nothing(self):
+        toml = self.write("bad.toml", tiny_experiment("bad"))
+        db = self.dir / "bad" / "results.db"
+        out = run([toml, "--db", db, "--decode-graph", "sometimes"])
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(out.stderr.strip().count("\n"), 0, out.stderr)
+        self.assertIn("--decode-graph", out.stderr)
+        self.assertIn("sometimes", out.stderr)
+        self.assertFalse(db.exists())

@@ -14,7 +14,8 @@
 //                                                                   preprocessor_config.json says
 //   component_probe vlm SPEC.json IN OUT                              SPEC: {"encoder": {"plugin", ...options},
 //                                                                   "projector": {...}, "backbone": {...},
-//                                                                   "layout", "generate": N}
+//                                                                   "layout", "generate": N,
+//                                                                   "decode_graph": auto|on|off}
 //                                                                   IN: pixels, input_ids, attention_mask
 //                                                                   (left-padded; one image token per row)
 //                                                                   OUT: logits [B,S,V] of the assembled
@@ -326,6 +327,7 @@ int main(int argc, char** argv) {
         batch.valid = valid;
         GenerateConfig cfg;
         cfg.max_new_tokens = n;
+        model.set_decode_graph(parse_decode_graph_mode(spec.value("decode_graph", "auto")));
         auto generated = model.generate(batch, cfg, 0);
         auto ids = torch::full({batch.ids.size(0), n}, -1, torch::kLong);
         for (std::size_t r = 0; r < generated.ids.size(); ++r) {

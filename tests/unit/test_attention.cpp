@@ -118,3 +118,40 @@ TEST_CASE("a left-padded row computes what the same row computes unpadded", "[at
   auto in_batch = bb->forward(bb->embed(padded), positions, mask, nullptr);
   CHECK(torch::allclose(in_batch.slice(1, 2), alone, 1e-5, 1e-6));
 }
+
+TEST_CASE("a fixed-size KV cache decodes what the full forward computes, padding included", "[attention]") {
+  // (Rotary positions and grouped-query heads are checked in tests/parity/test_llava.py, against transformers'
+  // generate(): llama builds only from weights.)
+  auto bb = tiny_opt(3);
+  torch::NoGradGuard no_grad;
+  // Row 1 is left-padded by two: its positions start at 0 after the padding, as generation lays prompts out.
+  auto ids = torch::tensor({{1, 4, 5, 6, 7, 8, 9}, {0, 0, 1, 9, 10, 4, 5}}, torch::kLong);
+  auto valid = ids != 0;
+  valid.index_put_({0}, true);
+  auto positions = torch::where(valid, valid.to(torch::kLong).cumsum(1) - 1, torch::full_like(ids, -1));
+  sdk::AttentionMask full_mask;
+  full_mask.key_valid = valid;
+  auto full = bb->forward(bb->embed(ids), positions, full_mask, nullptr);
+
+  const std::int64_t prompt = 4, total = ids.size(1), capacity = 9;  // two positions never written
+  sdk::KvCache cache;
+  sdk::AttentionMask prompt_mask;
+  prompt_mask.key_valid = valid.slice(1, 0, prompt);
+  bb->forward(bb->embed(ids.slice(1, 0, prompt)), positions.slice(1, 0, prompt), prompt_mask, &cache);
+  auto slot = torch::zeros({1}, torch::kLong);
+  cache.make_fixed(capacity, slot);
+  CHECK(cache.fixed());
+  CHECK(cache.past_length(0) == capacity - 1);
+  auto key_valid = torch::zeros({2, capacity}, torch::kBool);
+  key_valid.slice(1, 0, prompt).copy_(prompt_mask.key_valid);
+  sdk::AttentionMask step_mask;
+  step_mask.key_valid = key_valid;
+  for (std::int64_t i = prompt; i < total; ++i) {
+    slot.fill_(i);  // in place, as a replayed graph sees it
+    key_valid.select(1, i).fill_(true);
+    auto step = bb->forward(bb->embed(ids.slice(1, i, i + 1)), positions.slice(1, i, i + 1), step_mask, &cache);
+    CHECK(torch::allclose(step, full.slice(1, i, i + 1), 1e-5, 1e-6));
+  }
+  CHECK_THROWS_WITH(bb->forward(bb->embed(ids.slice(1, 0, 2)), positions.slice(1, 0, 2), step_mask, &cache),
+                    Catch::Contains("one token per step"));
+}

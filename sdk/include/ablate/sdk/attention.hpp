@@ -33,21 +33,46 @@ struct AttentionMask {
 torch::Tensor dense_mask(const AttentionMask& mask, std::int64_t batch, std::int64_t q_len, std::int64_t k_len,
                          std::int64_t q_offset, const torch::Device& device);
 
-/// Grows per layer with each forward() that is given it. Holds keys and values as [B, H_kv, S, Dh].
-/// Not thread-safe; owned by the caller of Backbone::forward.
+/// Holds each layer's keys and values as [B, H_kv, S, Dh]. Not thread-safe; owned by the caller of
+/// Backbone::forward. Two modes:
+///  - growing (the default): each forward() appends its tokens, and attention sees exactly the keys so far;
+///  - fixed (after make_fixed): every layer's keys and values sit in buffers of `capacity` positions that never
+///    move or change shape, so a decode step can be captured once and replayed as a CUDA graph. Each forward()
+///    then brings one token per row, written at the position the `slot` tensor holds when the step runs (a
+///    device tensor, so a replayed graph writes where the host last put it), and attention runs over all
+///    `capacity` keys: the caller's AttentionMask::key_valid says which of them are real.
 class KvCache {
  public:
-  /// Appends this step's keys and values for `layer` and returns all keys and values so far.
+  /// Stores this step's keys and values for `layer` and returns the keys and values attention should see.
   std::pair<torch::Tensor, torch::Tensor> append(std::size_t layer, const torch::Tensor& k, const torch::Tensor& v);
-  /// Tokens held before the current forward() began (layer 0's length before its append).
+  /// The query offset for attend(): tokens held before the current forward() began (layer 0's length before
+  /// its append). In fixed mode capacity - 1, so the causal rule lets the one new token see every key and
+  /// key_valid alone decides.
   std::int64_t past_length(std::size_t layer) const;
   /// Keeps only the given batch rows (used when finished sequences leave a batch).
   void select(const torch::Tensor& rows);
-  void clear() { layers_.clear(); }
+  void clear() {
+    layers_.clear();
+    fixed_ = false;
+    slot_ = torch::Tensor();
+  }
+
+  /// Moves what every layer holds so far into buffers of `capacity` positions (the rest zero) and switches to
+  /// fixed mode. `slot`: [1] int64 on the cache's device, the position the next token is written at.
+  void make_fixed(std::int64_t capacity, torch::Tensor slot);
+  bool fixed() const { return fixed_; }
 
  private:
   std::vector<std::pair<torch::Tensor, torch::Tensor>> layers_;
+  bool fixed_ = false;
+  std::int64_t capacity_ = 0;
+  torch::Tensor slot_;
 };
+
+/// Forgets the dense mask attend() remembers between the layers of one forward pass (on this thread). Call
+/// before capturing a CUDA graph: a mask remembered from an eager run would otherwise be baked into the graph
+/// instead of being rebuilt from key_valid at every replay.
+void forget_mask_memo();
 
 /// q: [B, H, Tq, Dh]; k, v: [B, H_kv, S, Dh] with S = q_offset + Tq (keys from the cache included).
 /// Grouped-query attention when H_kv divides H. `scale`: multiplier of q·k (usually Dh^-0.5).

@@ -48,6 +48,9 @@ class Rotary {
   RopeConfig config_;
   std::int64_t dim_, max_positions_;
   torch::Tensor inv_freq_, original_inv_freq_;
+  // inv_freq_ on the positions' device, copied once: a copy from host memory at every step would wait for the
+  // device, and cannot be captured in a CUDA graph.
+  torch::Tensor inv_freq_on_device_;
   double attention_scaling_ = 1.0;
   std::int64_t max_seq_len_cached_;
 };
