@@ -6,7 +6,12 @@
 #include "ablate/sdk/attention.hpp"
 
 #ifdef ABLATE_WITH_CUDA_GRAPHS
+#include <map>
+#include <mutex>
+
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -14,8 +19,53 @@ namespace ablate {
 
 #ifdef ABLATE_WITH_CUDA_GRAPHS
 
+namespace {
+
+// at::cuda::CUDAGraph, plus the clean-up of a capture that failed. When something in the captured work is not
+// allowed during capture (a copy to the host, say), capture_end() throws at cudaStreamEndCapture, before it
+// tells the caching allocators that the capture is over, and the destructor then never releases the pool. The
+// allocators would keep routing this stream's allocations through a filter that refers to the destroyed graph,
+// and keep the pool's memory: abandon() does what capture_end() and reset() would have done.
+struct Graph : at::cuda::CUDAGraph {
+  void abandon() noexcept {
+    if (capture_dev_ == UNDEFINED_DEVICE) return;
+    auto quietly = [](auto&& f) {
+      try {
+        f();
+      } catch (...) {  // already undone by capture_end() before it threw
+      }
+    };
+    quietly([&] { c10::cuda::CUDACachingAllocator::endAllocateToPool(capture_dev_, mempool_id_); });
+    quietly([&] { at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(mempool_id_); });
+    quietly([&] { c10::cuda::CUDACachingAllocator::releasePool(capture_dev_, mempool_id_); });
+    quietly([&] { at::getHostAllocator(at::kCUDA)->release_pool(mempool_id_); });
+    capture_dev_ = UNDEFINED_DEVICE;
+  }
+};
+
+// One capture stream per device for the whole process, warmed up once by running the work eagerly on it:
+// libraries set up per-stream state lazily (cuBLAS its workspace), and state first made during a capture would
+// be allocated in that graph's memory and kept by the library for good, once for each new stream.
+struct CaptureStream {
+  c10::Stream stream;
+  bool warmed = false;
+};
+
+CaptureStream& capture_stream(c10::DeviceIndex index) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, CaptureStream> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find(index);
+  if (it == streams.end()) {
+    it = streams.emplace(index, CaptureStream{at::cuda::getStreamFromPool(/*isHighPriority=*/false, index).unwrap()}).first;
+  }
+  return it->second;
+}
+
+}  // namespace
+
 struct CudaGraph::Impl {
-  at::cuda::CUDAGraph graph;
+  Graph graph;
   bool captured = false;
 };
 
@@ -32,7 +82,7 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
   // library), not CUDAStream's inline members, which would make the runner link the CUDA runtime itself.
   c10::Stream current = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(c10::Device(c10::DeviceType::CUDA, index));
   current.synchronize();
-  c10::Stream side = at::cuda::getStreamFromPool(/*isHighPriority=*/false, index).unwrap();
+  auto& side = capture_stream(index);
   // Autocast's cache of cast weights lives outside the graph and is emptied when the autocast region ends: the
   // casts are recorded in the graph instead. The dense mask attend() remembers is forgotten for the same reason.
   const bool autocast_cache = at::autocast::is_autocast_cache_enabled();
@@ -45,20 +95,32 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
       sdk::forget_mask_memo();
     }
   } restore{autocast_cache};
-  c10::StreamGuard on_side(side);
+  c10::StreamGuard on_side(side.stream);
+  if (!side.warmed) {
+    work();
+    side.stream.synchronize();
+    side.warmed = true;
+  }
+  auto& graph = impl_->graph;
   // Thread-local mode: other threads (the data pipeline pinning host memory) may go on using CUDA meanwhile.
-  impl_->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+  graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
   try {
     work();
   } catch (...) {
     try {
-      impl_->graph.capture_end();  // ends the (now invalid) capture, so the stream is usable again
+      graph.capture_end();  // ends the (now invalid) capture, so the stream is usable again
     } catch (...) {
+      graph.abandon();
     }
     throw;
   }
-  impl_->graph.capture_end();
-  side.synchronize();
+  try {
+    graph.capture_end();
+  } catch (...) {
+    graph.abandon();
+    throw;
+  }
+  side.stream.synchronize();
   impl_->captured = true;
 }
 

@@ -23,11 +23,13 @@ class CudaGraph {
   /// This build can capture graphs on `device` (a CUDA device and a CUDA build of libtorch).
   static bool available(const torch::Device& device);
 
-  /// Records `work` on a side stream (the default stream cannot be captured), after the device has finished
-  /// what came before. `work` must have run eagerly at least once with the same tensors (libraries initialise
+  /// Records `work` on the process's capture stream for `device` (the default stream cannot be captured), after
+  /// the device has finished what came before; the first capture on a device runs `work` once eagerly on that
+  /// stream first. `work` must have run eagerly at least once with the same tensors (libraries initialise
   /// lazily, and that cannot be captured), must not wait for the device (no .item(), no copy to the host) and
   /// must allocate nothing it expects to keep: its outputs live in the graph's own memory, rewritten at every
-  /// replay. Throws c10::Error when something in `work` cannot be captured; the object is then unusable.
+  /// replay. Throws when something in `work` cannot be captured; the object is then unusable, and the stream
+  /// and the allocators are as they were.
   void capture(const torch::Device& device, const std::function<void()>& work);
   bool captured() const;
   /// Runs the captured work again on the current stream, reading the same input tensors' current contents.

@@ -256,13 +256,13 @@ namespace {
 // (sdk::KvCache::make_fixed), and the step's inputs (token, position, write slot, valid keys) in tensors that
 // are refilled in place. On CUDA the first step runs eagerly, is then captured as a graph, replayed on the same
 // inputs and compared with the eager result; every later step is one graph launch instead of a few hundred
-// kernel launches. A graph that cannot be captured, or computes something else, is dropped with the reason
-// and the steps go on eagerly over the same tensors.
+// kernel launches. A graph that cannot be captured, or computes something else, is dropped, the reason goes to
+// `refused` (the model tries no graph again), and the steps go on eagerly over the same tensors.
 class FixedSteps {
  public:
   FixedSteps(sdk::Backbone& backbone, const std::string& plugin, sdk::KvCache& cache, const Sequence& prompt,
-             std::int64_t steps, bool graph)
-      : bb_(backbone), plugin_(plugin), cache_(cache), want_graph_(graph) {
+             std::int64_t steps, bool graph, std::string& refused)
+      : bb_(backbone), plugin_(plugin), cache_(cache), want_graph_(graph), refused_(refused) {
     const auto b = prompt.embeds.size(0), len = prompt.embeds.size(1);
     auto on = torch::TensorOptions().device(prompt.embeds.device());
     slot_ = torch::full({1}, len, on.dtype(torch::kLong));
@@ -294,11 +294,8 @@ class FixedSteps {
     return scores_;
   }
 
-  /// "graph", "fixed", or "fixed, no CUDA graph: <why>".
-  std::string decoding() const {
-    if (graph_ && graph_->captured()) return "graph";
-    return refused_.empty() ? "fixed" : "fixed, no CUDA graph: " + refused_;
-  }
+  /// "graph" or "fixed".
+  std::string decoding() const { return graph_ && graph_->captured() ? "graph" : "fixed"; }
 
  private:
   void run() {
@@ -310,6 +307,7 @@ class FixedSteps {
   void try_graph() {
     auto eager = scores_;
     graph_ = std::make_unique<CudaGraph>();
+    std::string refused;
     try {
       graph_->capture(eager.device(), [this] { run(); });
       graph_->replay();  // the same inputs once more: it rewrites the same cache slot with the same values
@@ -317,17 +315,18 @@ class FixedSteps {
       const auto diff = (scores_ - eager).abs().max().item<double>();
       if (!(diff <= 1e-3 * scale) || !torch::equal(scores_.argmax(-1), eager.argmax(-1))) {
         std::ostringstream why;
-        why << "the replayed step differs from the eager one (largest difference " << diff << ")";
-        refused_ = why.str();
+        why << "the replayed step differs from the eager one by up to " << diff;
+        refused = why.str();
       }
     } catch (const std::exception& e) {
       const std::string what = e.what();
-      refused_ = what.substr(0, what.find('\n'));
+      refused = what.substr(0, what.find('\n'));
     }
-    if (!refused_.empty()) {
+    if (!refused.empty()) {
       graph_.reset();
       want_graph_ = false;
-      scores_ = eager;
+      refused_ = refused;
+      run();  // again eagerly: a replay that was refused may have written its own keys and values into the cache
     }
   }
 
@@ -339,7 +338,7 @@ class FixedSteps {
   torch::Tensor slot_, key_valid_, ids_, positions_, scores_;
   std::int64_t next_slot_ = 0;
   std::unique_ptr<CudaGraph> graph_;
-  std::string refused_;
+  std::string& refused_;
 };
 
 // A capture costs about two steps (the eager warm-up and the check): below this many steps a graph cannot pay.
@@ -365,11 +364,11 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   auto next_pos = std::get<0>(s.positions.max(1)) + 1;
 
   const auto steps = cfg.max_new_tokens - 1;  // forward passes after the prompt's
-  const bool graph_possible = CudaGraph::available(s.embeds.device());
+  const bool graph_possible = CudaGraph::available(s.embeds.device()) && graph_refused_.empty();
   const bool fixed = steps > 0 && (decode_graph_ == DecodeGraphMode::on ||
                                    (decode_graph_ == DecodeGraphMode::automatic && graph_possible && steps >= kMinStepsForGraph));
   std::unique_ptr<FixedSteps> fixed_steps;
-  if (fixed) fixed_steps = std::make_unique<FixedSteps>(bb, backbone_.plugin, cache, s, steps, graph_possible);
+  if (fixed) fixed_steps = std::make_unique<FixedSteps>(bb, backbone_.plugin, cache, s, steps, graph_possible, graph_refused_);
   // Growing cache: a token appended at the end may see every key before it, so without padding it needs no
   // mask at all and takes the unmasked attention kernel, instead of a dense mask in every layer for every token.
   const bool padded = !fixed && s.mask.key_valid.defined() && !s.mask.key_valid.all().item<bool>();
@@ -420,6 +419,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
     out.text.push_back(trim(text_out.substr(0, cut)));
   }
   out.decoding = fixed_steps ? fixed_steps->decoding() : "growing";
+  if (!graph_refused_.empty() && decode_graph_ != DecodeGraphMode::off) out.decoding += ", no CUDA graph: " + graph_refused_;
   out.total_s = seconds();
   return out;
 }

@@ -78,7 +78,8 @@ class VlmModel : public torch::nn::Module {
     std::int64_t new_tokens = 0;                 ///< tokens sampled for unfinished rows, EOS included
     double first_token_s = 0;                    ///< from the call to the first new tokens on the host
     double total_s = 0;                          ///< the whole call
-    std::string decoding;                        ///< how the steps ran: "growing", "fixed", "graph", or why not a graph
+    /// How the steps ran: "growing", "fixed" or "graph", then ", no CUDA graph: <why>" once a capture failed.
+    std::string decoding;
   };
   /// Greedy or sampled generation with a KV cache; `seed` seeds sampling.
   Generated generate(const GenerationBatch& batch, const GenerateConfig& config, std::uint64_t seed);
@@ -118,6 +119,8 @@ class VlmModel : public torch::nn::Module {
   std::int64_t image_tokens_ = 0;
   bool encoder_frozen_ = false, projector_frozen_ = false;
   DecodeGraphMode decode_graph_ = DecodeGraphMode::automatic;
+  /// Why a decode step could not be a CUDA graph, once that was found: not tried again for this model.
+  std::string graph_refused_;
 };
 
 }  // namespace ablate

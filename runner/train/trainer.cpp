@@ -597,7 +597,12 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                     *row.gen_tokens_per_s);
       line << g;
     }
-    for (const auto& d : decodings) line << "; decode steps: " << (d == "graph" ? "CUDA graph" : d == "fixed" ? "fixed-size KV cache" : d);
+    for (const auto& d : decodings) {
+      // "graph", "fixed" or "growing", and maybe why no graph (VlmModel::Generated::decoding).
+      const auto kind = d.substr(0, d.find(','));
+      line << "; decode steps: " << (kind == "graph" ? "CUDA graph" : kind == "fixed" ? "fixed-size KV cache" : "growing KV cache")
+           << d.substr(kind.size());
+    }
     line << ")";
     out << (ctx.interactive ? "\r\033[K" : "") << line.str() << "\n";
   };

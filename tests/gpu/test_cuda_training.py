@@ -57,6 +57,17 @@ class CudaTrainingTest(TempDirTest):
     def test_decode_steps_as_cuda_graphs(self):
         extra = '[grid]\n"eval.generate" = [{ max_new_tokens = 12 }, { max_new_tokens = 12, do_sample = true, top_k = 3 }]\n'
         toml = self.write("graph.toml", tiny_experiment("graph", steps=10, every=5, extra=extra))
+        self.decode_with_and_without_graphs(toml, allowed_differences=1)
+
+    def test_decode_steps_as_cuda_graphs_in_bf16_with_lora(self):
+        # Autocast (its cast cache is off during capture), frozen weights held in bf16, LoRA adapters in the step.
+        text = tiny_experiment("graph-bf16", steps=10, every=5, strategy='["projector", { plugin = "lora", r = 4 }]')
+        text = text.replace('log_every = 2\n', 'log_every = 2\nprecision = "bf16"\n')
+        toml = self.write("graph-bf16.toml", text.replace("generate = { max_new_tokens = 4 }", "generate = { max_new_tokens = 12 }"))
+        # bf16 rounds differently over the fixed-size cache's masked keys: a few greedy tokens may flip.
+        self.decode_with_and_without_graphs(toml, allowed_differences=2)
+
+    def decode_with_and_without_graphs(self, toml, allowed_differences):
         generated = {}
         for mode in ("off", "auto"):
             db = self.dir / f"graph-{mode}.db"
@@ -68,10 +79,12 @@ class CudaTrainingTest(TempDirTest):
             generated[mode] = query(db, "SELECT r.cell_index, s.step, s.sample_id, s.output FROM samples s "
                                         "JOIN runs r ON r.id = s.run_id ORDER BY 1, 2, 3")
         same = sum(a == b for a, b in zip(generated["off"], generated["auto"]))
-        print(f"decode graphs on cuda: {same} of {len(generated['off'])} stored generations equal to eager steps'")
-        # fp32: only the attention kernel differs (masked over the fixed-size cache against unmasked), so a greedy
-        # token flips only on a near tie.
-        self.assertGreaterEqual(same, len(generated["off"]) - 1)
+        print(f"decode graphs on cuda ({toml.stem}): {same} of {len(generated['off'])} stored generations equal to "
+              "the growing cache's eager steps'")
+        # Only the attention kernel differs (masked over the fixed-size cache against unmasked), so a greedy token
+        # flips only on a near tie.
+        self.assertGreater(len(generated["off"]), 0)
+        self.assertGreaterEqual(same, len(generated["off"]) - allowed_differences)
 
 
 if __name__ == "__main__":

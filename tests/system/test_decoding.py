@@ -82,9 +82,6 @@ class DecodingSweepTest(TempDirTest):
         self.assertIn("title_case", bad.stderr)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 DECODINGS = """
 [grid]
@@ -127,3 +124,7 @@ class DecodeGraphTest(TempDirTest):
         self.assertIn("--decode-graph", out.stderr)
         self.assertIn("sometimes", out.stderr)
         self.assertFalse(db.exists())
+
+
+if __name__ == "__main__":
+    unittest.main()
