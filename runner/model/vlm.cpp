@@ -4,6 +4,7 @@
 #include <chrono>
 #include <sstream>
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "ablate/sdk/error.hpp"
@@ -250,36 +251,63 @@ torch::Tensor sample_next(const torch::Tensor& scores, const GenerateConfig& cfg
   return torch::multinomial(logits.softmax(-1).cpu(), 1, false, generator).squeeze(-1).to(scores.device());
 }
 
-namespace {
-
 // Decode steps whose every tensor stays where it is: a KV cache with room for the whole generation
 // (sdk::KvCache::make_fixed), and the step's inputs (token, position, write slot, valid keys) in tensors that
 // are refilled in place. On CUDA the first step runs eagerly, is then captured as a graph, replayed on the same
 // inputs and compared with the eager result; every later step is one graph launch instead of a few hundred
 // kernel launches. A graph that cannot be captured, or computes something else, is dropped, the reason goes to
 // `refused` (the model tries no graph again), and the steps go on eagerly over the same tensors.
-class FixedSteps {
+//
+// The object outlives one generate(): the next batch of an evaluation with the same batch size that fits in
+// the capacity loads its prompt into the same cache (sdk::KvCache::load_prompt) and replays the same graph, so
+// an evaluation captures once, not once per batch. The capacity is rounded up for that; the model's weights,
+// their types and the autocast state must be those the graph was captured with (fingerprint()).
+class DecodeSteps {
  public:
-  FixedSteps(sdk::Backbone& backbone, const std::string& plugin, sdk::KvCache& cache, const Sequence& prompt,
-             std::int64_t steps, bool graph, std::string& refused)
-      : bb_(backbone), plugin_(plugin), cache_(cache), want_graph_(graph), refused_(refused) {
-    const auto b = prompt.embeds.size(0), len = prompt.embeds.size(1);
+  DecodeSteps(sdk::Backbone& backbone, const std::string& plugin, sdk::KvCache prompt_cache, const Sequence& prompt,
+              std::int64_t capacity, bool graph, std::string& refused, std::size_t fingerprint)
+      : bb_(backbone), plugin_(plugin), cache_(std::move(prompt_cache)), want_graph_(graph), refused_(refused),
+        fingerprint_(fingerprint), capacity_(capacity) {
+    const auto b = prompt.embeds.size(0);
     auto on = torch::TensorOptions().device(prompt.embeds.device());
-    slot_ = torch::full({1}, len, on.dtype(torch::kLong));
-    cache_.make_fixed(len + steps, slot_);
-    key_valid_ = torch::zeros({b, len + steps}, on.dtype(torch::kBool));
-    if (prompt.mask.key_valid.defined()) key_valid_.narrow(1, 0, len).copy_(prompt.mask.key_valid);
-    else key_valid_.narrow(1, 0, len).fill_(true);
+    slot_ = torch::zeros({1}, on.dtype(torch::kLong));
+    cache_.make_fixed(capacity, slot_);
+    key_valid_ = torch::zeros({b, capacity}, on.dtype(torch::kBool));
     // The new token comes after every prompt token (a prefix included), so key_valid is the whole mask.
     mask_.key_valid = key_valid_;
     ids_ = torch::zeros({b, 1}, on.dtype(torch::kLong));
     positions_ = torch::zeros({b, 1}, on.dtype(torch::kLong));
-    next_slot_ = len;
+    start(prompt);
+  }
+
+  /// The weights' addresses and types and the autocast state: what a captured graph has baked in.
+  static std::size_t fingerprint(torch::nn::Module& model, const torch::Device& device) {
+    std::size_t h = std::hash<bool>{}(at::autocast::is_autocast_enabled(device.type())) ^
+                    (static_cast<std::size_t>(at::autocast::get_autocast_dtype(device.type())) << 1);
+    auto mix = [&h](const torch::Tensor& t) {
+      const auto v = reinterpret_cast<std::uintptr_t>(t.data_ptr()) ^ (static_cast<std::uintptr_t>(t.scalar_type()) << 56);
+      h ^= std::hash<std::uintptr_t>{}(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    };
+    for (const auto& p : model.parameters()) mix(p);
+    for (const auto& b : model.buffers()) mix(b);
+    return h;
+  }
+
+  /// This object can decode `batch` rows needing `positions` cache positions, with weights as `fingerprint`.
+  bool fits(std::int64_t batch, std::int64_t positions, std::size_t fingerprint) const {
+    return batch == ids_.size(0) && positions <= capacity_ && fingerprint == fingerprint_;
+  }
+
+  /// A new prompt, held by `prompt_cache` (growing), for the same batch size.
+  void load(const sdk::KvCache& prompt_cache, const Sequence& prompt) {
+    cache_.load_prompt(prompt_cache);
+    start(prompt);
   }
 
   /// Float32 scores [B, V] for the tokens `next` [B] at positions `positions` [B]. The tensor is rewritten by
   /// the next call.
   torch::Tensor step(const torch::Tensor& next, const torch::Tensor& positions) {
+    TORCH_CHECK(next_slot_ < capacity_, "decode steps: the fixed KV cache is full");
     ids_.copy_(next.view(ids_.sizes()));
     positions_.copy_(positions.view(positions_.sizes()));
     slot_.fill_(next_slot_);
@@ -298,6 +326,14 @@ class FixedSteps {
   std::string decoding() const { return graph_ && graph_->captured() ? "graph" : "fixed"; }
 
  private:
+  void start(const Sequence& prompt) {
+    const auto len = prompt.embeds.size(1);
+    key_valid_.fill_(false);
+    if (prompt.mask.key_valid.defined()) key_valid_.narrow(1, 0, len).copy_(prompt.mask.key_valid);
+    else key_valid_.narrow(1, 0, len).fill_(true);
+    next_slot_ = len;
+  }
+
   void run() {
     auto embeds = guarded(plugin_, "embed", [&] { return bb_.embed(ids_); });
     auto hidden = guarded(plugin_, "forward", [&] { return bb_.forward(embeds, positions_, mask_, &cache_); });
@@ -332,19 +368,30 @@ class FixedSteps {
 
   sdk::Backbone& bb_;
   const std::string& plugin_;
-  sdk::KvCache& cache_;
+  sdk::KvCache cache_;
   bool want_graph_;
+  std::string& refused_;
+  std::size_t fingerprint_;
+  std::int64_t capacity_;
   sdk::AttentionMask mask_;
   torch::Tensor slot_, key_valid_, ids_, positions_, scores_;
   std::int64_t next_slot_ = 0;
   std::unique_ptr<CudaGraph> graph_;
-  std::string& refused_;
 };
+
+namespace {
 
 // A capture costs about two steps (the eager warm-up and the check): below this many steps a graph cannot pay.
 constexpr std::int64_t kMinStepsForGraph = 8;
+// Cache capacity is rounded up to a multiple of this, so that the batches of an evaluation, whose prompts
+// differ in length, share one fixed cache and one graph.
+constexpr std::int64_t kCapacityStep = 32;
 
 }  // namespace
+
+VlmModel::~VlmModel() = default;
+
+void VlmModel::release_decode_steps() { decode_steps_.reset(); }
 
 VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const GenerateConfig& cfg, std::uint64_t seed) {
   torch::NoGradGuard no_grad;
@@ -367,8 +414,20 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   const bool graph_possible = CudaGraph::available(s.embeds.device()) && graph_refused_.empty();
   const bool fixed = steps > 0 && (decode_graph_ == DecodeGraphMode::on ||
                                    (decode_graph_ == DecodeGraphMode::automatic && graph_possible && steps >= kMinStepsForGraph));
-  std::unique_ptr<FixedSteps> fixed_steps;
-  if (fixed) fixed_steps = std::make_unique<FixedSteps>(bb, backbone_.plugin, cache, s, steps, graph_possible, graph_refused_);
+  DecodeSteps* fixed_steps = nullptr;
+  if (fixed) {
+    const auto needed = s.embeds.size(1) + steps;
+    const auto fingerprint = DecodeSteps::fingerprint(bb.module(), s.embeds.device());
+    if (decode_steps_ && decode_steps_->fits(b, needed, fingerprint)) {
+      decode_steps_->load(cache, s);
+    } else {
+      decode_steps_.reset();  // its memory first
+      const auto capacity = (needed + kCapacityStep - 1) / kCapacityStep * kCapacityStep;
+      decode_steps_ = std::make_unique<DecodeSteps>(bb, backbone_.plugin, std::move(cache), s, capacity, graph_possible,
+                                                    graph_refused_, fingerprint);
+    }
+    fixed_steps = decode_steps_.get();
+  }
   // Growing cache: a token appended at the end may see every key before it, so without padding it needs no
   // mask at all and takes the unmasked attention kernel, instead of a dense mask in every layer for every token.
   const bool padded = !fixed && s.mask.key_valid.defined() && !s.mask.key_valid.all().item<bool>();

@@ -41,6 +41,8 @@ Layout parse_layout(const std::string& name);
 enum class DecodeGraphMode { automatic, on, off };
 DecodeGraphMode parse_decode_graph_mode(const std::string& name);
 
+class DecodeSteps;  // model/vlm.cpp: the fixed-size decode steps, kept between the batches of an evaluation
+
 /// What the backbone is given for one batch, once the layout has placed image and text.
 struct Sequence {
   torch::Tensor embeds;     ///< [B, S, D]
@@ -59,6 +61,7 @@ class VlmModel : public torch::nn::Module {
   /// `image_token`: the token id the inline layout replaces (-1: none; the image then goes after BOS).
   VlmModel(Part<sdk::Encoder> encoder, Part<sdk::Projector> projector, Part<sdk::Backbone> backbone,
            Layout layout = Layout::prefix, std::int64_t image_token = -1);
+  ~VlmModel() override;
 
   /// Places image and text for the backbone. ids/valid: [B, T], right-padded for training (with targets and
   /// prompt_len) or left-padded for generation (targets and prompt_len undefined). `features`: the encoder's
@@ -85,6 +88,9 @@ class VlmModel : public torch::nn::Module {
   Generated generate(const GenerationBatch& batch, const GenerateConfig& config, std::uint64_t seed);
 
   void set_decode_graph(DecodeGraphMode mode) { decode_graph_ = mode; }
+  /// Lets go of the fixed-size KV cache and CUDA graph that generate() keeps for the next batch (call when an
+  /// evaluation ends: the memory then goes back to training).
+  void release_decode_steps();
 
   /// Call after strategies changed what trains: frozen components then run without autograd.
   void refresh_frozen();
@@ -121,6 +127,7 @@ class VlmModel : public torch::nn::Module {
   DecodeGraphMode decode_graph_ = DecodeGraphMode::automatic;
   /// Why a decode step could not be a CUDA graph, once that was found: not tried again for this model.
   std::string graph_refused_;
+  std::unique_ptr<DecodeSteps> decode_steps_;
 };
 
 }  // namespace ablate

@@ -535,6 +535,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                                                                : chunk[j].sample.references);
       }
     }
+    model->release_decode_steps();
     model->train();
     std::vector<std::string> group_of;  // each prediction's value of [eval] group_by
     if (!ec.group_by.empty()) {

@@ -115,6 +115,21 @@ void KvCache::make_fixed(std::int64_t capacity, torch::Tensor slot) {
   slot_ = slot.view({1});
 }
 
+void KvCache::load_prompt(const KvCache& prompt) {
+  TORCH_CHECK(fixed_ && !prompt.fixed_, "load_prompt: from a growing KV cache into a fixed one");
+  TORCH_CHECK(prompt.layers_.size() == layers_.size(), "load_prompt: ", prompt.layers_.size(), " layers into ",
+              layers_.size());
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    const auto& [pk, pv] = prompt.layers_[i];
+    auto& [k, v] = layers_[i];
+    TORCH_CHECK(pk.defined() == k.defined(), "load_prompt: layer ", i, " held in one cache only");
+    if (!k.defined()) continue;
+    TORCH_CHECK(pk.size(0) == k.size(0) && pk.size(2) <= capacity_, "load_prompt: ", pk.sizes(), " into ", k.sizes());
+    k.narrow(2, 0, pk.size(2)).copy_(pk);
+    v.narrow(2, 0, pv.size(2)).copy_(pv);
+  }
+}
+
 void KvCache::select(const torch::Tensor& rows) {
   for (auto& [k, v] : layers_) {
     if (!k.defined()) continue;

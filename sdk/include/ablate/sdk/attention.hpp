@@ -61,6 +61,10 @@ class KvCache {
   /// fixed mode. `slot`: [1] int64 on the cache's device, the position the next token is written at.
   void make_fixed(std::int64_t capacity, torch::Tensor slot);
   bool fixed() const { return fixed_; }
+  /// Fixed mode: writes what a growing cache holds (a new prompt, same batch size) into the first positions of
+  /// the buffers, in place, so a graph captured over them serves the next generation too. The positions after
+  /// it keep old values: the caller's key_valid must mark them invalid.
+  void load_prompt(const KvCache& prompt);
 
  private:
   std::vector<std::pair<torch::Tensor, torch::Tensor>> layers_;
