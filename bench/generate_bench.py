@@ -76,10 +76,10 @@ generate = {{ max_new_tokens = {args.new_tokens} }}
                              "ORDER BY step DESC LIMIT 1").fetchall()
     outputs = [o for (o,) in db.execute("SELECT output FROM samples WHERE step = 1 ORDER BY rowid")]
     # How the decode steps ran, from the evaluation line ("decode steps: CUDA graph"); absent: a growing cache.
-    steps = re.findall(r"decode steps: (.*)\)$", (d / "log.txt").read_text(), re.M)
+    steps = re.findall(r"decode steps: (.*?)(?=; decode steps: |\)$)", (d / "log.txt").read_text(), re.M)
     return {"system": system, "ttft_ms": 1e3 * ttft, "tokens_per_s": tps,
             "mean_new_tokens": statistics.mean(len(o.split()) for o in outputs) if outputs else 0.0,
-            "decode_steps": steps[-1] if steps else "growing KV cache"}
+            "decode_steps": " / ".join(dict.fromkeys(steps)) if steps else "growing KV cache"}
 
 
 def reference(work, args):

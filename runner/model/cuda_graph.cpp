@@ -28,7 +28,8 @@ namespace {
 // and keep the pool's memory: abandon() does what capture_end() and reset() would have done.
 struct Graph : at::cuda::CUDAGraph {
   void abandon() noexcept {
-    if (capture_dev_ == UNDEFINED_DEVICE) return;
+    // Nothing began; or capture_end() got as far as instantiating, and reset() releases the pool.
+    if (capture_dev_ == UNDEFINED_DEVICE || capture_ended_) return;
     auto quietly = [](auto&& f) {
       try {
         f();
@@ -84,10 +85,9 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
   current.synchronize();
   auto& side = capture_stream(index);
   // Autocast's cache of cast weights lives outside the graph and is emptied when the autocast region ends: the
-  // casts are recorded in the graph instead. The dense mask attend() remembers is forgotten for the same reason.
+  // casts are recorded in the graph instead.
   const bool autocast_cache = at::autocast::is_autocast_cache_enabled();
   at::autocast::set_autocast_cache_enabled(false);
-  sdk::forget_mask_memo();
   struct Restore {
     bool cache;
     ~Restore() {
@@ -102,8 +102,16 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
     side.warmed = true;
   }
   auto& graph = impl_->graph;
-  // Thread-local mode: other threads (the data pipeline pinning host memory) may go on using CUDA meanwhile.
-  graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+  // The dense mask attend() remembers from an eager run (the warm-up's, the caller's) would be baked into the
+  // graph instead of being built from key_valid at every replay, and freed after: forgotten right before capture.
+  sdk::forget_mask_memo();
+  try {
+    // Thread-local mode: other threads (the data pipeline pinning host memory) may go on using CUDA meanwhile.
+    graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+  } catch (...) {
+    graph.abandon();
+    throw;
+  }
   try {
     work();
   } catch (...) {

@@ -427,6 +427,8 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
                                                     graph_refused_, fingerprint);
     }
     fixed_steps = decode_steps_.get();
+  } else {
+    decode_steps_.reset();  // (after a refused graph, say) its cache is not needed any more
   }
   // Growing cache: a token appended at the end may see every key before it, so without padding it needs no
   // mask at all and takes the unmasked attention kernel, instead of a dense mask in every layer for every token.

@@ -502,6 +502,12 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     model->eval();
     torch::NoGradGuard no_grad;
     AutocastGuard autocast(ctx.device, tc.precision);
+    // generate() keeps its decode steps (a fixed KV cache, a CUDA graph) from one batch to the next: they end with
+    // the evaluation, returned or thrown, and their memory goes back to training.
+    struct ReleaseDecodeSteps {
+      VlmModel& model;
+      ~ReleaseDecodeSteps() { model.release_decode_steps(); }
+    } release_decode_steps{*model};
     double loss_sum = 0;
     std::int64_t tokens = 0, loss_tokens = 0;
     std::vector<std::string> predictions, raw;  // raw: before [eval] postprocess
@@ -535,7 +541,6 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                                                                : chunk[j].sample.references);
       }
     }
-    model->release_decode_steps();
     model->train();
     std::vector<std::string> group_of;  // each prediction's value of [eval] group_by
     if (!ec.group_by.empty()) {
