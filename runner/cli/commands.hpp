@@ -7,7 +7,19 @@
 #include <string>
 #include <vector>
 
+#include "ablate/sdk/error.hpp"
+
 namespace ablate::cli {
+
+/// The value of an auto|on|off option (--feature-cache, --decode-graph) as Mode::automatic, on or off; bad input
+/// otherwise.
+template <class Mode>
+Mode parse_auto_on_off(const std::string& option, const std::string& value) {
+  if (value == "auto") return Mode::automatic;
+  if (value == "on") return Mode::on;
+  if (value == "off") return Mode::off;
+  throw sdk::InputError(option + " " + value + ": expected auto, on or off");
+}
 
 struct Common {
   std::filesystem::path executable;

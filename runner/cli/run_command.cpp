@@ -162,8 +162,8 @@ int run(const Common& common, const RunArgs& args) {
   }
 
   const auto device = pick_device(args.device);
-  const auto cache_mode = parse_feature_cache_mode(args.feature_cache);
-  const auto decode_graph = parse_decode_graph_mode(args.decode_graph);
+  const auto cache_mode = parse_auto_on_off<FeatureCacheMode>("--feature-cache", args.feature_cache);
+  const auto decode_graph = parse_auto_on_off<DecodeGraphMode>("--decode-graph", args.decode_graph);
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
   DbLock lock(common.db);

@@ -80,13 +80,6 @@ std::string check_deterministic(const torch::Tensor& chunk, const torch::Tensor&
 
 }  // namespace
 
-FeatureCacheMode parse_feature_cache_mode(const std::string& name) {
-  if (name == "auto") return FeatureCacheMode::automatic;
-  if (name == "on") return FeatureCacheMode::on;
-  if (name == "off") return FeatureCacheMode::off;
-  throw sdk::InputError("--feature-cache " + name + ": expected auto, on or off");
-}
-
 std::string FeatureTable::describe() const {
   const auto bytes = static_cast<double>(features.nbytes());
   return std::to_string(features.size(0)) + " images x " + std::to_string(features.size(1)) + " x " +

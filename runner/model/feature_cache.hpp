@@ -33,8 +33,6 @@ enum class FeatureCacheMode {
   on,         ///< cache every frozen encoder's datasets
   off,
 };
-/// "auto", "on" or "off"; throws sdk::InputError otherwise.
-FeatureCacheMode parse_feature_cache_mode(const std::string& name);
 
 /// One dataset's encoder outputs: row i holds sample i's features.
 struct FeatureTable {

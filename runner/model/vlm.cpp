@@ -44,13 +44,6 @@ torch::Tensor count_positions(const torch::Tensor& valid) {
 
 }  // namespace
 
-DecodeGraphMode parse_decode_graph_mode(const std::string& name) {
-  if (name == "auto") return DecodeGraphMode::automatic;
-  if (name == "on") return DecodeGraphMode::on;
-  if (name == "off") return DecodeGraphMode::off;
-  throw sdk::InputError("--decode-graph: unknown value '" + name + "' (auto, on, off)");
-}
-
 Layout parse_layout(const std::string& name) {
   if (name == "prefix") return Layout::prefix;
   if (name == "inline") return Layout::inline_;
@@ -260,7 +253,8 @@ torch::Tensor sample_next(const torch::Tensor& scores, const GenerateConfig& cfg
 //
 // The object outlives one generate(): the next batch of an evaluation with the same batch size that fits in
 // the capacity loads its prompt into the same cache (sdk::KvCache::load_prompt) and replays the same graph, so
-// an evaluation captures once, not once per batch. The capacity is rounded up for that; the model's weights,
+// the batches of an evaluation that share a size capture once between them. The capacity is rounded up for
+// that; the model's weights,
 // their types and the autocast state must be those the graph was captured with (fingerprint()).
 class DecodeSteps {
  public:

@@ -39,7 +39,6 @@ Layout parse_layout(const std::string& name);
 ///    replayed CUDA graph (checked against the eager step once). On the CPU the same steps run eagerly;
 ///  - off: a KV cache that grows by one position a step, every step eager.
 enum class DecodeGraphMode { automatic, on, off };
-DecodeGraphMode parse_decode_graph_mode(const std::string& name);
 
 class DecodeSteps;  // model/vlm.cpp: the fixed-size decode steps, kept between the batches of an evaluation
 

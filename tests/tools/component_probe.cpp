@@ -62,6 +62,7 @@
 #include "host/plugin_host.hpp"
 #include "ablate/sdk/adapters.hpp"
 #include "ablate/sdk/hash.hpp"
+#include "cli/commands.hpp"
 #include "model/vlm.hpp"
 #include "train/artifacts.hpp"
 #include "train/optimizer.hpp"
@@ -327,7 +328,7 @@ int main(int argc, char** argv) {
         batch.valid = valid;
         GenerateConfig cfg;
         cfg.max_new_tokens = n;
-        model.set_decode_graph(parse_decode_graph_mode(spec.value("decode_graph", "auto")));
+        model.set_decode_graph(cli::parse_auto_on_off<DecodeGraphMode>("decode_graph", spec.value("decode_graph", "auto")));
         auto generated = model.generate(batch, cfg, 0);
         auto ids = torch::full({batch.ids.size(0), n}, -1, torch::kLong);
         for (std::size_t r = 0; r < generated.ids.size(); ++r) {
