@@ -316,8 +316,8 @@ class DecodeSteps {
     return scores_;
   }
 
-  /// "graph" or "fixed".
-  std::string decoding() const { return graph_ && graph_->captured() ? "graph" : "fixed"; }
+  /// "CUDA graph" or "fixed-size KV cache".
+  std::string decoding() const { return graph_ && graph_->captured() ? "CUDA graph" : "fixed-size KV cache"; }
 
  private:
   void start(const Sequence& prompt) {
@@ -473,7 +473,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
     for (const auto& stop : cfg.stop) cut = std::min(cut, text_out.find(stop));
     out.text.push_back(trim(text_out.substr(0, cut)));
   }
-  out.decoding = fixed_steps ? fixed_steps->decoding() : "growing";
+  out.decoding = fixed_steps ? fixed_steps->decoding() : "growing KV cache";
   if (!graph_refused_.empty() && decode_graph_ != DecodeGraphMode::off) out.decoding += ", no CUDA graph: " + graph_refused_;
   out.total_s = seconds();
   return out;

@@ -80,7 +80,8 @@ class VlmModel : public torch::nn::Module {
     std::int64_t new_tokens = 0;                 ///< tokens sampled for unfinished rows, EOS included
     double first_token_s = 0;                    ///< from the call to the first new tokens on the host
     double total_s = 0;                          ///< the whole call
-    /// How the steps ran: "growing", "fixed" or "graph", then ", no CUDA graph: <why>" once a capture failed.
+    /// How the steps ran, as the evaluation line shows it: "growing KV cache", "fixed-size KV cache" or
+    /// "CUDA graph", then ", no CUDA graph: <why>" once a capture failed.
     std::string decoding;
   };
   /// Greedy or sampled generation with a KV cache; `seed` seeds sampling.

@@ -533,7 +533,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       gen_seconds += gen.total_s;
       gen_tokens += gen.new_tokens;
       ++gen_batches;
-      if (gen.decoding != "growing") decodings.insert(gen.decoding);
+      if (gen.decoding != "growing KV cache") decodings.insert(gen.decoding);
       for (std::size_t j = 0; j < chunk.size(); ++j) {
         raw.push_back(gen.text[j]);
         predictions.push_back(postprocess(gen.text[j], ec.postprocess));
@@ -603,12 +603,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                     *row.gen_tokens_per_s);
       line << g;
     }
-    for (const auto& d : decodings) {
-      // "graph", "fixed" or "growing", and maybe why no graph (VlmModel::Generated::decoding).
-      const auto kind = d.substr(0, d.find(','));
-      line << "; decode steps: " << (kind == "graph" ? "CUDA graph" : kind == "fixed" ? "fixed-size KV cache" : "growing KV cache")
-           << d.substr(kind.size());
-    }
+    for (const auto& d : decodings) line << "; decode steps: " << d;
     line << ")";
     out << (ctx.interactive ? "\r\033[K" : "") << line.str() << "\n";
   };

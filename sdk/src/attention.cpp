@@ -99,20 +99,19 @@ std::int64_t KvCache::past_length(std::size_t layer) const {
 void KvCache::make_fixed(std::int64_t capacity, torch::Tensor slot) {
   TORCH_CHECK(!fixed_, "the KV cache is fixed already");
   TORCH_CHECK(slot.defined() && slot.numel() == 1 && slot.scalar_type() == torch::kLong, "fixed KV cache: slot must be one int64");
+  const KvCache held = *this;  // the same tensors, as a growing cache to load from
   for (auto& [k, v] : layers_) {
     if (!k.defined()) continue;
     TORCH_CHECK(k.size(2) <= capacity, "fixed KV cache: ", k.size(2), " tokens held, capacity ", capacity);
     auto shape = k.sizes().vec();
     shape[2] = capacity;
-    auto fk = torch::zeros(shape, k.options()), fv = torch::zeros(shape, v.options());
-    fk.narrow(2, 0, k.size(2)).copy_(k);
-    fv.narrow(2, 0, v.size(2)).copy_(v);
-    k = fk;
-    v = fv;
+    k = torch::zeros(shape, k.options());
+    v = torch::zeros(shape, v.options());
   }
   fixed_ = true;
   capacity_ = capacity;
   slot_ = slot.view({1});
+  load_prompt(held);
 }
 
 void KvCache::load_prompt(const KvCache& prompt) {

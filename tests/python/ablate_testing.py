@@ -78,6 +78,15 @@ class TempDirTest(unittest.TestCase):
     def tearDown(self):
         self._tmp.cleanup()
 
+    def assert_bad_option(self, option, value, message):
+        """A run with `option value` exits 2 with the one line `message` and creates no database."""
+        toml = self.write("bad.toml", tiny_experiment("bad"))
+        db = self.dir / "bad" / "results.db"
+        out = run([toml, "--db", db, option, value])
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(out.stderr.strip().splitlines(), [message])
+        self.assertFalse(db.exists())
+
     def write(self, name, text):
         path = self.dir / name
         path.parent.mkdir(parents=True, exist_ok=True)

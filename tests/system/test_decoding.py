@@ -120,12 +120,7 @@ class DecodeGraphTest(TempDirTest):
         self.assertEqual(fixed_metrics, growing_metrics)
 
     def test_bad_mode_is_one_line_and_records_nothing(self):
-        toml = self.write("bad.toml", tiny_experiment("bad"))
-        db = self.dir / "bad" / "results.db"
-        out = run([toml, "--db", db, "--decode-graph", "sometimes"])
-        self.assertEqual(out.returncode, 2)
-        self.assertEqual(out.stderr.strip().splitlines(), ["runner: --decode-graph sometimes: expected auto, on or off"])
-        self.assertFalse(db.exists())
+        self.assert_bad_option("--decode-graph", "sometimes", "runner: --decode-graph sometimes: expected auto, on or off")
 
 
 if __name__ == "__main__":

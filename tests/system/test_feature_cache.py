@@ -112,12 +112,7 @@ class FeatureCacheTest(TempDirTest):
         self.assert_same_training(self.dir / "auto" / "results.db", self.dir / "off" / "results.db", exact=True)
 
     def test_bad_mode_is_one_line_and_records_nothing(self):
-        toml = self.write("bad.toml", tiny_experiment("bad"))
-        db = self.dir / "bad" / "results.db"
-        done = run([toml, "--db", db, "--feature-cache", "maybe"])
-        self.assertEqual(done.returncode, 2)
-        self.assertEqual(done.stderr.strip().splitlines(), ["runner: --feature-cache maybe: expected auto, on or off"])
-        self.assertFalse(db.exists())
+        self.assert_bad_option("--feature-cache", "maybe", "runner: --feature-cache maybe: expected auto, on or off")
 
 
 if __name__ == "__main__":
