@@ -94,7 +94,11 @@ int dispatch(int argc, char** argv) {
         ("decode-graph", po::value<std::string>(&run.decode_graph)->default_value("auto"),
          "generation's steps after the prompt: on = a KV cache sized for the whole generation, each step a "
          "replayed CUDA graph on CUDA (checked once against the eager step; eager steps on the CPU); off = a "
-         "growing cache, eager steps; auto = on for CUDA generations of at least 9 tokens, else off");
+         "growing cache, eager steps; auto = on for CUDA generations of at least 9 tokens, else off")
+        ("train-graph", po::value<std::string>(&run.train_graph)->default_value("auto"),
+         "training steps: on = each step padded to one of a few fixed shapes, its forward and backward passes a "
+         "replayed CUDA graph per shape on CUDA (checked once against the eager passes; eager on the CPU); off = "
+         "eager steps, as collated; auto = off for now (not yet measured on a GPU)");
     positional.add("experiment", -1);
   } else if (command == "compare") {
     specific.add_options()

@@ -164,6 +164,7 @@ int run(const Common& common, const RunArgs& args) {
   const auto device = pick_device(args.device);
   const auto cache_mode = parse_auto_on_off<FeatureCacheMode>("--feature-cache", args.feature_cache);
   const auto decode_graph = parse_auto_on_off<DecodeGraphMode>("--decode-graph", args.decode_graph);
+  const auto train_graph = parse_auto_on_off<TrainGraphMode>("--train-graph", args.train_graph);
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
   DbLock lock(common.db);
@@ -189,6 +190,7 @@ int run(const Common& common, const RunArgs& args) {
                         ctx.results_dir / ("feature-cache-" + std::to_string(::getpid())));
   ctx.features = &features;
   ctx.decode_graph = decode_graph;
+  ctx.train_graph = train_graph;
 
   int failed = 0, done = 0, skipped = 0;
   for (auto& ex : chain) {

@@ -41,6 +41,20 @@ struct TrainBatch {
   std::vector<std::string> no_loss;  ///< "ID (prompt P tokens, target T)" of samples truncation left without loss tokens
 };
 
+/// A training batch as the loss reads it (VlmModel::loss_inputs), with the host's decisions made: where the image
+/// goes among the text, and which positions carry loss, as indices the device reads without the host waiting
+/// for it. Built on the data threads. Padded to a fixed shape (train/train_steps.hpp), it is the same batch with
+/// more text padding and more loss slots that hold no token.
+struct LossInputs {
+  torch::Tensor pixels, features, ids, valid, prompt_len;  ///< as TrainBatch, ids and valid perhaps wider
+  torch::Tensor index;       ///< inline layout: [B, S] where each position's embedding comes from; else undefined
+  torch::Tensor predictors;  ///< [L] flat positions in [B * S] whose hidden states predict a token
+  torch::Tensor labels;      ///< [L] flat positions of the tokens they predict; a padding slot's holds no token
+  std::int64_t loss_tokens = 0;  ///< slots that carry loss (the rest are padding)
+  /// Every tensor above, for moving, pinning or filling them all alike.
+  std::vector<torch::Tensor*> tensors() { return {&pixels, &features, &ids, &valid, &prompt_len, &index, &predictors, &labels}; }
+};
+
 /// Prompts for generation, left-padded so that every row's next token is at the same position.
 struct GenerationBatch {
   torch::Tensor pixels;  ///< [B, 3, H, W]

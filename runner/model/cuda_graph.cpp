@@ -75,7 +75,8 @@ CudaGraph::~CudaGraph() = default;
 
 bool CudaGraph::available(const torch::Device& device) { return device.is_cuda(); }
 
-void CudaGraph::capture(const torch::Device& device, const std::function<void()>& work) {
+void CudaGraph::capture(const torch::Device& device, const std::function<void()>& work, const CudaGraph* share_memory_with,
+                        bool warm_up) {
   TORCH_CHECK(device.is_cuda(), "CUDA graphs need a CUDA device, not ", device.str());
   TORCH_CHECK(!impl_->captured, "this CUDA graph is captured already");
   const auto index = device.has_index() ? device.index() : c10::DeviceIndex(0);
@@ -96,7 +97,7 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
     }
   } restore{autocast_cache};
   c10::StreamGuard on_side(side.stream);
-  if (!side.warmed) {
+  if (!side.warmed || warm_up) {
     work();
     side.stream.synchronize();
     side.warmed = true;
@@ -107,7 +108,8 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
   sdk::forget_mask_memo();
   try {
     // Thread-local mode: other threads (the data pipeline pinning host memory) may go on using CUDA meanwhile.
-    graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    const auto pool = share_memory_with && share_memory_with->captured() ? share_memory_with->impl_->graph.pool() : c10::MempoolId_t{0, 0};
+    graph.capture_begin(pool, cudaStreamCaptureModeThreadLocal);
   } catch (...) {
     graph.abandon();
     throw;
@@ -148,7 +150,7 @@ CudaGraph::~CudaGraph() = default;
 
 bool CudaGraph::available(const torch::Device&) { return false; }
 
-void CudaGraph::capture(const torch::Device&, const std::function<void()>&) {
+void CudaGraph::capture(const torch::Device&, const std::function<void()>&, const CudaGraph*, bool) {
   TORCH_CHECK(false, "this runner was built without CUDA graphs (libtorch without CUDA)");
 }
 

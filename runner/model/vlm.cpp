@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <sstream>
 
 #include <ATen/autocast_mode.h>
@@ -40,6 +41,51 @@ std::string trim(const std::string& s) {
 torch::Tensor count_positions(const torch::Tensor& valid) {
   auto pos = valid.to(torch::kLong).cumsum(1) - 1;
   return torch::where(valid, pos, torch::full_like(pos, -1));
+}
+
+// The inline layout's placement, on the host: per row, an index into [image (n) | text (t) | blank] for each
+// output position. A row's image token is replaced by the n image tokens; a row without one gets them after its
+// first token if that is BOS, else at its start. Rows keep their padding side: right for training, left for
+// generation. The output is as wide as the widest row, or t + n columns with `full_width` (a fixed shape).
+torch::Tensor inline_index(const torch::Tensor& ids_cpu, const torch::Tensor& valid_cpu, std::int64_t n, bool training,
+                           std::int64_t bos, std::int64_t image_token, bool full_width) {
+  const auto b = ids_cpu.size(0), t = ids_cpu.size(1);
+  const auto width = t + n;
+  auto ia = ids_cpu.accessor<std::int64_t, 2>();
+  auto va = valid_cpu.accessor<bool, 2>();
+  auto index = torch::full({b, width}, n + t, torch::kLong);  // blank by default
+  auto ia_out = index.accessor<std::int64_t, 2>();
+  std::int64_t used = 0;  // the widest row, so that the output has no all-blank column
+  for (std::int64_t r = 0; r < b; ++r) {
+    std::vector<std::int64_t> row;  // indices into [image | text]
+    std::int64_t first = -1, placeholder = -1;
+    for (std::int64_t j = 0; j < t; ++j) {
+      if (!va[r][j]) continue;
+      if (first < 0) first = j;
+      if (ia[r][j] == image_token && image_token >= 0) {
+        if (placeholder >= 0) throw sdk::InputError("a prompt holds more than one image token (one image per sample so far)");
+        placeholder = j;
+      }
+    }
+    const std::int64_t insert_at = placeholder >= 0 ? placeholder : (first >= 0 && ia[r][first] == bos ? first + 1 : std::max<std::int64_t>(first, 0));
+    bool inserted = false;
+    for (std::int64_t j = 0; j < t; ++j) {
+      if (!va[r][j]) continue;
+      if (j == insert_at) {
+        for (std::int64_t k = 0; k < n; ++k) row.push_back(k);
+        inserted = true;
+      }
+      if (j != placeholder) row.push_back(n + j);
+    }
+    if (!inserted) {  // a prompt of BOS alone, or an empty row: the image goes last
+      for (std::int64_t k = 0; k < n; ++k) row.push_back(k);
+    }
+    used = std::max<std::int64_t>(used, static_cast<std::int64_t>(row.size()));
+    const auto offset = training ? 0 : width - static_cast<std::int64_t>(row.size());
+    for (std::size_t k = 0; k < row.size(); ++k) ia_out[r][offset + static_cast<std::int64_t>(k)] = row[k];
+  }
+  if (full_width) return index;
+  return (training ? index.slice(1, 0, used) : index.slice(1, width - used)).contiguous();
 }
 
 }  // namespace
@@ -89,16 +135,16 @@ torch::Tensor VlmModel::image_embeddings(const torch::Tensor& pixels, const torc
 }
 
 Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& ids_in, const torch::Tensor& valid_in,
-                            const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in, const torch::Tensor& features) {
+                            const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in, const torch::Tensor& features,
+                            const torch::Tensor& index_in) {
   auto& bb = *backbone_.object;
   const auto dev = device();
   // Training batches come pinned from the data threads on CUDA: these copies queue behind the device's work.
   auto ids = to_device_async(ids_in, dev);
   auto valid = to_device_async(valid_in, dev);
-  const bool training = targets_in.defined();
-  // Which positions carry loss is decided on the host, where the batch was made: the loss then selects its
-  // rows with an index, not a boolean mask, whose size the host would have to wait for the device to learn.
-  const auto targets = training ? targets_in.to(torch::kCPU) : torch::Tensor();
+  const bool training = prompt_len_in.defined();
+  // Sequence::targets, on the host, where the batch was made (loss_inputs() makes its own).
+  const auto targets = targets_in.defined() ? targets_in.to(torch::kCPU) : torch::Tensor();
   const auto b = ids.size(0), t = ids.size(1);
 
   auto image = image_embeddings(pixels, features);
@@ -111,7 +157,7 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   if (layout_ != Layout::inline_) {
     s.embeds = torch::cat({image, text}, 1);
     s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids}, 1);
-    if (training) s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets}, 1);  // host
+    if (targets.defined()) s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets}, 1);  // host
     auto key_valid = torch::cat({torch::ones({b, n}, valid.options()), valid}, 1);
     if (layout_ == Layout::prefix) {
       s.positions = torch::cat({torch::full({b, n}, -1, long_opts), count_positions(valid)}, 1);
@@ -125,49 +171,11 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
     return s;
   }
 
-  // inline: per row, an index into [image (n) | text (t) | blank] for each output position. A row's image
-  // token is replaced by the n image tokens; a row without one gets them after its first token if that is
-  // BOS, else at its start. Rows keep their padding side: right for training, left for generation.
-  const auto width = t + n;
-  auto ids_cpu = ids_in.to(torch::kCPU), valid_cpu = valid_in.to(torch::kCPU);  // the host's copies: no device read
-  auto ia = ids_cpu.accessor<std::int64_t, 2>();
-  auto va = valid_cpu.accessor<bool, 2>();
-  const auto bos = bb.tokenizer().bos_id();
-  auto index = torch::full({b, width}, n + t, torch::kLong);  // blank by default
-  auto ia_out = index.accessor<std::int64_t, 2>();
-  std::int64_t used = 0;  // the widest row, so that the output has no all-blank column
-  for (std::int64_t r = 0; r < b; ++r) {
-    std::vector<std::int64_t> row;  // indices into [image | text]
-    std::int64_t first = -1, placeholder = -1;
-    for (std::int64_t j = 0; j < t; ++j) {
-      if (!va[r][j]) continue;
-      if (first < 0) first = j;
-      if (ia[r][j] == image_token_ && image_token_ >= 0) {
-        if (placeholder >= 0) throw sdk::InputError("a prompt holds more than one image token (one image per sample so far)");
-        placeholder = j;
-      }
-    }
-    const std::int64_t insert_at = placeholder >= 0 ? placeholder : (first >= 0 && ia[r][first] == bos ? first + 1 : std::max<std::int64_t>(first, 0));
-    bool inserted = false;
-    for (std::int64_t j = 0; j < t; ++j) {
-      if (!va[r][j]) continue;
-      if (j == insert_at) {
-        for (std::int64_t k = 0; k < n; ++k) row.push_back(k);
-        inserted = true;
-      }
-      if (j != placeholder) row.push_back(n + j);
-    }
-    if (!inserted) {  // a prompt of BOS alone, or an empty row: the image goes last
-      for (std::int64_t k = 0; k < n; ++k) row.push_back(k);
-    }
-    used = std::max<std::int64_t>(used, static_cast<std::int64_t>(row.size()));
-    const auto offset = training ? 0 : width - static_cast<std::int64_t>(row.size());
-    for (std::size_t k = 0; k < row.size(); ++k) ia_out[r][offset + static_cast<std::int64_t>(k)] = row[k];
-  }
-  if (!training) index = index.slice(1, width - used);
-  else index = index.slice(1, 0, used);
-  const auto index_cpu = index.contiguous();
-  index = to_device_async(index_cpu, dev);
+  // inline: the placement decided on the host (inline_index), from the host's copies of ids: no device read.
+  const auto index_cpu = index_in.defined() ? torch::Tensor()
+                                            : inline_index(ids_in.to(torch::kCPU), valid_in.to(torch::kCPU), n, training,
+                                                           bb.tokenizer().bos_id(), image_token_, /*full_width=*/false);
+  const auto index = to_device_async(index_in.defined() ? index_in : index_cpu, dev);
 
   const auto d = text.size(2);
   auto source = torch::cat({image, text, torch::zeros({b, 1, d}, text.options())}, 1);
@@ -176,9 +184,9 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids, blank}, 1).gather(1, index);
   auto source_valid = torch::cat({torch::ones({b, n}, valid.options()), valid, torch::zeros({b, 1}, valid.options())}, 1);
   auto valid_out = source_valid.gather(1, index);
-  if (training) {  // host
+  if (targets.defined()) {  // host
     s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets, torch::zeros({b, 1}, targets.options())}, 1)
-                    .gather(1, index_cpu);
+                    .gather(1, index_cpu.defined() ? index_cpu : index_in.to(torch::kCPU));
   }
   s.positions = count_positions(valid_out);
   s.mask = sdk::AttentionMask::make_causal();
@@ -200,27 +208,79 @@ torch::Tensor VlmModel::logits(const Sequence& s) {
   return guarded(backbone_.plugin, "logits", [&] { return bb.logits(hidden); });
 }
 
+std::int64_t VlmModel::max_text_width() const {
+  const auto limit = backbone_.object->max_positions();
+  if (limit <= 0) return std::numeric_limits<std::int64_t>::max();
+  // prefix: text positions only; otherwise the image's positions come first (inline: t + n columns at full width).
+  return layout_ == Layout::prefix ? limit : limit - image_tokens_;
+}
+
+LossInputs VlmModel::loss_inputs(const TrainBatch& batch, std::int64_t text_width, std::int64_t loss_slots) const {
+  LossInputs in;
+  in.pixels = batch.pixels;
+  in.features = batch.features;
+  in.prompt_len = batch.prompt_len;
+  auto ids = batch.ids.to(torch::kCPU), valid = batch.valid.to(torch::kCPU), targets = batch.targets.to(torch::kCPU);
+  const auto b = ids.size(0), t = ids.size(1), n = image_tokens_;
+  if (text_width > 0 && text_width < t) throw std::logic_error("loss_inputs: text width below the batch's");
+  if (text_width > t) {  // more right padding: never attended to, never a loss position
+    ids = torch::constant_pad_nd(ids, {0, text_width - t}, 0);
+    valid = torch::constant_pad_nd(valid, {0, text_width - t}, 0);
+    targets = torch::constant_pad_nd(targets, {0, text_width - t}, 0);
+  }
+  in.ids = ids;
+  in.valid = valid;
+  // Which positions of the placed sequence carry loss, as assemble() places them.
+  torch::Tensor placed;
+  if (layout_ == Layout::inline_) {
+    in.index = inline_index(ids, valid, n, /*training=*/true, backbone_.object->tokenizer().bos_id(), image_token_,
+                            /*full_width=*/text_width > 0);
+    placed = torch::cat({torch::zeros({b, n}, targets.options()), targets, torch::zeros({b, 1}, targets.options())}, 1).gather(1, in.index);
+  } else {
+    placed = torch::cat({torch::zeros({b, n}, targets.options()), targets}, 1);
+  }
+  // The hidden state at position j predicts the token at j + 1, so a token at (row r, j) that carries loss is
+  // predicted from flat position r * S + j - 1. A row's first position has no predictor: it never carries loss.
+  placed.select(1, 0).fill_(false);
+  const auto carried = placed.reshape({-1}).nonzero().squeeze(1);
+  in.loss_tokens = carried.size(0);
+  in.predictors = carried - 1;
+  in.labels = carried;
+  if (loss_slots > 0) {
+    if (loss_slots < in.loss_tokens) throw std::logic_error("loss_inputs: fewer loss slots than loss tokens");
+    // A padding slot predicts, from position 0, an image position of row 0: it holds no token (-1), and the
+    // cross-entropy ignores it.
+    std::int64_t no_token = 0;
+    if (layout_ == Layout::inline_) {
+      const auto row = in.index[0];
+      no_token = (row < n).to(torch::kLong).argmax().item<std::int64_t>();  // the host's tensor: no device read
+    }
+    in.predictors = torch::constant_pad_nd(in.predictors, {0, loss_slots - in.loss_tokens}, 0);
+    in.labels = torch::constant_pad_nd(in.labels, {0, loss_slots - in.loss_tokens}, static_cast<double>(no_token));
+  }
+  return in;
+}
+
+torch::Tensor VlmModel::loss_sum(const LossInputs& in) {
+  auto& bb = *backbone_.object;
+  auto s = assemble(in.pixels, in.ids, in.valid, torch::Tensor(), in.prompt_len, in.features, in.index);
+  // Positions count from 0 over the (right-padded) sequence, so its length bounds them; no device read.
+  check_length(layout_ == Layout::prefix ? in.ids.size(1) : s.embeds.size(1));
+  auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
+  // Only the loss positions go through the head.
+  const auto predictors = to_device_async(in.predictors, hidden.device());
+  const auto labels = to_device_async(in.labels, hidden.device());
+  auto selected = hidden.reshape({-1, hidden.size(2)}).index_select(0, predictors);
+  auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(selected); });
+  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.reshape({-1}).index_select(0, labels),
+                                              torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(-1));
+}
+
 torch::Tensor VlmModel::loss_sum(const TrainBatch& batch) {
   if (batch.loss_tokens == 0) {
     throw std::runtime_error("a batch has no loss tokens (is max_text_tokens cutting every target?)");
   }
-  auto& bb = *backbone_.object;
-  auto s = assemble(batch.pixels, batch.ids, batch.valid, batch.targets, batch.prompt_len, batch.features);
-  // Positions count from 0 over the (right-padded) sequence, so its length bounds them; no device read.
-  check_length(layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1));
-  auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
-  // The hidden state at position j predicts the token at j + 1; only loss positions go through the head.
-  // Their flat positions in [B * len] are found on the host (a token at j of row b that carries loss: b * len + j - 1).
-  // A row's first position has no predictor: it never carries loss.
-  auto carries = s.targets.clone();
-  carries.select(1, 0).fill_(false);
-  const auto carried = carries.reshape({-1}).nonzero().squeeze(1);
-  const auto predictors = to_device_async(carried - 1, hidden.device());
-  const auto labels = to_device_async(carried, hidden.device());
-  auto selected = hidden.reshape({-1, hidden.size(2)}).index_select(0, predictors);
-  auto logits = guarded(backbone_.plugin, "logits", [&] { return bb.logits(selected); });
-  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), s.ids.reshape({-1}).index_select(0, labels),
-                                              torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  return loss_sum(loss_inputs(batch));
 }
 
 torch::Tensor sample_next(const torch::Tensor& scores, const GenerateConfig& cfg, at::Generator& generator) {

@@ -62,15 +62,25 @@ class VlmModel : public torch::nn::Module {
            Layout layout = Layout::prefix, std::int64_t image_token = -1);
   ~VlmModel() override;
 
-  /// Places image and text for the backbone. ids/valid: [B, T], right-padded for training (with targets and
-  /// prompt_len) or left-padded for generation (targets and prompt_len undefined). `features`: the encoder's
-  /// output for these images when the feature cache has it (pixels are then not used).
+  /// Places image and text for the backbone. ids/valid: [B, T], right-padded for training (with prompt_len, and
+  /// targets when Sequence::targets is wanted) or left-padded for generation (targets and prompt_len undefined).
+  /// `features`: the encoder's output for these images when the feature cache has it (pixels are then not used).
+  /// `index`: the inline layout's placement from loss_inputs(); computed from ids on the host when undefined.
   Sequence assemble(const torch::Tensor& pixels, const torch::Tensor& ids, const torch::Tensor& valid,
-                    const torch::Tensor& targets, const torch::Tensor& prompt_len, const torch::Tensor& features = {});
+                    const torch::Tensor& targets, const torch::Tensor& prompt_len, const torch::Tensor& features = {},
+                    const torch::Tensor& index = {});
 
-  /// Sum of the cross-entropy over the batch's loss tokens (divide by the step's loss-token count).
-  /// Throws if the batch has no loss token.
+  /// The host's part of the loss for a training batch (safe on the data threads). `text_width` > 0 pads the
+  /// text to that many columns and `loss_slots` > 0 the loss positions to that many slots, so that batches of
+  /// different lengths give tensors of one shape; the loss is the same.
+  LossInputs loss_inputs(const TrainBatch& batch, std::int64_t text_width = 0, std::int64_t loss_slots = 0) const;
+  /// Sum of the cross-entropy over the batch's loss tokens (divide by the step's loss-token count). Reads the
+  /// inputs on the device, with no wait for it: a CUDA graph can hold it.
+  torch::Tensor loss_sum(const LossInputs& inputs);
+  /// The same from a collated batch. Throws if the batch has no loss token.
   torch::Tensor loss_sum(const TrainBatch& batch);
+  /// The most text columns a training batch may be padded to: the backbone's positions less the image's.
+  std::int64_t max_text_width() const;
   /// Logits at every position of an assembled sequence: [B, S, V].
   torch::Tensor logits(const Sequence& sequence);
 

@@ -28,6 +28,7 @@
 #include "train/optimizer.hpp"
 #include "train/precision.hpp"
 #include "train/strategies.hpp"
+#include "train/train_steps.hpp"
 
 namespace ablate {
 
@@ -660,6 +661,17 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   if (start == 0 && ec.at_start) evaluate(0);
 
   // ---- the loop
+  std::vector<torch::Tensor> param_tensors;
+  for (const auto& p : params) param_tensors.push_back(p.tensor);
+  TrainSteps steps(*model, param_tensors, tc, ctx.device, ctx.train_graph);
+  if (steps.fixed_shapes()) {
+    out << "  training steps: padded to fixed shapes, "
+        << (ctx.device.is_cuda() ? "each shape a CUDA graph" : "run eagerly (CUDA graphs need a CUDA device)") << "\n";
+  }
+  struct StepBatches {
+    std::vector<TrainBatch> micro;
+    std::vector<LossInputs> inputs;  // as the loss reads them (TrainSteps::prepare)
+  };
   std::mutex order_mu;
   auto produce = [&](std::int64_t step) {
     std::vector<std::pair<std::size_t, std::size_t>> idx;  // (dataset, index)
@@ -685,17 +697,21 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       }
       auto b = collator.train_batch(examples);
       if (!features.train.empty()) b.rows = std::move(rows);  // features gathered when the step runs
-      if (ctx.device.is_cuda()) {
-        // Pinned, the step's copies to the device are queued without waiting for the device (VlmModel::assemble).
-        for (auto* t : {&b.pixels, &b.ids, &b.valid, &b.targets, &b.prompt_len}) {
+      micro.push_back(std::move(b));
+    }
+    auto inputs = steps.prepare(micro);
+    StepBatches batches{std::move(micro), std::move(inputs)};
+    if (ctx.device.is_cuda()) {
+      // Pinned, the step's copies to the device are queued without waiting for the device (VlmModel::assemble).
+      for (auto& in : batches.inputs) {
+        for (auto* t : in.tensors()) {
           if (t->defined()) *t = t->pin_memory();
         }
       }
-      micro.push_back(std::move(b));
     }
-    return micro;
+    return batches;
   };
-  Prefetcher<std::vector<TrainBatch>> stream(start + 1, tc.steps + 1, ctx.workers, 4, produce);
+  Prefetcher<StepBatches> stream(start + 1, tc.steps + 1, ctx.workers, 4, produce);
 
 
   model->train();
@@ -775,7 +791,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       outcome = Outcome::interrupted;
       break;
     }
-    auto micro = stream.next();
+    auto batches = stream.next();
+    const auto& micro = batches.micro;
     std::int64_t loss_tokens = 0, tokens = 0, samples = 0;
     for (const auto& b : micro) {
       loss_tokens += b.loss_tokens;
@@ -797,21 +814,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     }
     // Cached features are gathered here, not on the data threads: prefetched batches hold no device memory.
     if (!features.train.empty()) {
-      for (auto& b : micro) b.features = features.gather(b.rows, ctx.device);
+      for (std::size_t m = 0; m < micro.size(); ++m) batches.inputs[m].features = features.gather(micro[m].rows, ctx.device);
     }
     if (op_profile) op_profile->before_step(step);
-    // Token-weighted over the whole step: each loss token counts the same whatever micro-batch holds it.
-    torch::Tensor step_loss = torch::zeros({}, torch::TensorOptions().device(ctx.device));
-    for (const auto& b : micro) {
-      if (b.loss_tokens == 0) continue;
-      torch::Tensor loss;
-      {
-        AutocastGuard autocast(ctx.device, tc.precision);
-        loss = model->loss_sum(b) / static_cast<double>(loss_tokens);
-      }
-      (optimizer.scaler() ? optimizer.scaler()->scale(loss) : loss).backward();
-      step_loss = step_loss + loss.detach();
-    }
+    const auto step_loss = steps.run(batches.inputs, loss_tokens, optimizer.scaler(), out);
     const auto result = optimizer.step(step - 1);
     if (op_profile) {
       step_loss.item<double>();  // the step's work done (a device synchronisation, only when profiling)

@@ -15,6 +15,7 @@
 #include "grid/experiment.hpp"
 #include "model/vlm.hpp"
 #include "store/store.hpp"
+#include "train/train_steps.hpp"
 
 namespace ablate {
 
@@ -44,6 +45,7 @@ struct RunContext {
   GridProgress grid;
   FeatureCache* features = nullptr;    ///< frozen-encoder features shared by the grid's cells; null: none
   DecodeGraphMode decode_graph = DecodeGraphMode::automatic;  ///< how generation runs its steps (model/vlm.hpp)
+  TrainGraphMode train_graph = TrainGraphMode::automatic;    ///< how training runs its steps (train/train_steps.hpp)
 };
 
 enum class Outcome { done, diverged, interrupted };

@@ -11,6 +11,7 @@
 #include "helpers.hpp"
 #include "model/vlm.hpp"
 #include "train/precision.hpp"
+#include "train/train_steps.hpp"
 
 using namespace ablate;
 
@@ -264,4 +265,67 @@ TEST_CASE("frozen linear weights held in bf16 change no number under autocast, a
     CHECK(torch::equal(p.value(), original[p.key()]));
   }
   CHECK(held.count() == 0);
+}
+
+TEST_CASE("a training batch padded to a fixed shape gives the same loss and gradients, in every layout", "[layout][train_graph]") {
+  torch::manual_seed(0);
+  auto model = tiny_model();
+  apply_lora(*model, {{"r", 4}});
+  for (auto& p : model->projector().module().parameters()) p.set_requires_grad(true);
+  for (auto& p : model->named_parameters()) {
+    if (p.key().find("lora_B") != std::string::npos) {
+      torch::NoGradGuard no_grad;
+      p.value().normal_(0.0, 0.5);  // B starts at zero; the adapters must count for their gradients to mean much
+    }
+  }
+  TrainBatch batch;
+  batch.pixels = torch::randn({3, 3, 16, 16});
+  // Rows of different lengths, right-padded; only the third row's prompt holds token 6, the image token of the
+  // second inline model below.
+  batch.ids = torch::tensor({{1, 4, 5, 4, 2, 0, 0}, {1, 5, 4, 2, 0, 0, 0}, {1, 6, 5, 4, 3, 5, 2}}, torch::kLong);
+  batch.valid = batch.ids != 0;
+  batch.targets = torch::tensor({{0, 0, 0, 1, 1, 0, 0}, {0, 0, 1, 1, 0, 0, 0}, {0, 0, 0, 0, 1, 1, 1}}, torch::kBool);
+  batch.prompt_len = torch::tensor({3, 2, 4}, torch::kLong);
+  batch.loss_tokens = 7;
+  for (const auto& [layout, image_token] : std::vector<std::pair<Layout, std::int64_t>>{
+           {Layout::prefix, -1}, {Layout::prefix_lm, -1}, {Layout::inline_, -1}, {Layout::inline_, 6}}) {
+    VlmModel m(model->encoder_part(), model->projector_part(), model->backbone_part(), layout, image_token);
+    m.refresh_frozen();
+    m.eval();  // no dropout: padding changes the shapes its masks are drawn in
+    auto loss_and_grads = [&](const LossInputs& in) {
+      for (auto& p : m.parameters()) p.mutable_grad() = torch::Tensor();
+      auto loss = m.loss_sum(in);
+      loss.backward();
+      std::vector<torch::Tensor> out{loss.detach()};
+      for (auto& p : m.parameters()) {
+        if (p.requires_grad()) out.push_back(p.grad().clone());
+      }
+      return out;
+    };
+    const auto as_collated = m.loss_inputs(batch);
+    const auto padded = m.loss_inputs(batch, TrainSteps::bucket(7, 64), TrainSteps::bucket(7, 1000));
+    INFO("layout " << static_cast<int>(layout) << ", image token " << image_token);
+    CHECK(as_collated.loss_tokens == 7);
+    CHECK(padded.loss_tokens == 7);
+    CHECK(padded.ids.size(1) == 16);
+    CHECK(padded.predictors.size(0) == 16);
+    const auto a = loss_and_grads(as_collated), b = loss_and_grads(padded);
+    REQUIRE(a.size() == b.size());
+    CHECK(a.size() > 10);
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      const double diff = (a[i] - b[i]).abs().max().item<double>(), size = a[i].abs().max().item<double>();
+      INFO("tensor " << i << ": difference " << diff << " of " << size);
+      CHECK(diff <= 1e-5 * std::max(size, 1e-6));
+    }
+    // The collated batch's loss as the trainer's evaluation computes it, from the batch itself.
+    CHECK(m.loss_sum(batch).item<double>() == Approx(a[0].item<double>()).epsilon(1e-6));
+  }
+}
+
+TEST_CASE("fixed shapes round up to 16, 24, 32, 48, 64... and never past their limit", "[train_graph]") {
+  std::vector<std::int64_t> got;
+  for (std::int64_t n : {1, 16, 17, 24, 25, 33, 49, 65, 97, 129, 200}) got.push_back(TrainSteps::bucket(n, 1 << 20));
+  CHECK(got == std::vector<std::int64_t>{16, 16, 24, 24, 32, 48, 64, 96, 128, 192, 256});
+  CHECK(TrainSteps::bucket(17, 20) == 20);  // the limit when the ladder's next size is past it
+  CHECK(TrainSteps::bucket(30, 20) == 30);  // never below what the batch needs
 }

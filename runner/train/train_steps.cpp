@@ -1,0 +1,202 @@
+#include "train/train_steps.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <mutex>
+
+#include <torch/torch.h>
+
+#include "grid/experiment.hpp"
+#include "model/cuda_graph.hpp"
+#include "model/vlm.hpp"
+#include "train/optimizer.hpp"
+#include "train/precision.hpp"
+
+namespace ablate {
+
+namespace {
+
+// Each shape's graph keeps its own inputs and gradients; past this many shapes, new ones run eagerly.
+constexpr std::size_t kMaxShapes = 8;
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+}  // namespace
+
+// One fixed shape: its inputs on the device (refilled in place every step, so that the graph reads the step's
+// batch), its graph, and the graph's outputs (rewritten at every replay).
+struct TrainSteps::Shape {
+  std::vector<LossInputs> inputs;
+  torch::Tensor count;  ///< the step's loss tokens, a float32 scalar on the device
+  std::unique_ptr<CudaGraph> graph;
+  torch::Tensor loss;
+  std::vector<torch::Tensor> grads;  ///< per parameter; undefined where the step gives it none
+};
+
+TrainSteps::TrainSteps(VlmModel& model, std::vector<torch::Tensor> params, const TrainConfig& config, torch::Device device,
+                       TrainGraphMode mode)
+    : model_(model), params_(std::move(params)), config_(config), device_(device) {
+  fixed_ = mode == TrainGraphMode::on;
+  graphs_ = fixed_ && CudaGraph::available(device);
+  text_limit_ = std::min(config.max_text_tokens, model.max_text_width());
+}
+
+TrainSteps::~TrainSteps() = default;
+
+std::int64_t TrainSteps::bucket(std::int64_t n, std::int64_t limit) {
+  std::int64_t size = 16;
+  while (size < n) size = (size & (size - 1)) == 0 ? size * 3 / 2 : size / 3 * 4;  // 16, 24, 32, 48, 64, 96...
+  return std::max(n, std::min(size, limit));
+}
+
+std::vector<LossInputs> TrainSteps::prepare(const std::vector<TrainBatch>& micro) const {
+  std::int64_t width = 0, slots = 0;
+  if (fixed_) {
+    // One shape for all the step's micro-batches: one graph replays them in order.
+    for (const auto& b : micro) {
+      width = std::max(width, b.ids.size(1));
+      slots = std::max(slots, b.loss_tokens);
+    }
+    width = bucket(width, text_limit_);
+    slots = bucket(slots, micro.front().ids.size(0) * (width + model_.image_tokens()));
+  }
+  std::vector<LossInputs> out;
+  for (const auto& b : micro) out.push_back(model_.loss_inputs(b, width, slots));
+  return out;
+}
+
+torch::Tensor TrainSteps::passes(std::vector<LossInputs>& micro, const torch::Tensor& loss_tokens, LossScaler* scaler) {
+  // Gradients made afresh, not added to: a captured graph then writes them, rather than adding to whatever the
+  // last step left.
+  for (auto& p : params_) p.mutable_grad() = torch::Tensor();
+  torch::Tensor total;
+  for (auto& in : micro) {
+    if (!fixed_ && in.loss_tokens == 0) continue;  // nothing to learn from; a fixed shape runs it anyway (zero)
+    torch::Tensor loss;
+    {
+      AutocastGuard autocast(device_, config_.precision);
+      // Token-weighted over the whole step: each loss token counts the same whatever micro-batch holds it.
+      loss = model_.loss_sum(in) / loss_tokens;
+    }
+    (scaler ? scaler->scale(loss) : loss).backward();
+    total = total.defined() ? total + loss.detach() : loss.detach();
+  }
+  return total.defined() ? total : torch::zeros({}, torch::TensorOptions().device(device_));
+}
+
+torch::Tensor TrainSteps::run(std::vector<LossInputs>& micro, std::int64_t loss_tokens, LossScaler* scaler, std::ostream& out) {
+  if (graphs_ && refused_.empty()) {
+    const auto key = std::make_pair(micro.front().ids.size(1), micro.front().predictors.size(0));
+    auto it = shapes_.find(key);
+    if (it == shapes_.end() && shapes_.size() < kMaxShapes) it = shapes_.emplace(key, std::make_unique<Shape>()).first;
+    if (it != shapes_.end()) return run_graph(*it->second, micro, loss_tokens, scaler, out);
+    if (!told_too_many_) {
+      out << "  training step: more than " << kMaxShapes << " shapes; new ones run eagerly\n";
+      told_too_many_ = true;
+    }
+  }
+  const auto count = torch::full({}, static_cast<double>(loss_tokens), torch::TensorOptions().dtype(torch::kFloat32).device(device_));
+  return passes(micro, count, scaler);
+}
+
+torch::Tensor TrainSteps::run_graph(Shape& shape, std::vector<LossInputs>& micro, std::int64_t loss_tokens, LossScaler* scaler,
+                                    std::ostream& out) {
+  // The step's batch into the shape's inputs: copies queued on the stream (from pinned memory, or on the device
+  // for cached features), then the graph reads them.
+  if (shape.inputs.empty()) {
+    shape.inputs = micro;
+    for (auto& in : shape.inputs) {
+      for (auto* t : in.tensors()) {
+        if (t->defined()) *t = t->to(device_, /*non_blocking=*/true, /*copy=*/true);
+      }
+    }
+    shape.count = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(device_));
+  } else {
+    for (std::size_t m = 0; m < micro.size(); ++m) {
+      auto to = shape.inputs[m].tensors();
+      auto from = micro[m].tensors();
+      for (std::size_t k = 0; k < to.size(); ++k) {
+        if (to[k]->defined() != from[k]->defined() || (to[k]->defined() && to[k]->sizes() != from[k]->sizes())) {
+          throw std::logic_error("training step: a batch of a fixed shape came with tensors of another shape");
+        }
+        if (to[k]->defined()) to[k]->copy_(*from[k], /*non_blocking=*/true);
+      }
+    }
+  }
+  shape.count.fill_(static_cast<double>(loss_tokens));
+  if (shape.graph) {
+    shape.graph->replay();
+    for (std::size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = shape.grads[i];
+    return shape.loss.clone();  // the next replay rewrites shape.loss; the trainer reads this one later
+  }
+
+  // First step of this shape: the eager passes, then the capture, then a replay on the same inputs that must
+  // give the same loss and gradients. Dropout draws the same numbers in both: the replay starts from the
+  // generator state the eager passes started from (a graph's random numbers follow the generator's offset at
+  // replay time).
+  auto generator = at::globalContext().defaultGenerator(device_);
+  torch::Tensor rng;
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    rng = generator.get_state();
+  }
+  const auto eager_loss = passes(shape.inputs, shape.count, scaler);
+  std::vector<torch::Tensor> eager_grads;
+  for (const auto& p : params_) eager_grads.push_back(p.grad());
+  auto refuse = [&](const std::string& why) {
+    refused_ = why;
+    out << "  training step: no CUDA graph: " << why << "; steps run eagerly\n";
+    for (std::size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = eager_grads[i];
+    shapes_.clear();  // `shape` too: every graph and its memory let go
+    return eager_loss;
+  };
+
+  auto graph = std::make_unique<CudaGraph>();
+  const CudaGraph* share = nullptr;  // shapes never run at once, and their outputs are read before the next runs
+  for (const auto& [key, other] : shapes_) {
+    if (other->graph) share = other->graph.get();
+  }
+  torch::Tensor captured_loss;
+  try {
+    // Warmed on the capture stream every time: autograd's threads set up their cuBLAS handles' workspaces
+    // lazily, and a workspace first made during capture would live in the graph's memory.
+    graph->capture(device_, [&] { captured_loss = passes(shape.inputs, shape.count, scaler); }, share, /*warm_up=*/true);
+  } catch (const std::exception& e) {
+    return refuse("capture failed: " + first_line(e.what()));
+  }
+  std::vector<torch::Tensor> graph_grads;
+  for (const auto& p : params_) graph_grads.push_back(p.grad());
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(rng);
+  }
+  graph->replay();
+
+  // The check: one wait for the device, once per shape.
+  std::vector<torch::Tensor> diffs, sizes;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    if (eager_grads[i].defined() != graph_grads[i].defined()) return refuse("the replay left other parameters without gradients");
+    if (!eager_grads[i].defined()) continue;
+    diffs.push_back((graph_grads[i].to(torch::kFloat32) - eager_grads[i].to(torch::kFloat32)).abs().max());
+    sizes.push_back(eager_grads[i].to(torch::kFloat32).abs().max());
+  }
+  const double le = eager_loss.item<double>(), lg = captured_loss.item<double>();
+  const double diff = diffs.empty() ? 0.0 : torch::stack(diffs).max().item<double>();
+  const double size = sizes.empty() ? 0.0 : torch::stack(sizes).max().item<double>();
+  char numbers[160];
+  std::snprintf(numbers, sizeof numbers, "loss %.7g against %.7g eager, gradients %.2g apart (largest %.2g)", lg, le, diff, size);
+  if (!std::isfinite(lg) || std::abs(lg - le) > 1e-3 * std::max(1.0, std::abs(le)) || !(diff <= 1e-3 * std::max(size, 1e-12))) {
+    return refuse(std::string("the replay differs from the eager passes (") + numbers + ")");
+  }
+  shape.graph = std::move(graph);
+  shape.loss = captured_loss;
+  shape.grads = graph_grads;
+  out << "  training step as a CUDA graph: text width " << shape.inputs.front().ids.size(1) << ", loss slots "
+      << shape.inputs.front().predictors.size(0) << "; replay checked (" << numbers << ")\n";
+  for (std::size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = graph_grads[i];
+  return captured_loss.clone();
+}
+
+}  // namespace ablate
