@@ -34,6 +34,8 @@ What ablate does that the reference does not: with the encoder frozen, its featu
 before step 1 (the runner's frozen-encoder feature cache, --feature-cache, issue 7 item 2) and each step reads
 them instead of running the encoder. `ablate-nocache` (in --refs by default) is the same runner with the cache
 off, so both figures come from one invocation; the cache's build time is printed and is in the wall time.
+`ablate-graph` (in --refs by default on CUDA) is the runner with --train-graph on: each step's forward and
+backward passes a replayed CUDA graph (train/train_steps.hpp); its log says whether the capture was accepted.
 
 Differences that favour the reference: its images are decoded and preprocessed once before timing (ablate
 decodes and preprocesses every step on its data threads), and its batches are pre-built on the host.
@@ -344,9 +346,10 @@ def run_child(cmd, log, env=None, gpu=False):
     return p.returncode, wall, usage.ru_maxrss / 1024, mem.mib()
 
 
-def run_ablate(work, args, k, cache=True):
-    """One ablate run; cache=False turns the frozen-encoder feature cache off (--feature-cache off)."""
-    system = "ablate" if cache else "ablate-nocache"
+def run_ablate(work, args, k, cache=True, graph=False):
+    """One ablate run; cache=False turns the frozen-encoder feature cache off (--feature-cache off); graph=True runs
+    the training steps as CUDA graphs (--train-graph on)."""
+    system = "ablate-graph" if graph else "ablate" if cache else "ablate-nocache"
     d = work / "runs" / f"{system}-{k}"
     if d.exists():
         shutil.rmtree(d)
@@ -359,6 +362,8 @@ def run_ablate(work, args, k, cache=True):
         cmd += ["--workers", str(args.workers)]
     if not cache:
         cmd += ["--feature-cache", "off"]
+    if graph:
+        cmd += ["--train-graph", "on"]
     rc, wall, rss, gpu = run_child(cmd, d / "log.txt", gpu=args.device.startswith("cuda"))
     if rc != 0:
         raise Failed(f"ablate run {k} failed (exit {rc}); see {d / 'log.txt'}:\n" + (d / "log.txt").read_text()[-3000:])
@@ -654,9 +659,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--measure", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=1, help="A/B rounds (each: ablate, then every reference)")
-    ap.add_argument("--refs", default="eager,compile,nocache",
+    ap.add_argument("--refs", default=None,
                     help="what runs beside ablate: eager, compile (transformers + PEFT), nocache (ablate with its "
-                         "feature cache off); comma-separated")
+                         "feature cache off), graph (ablate with --train-graph on: CUDA graphs of the training "
+                         "step); comma-separated (default: eager,compile,nocache, and graph on CUDA)")
     ap.add_argument("--compile-rounds", type=int, default=1, help="rounds that include the torch.compile reference")
     ap.add_argument("--child-timeout", type=int, default=0, help="seconds after which a run is killed (0: none)")
     ap.add_argument("--workers", type=int, default=0, help="the runner's data threads (0: its default)")
@@ -678,6 +684,8 @@ def main():
         return reference_worker(args)
 
     resolve_common(args)
+    if args.refs is None:
+        args.refs = "eager,compile,nocache" + (",graph" if args.device.startswith("cuda") else "")
     refs = [r for r in args.refs.split(",") if r]
     if args.warmup + args.measure < 50:
         sys.exit("the loss check needs at least 50 steps (warmup + measure)")
@@ -694,8 +702,8 @@ def main():
                 continue
             print(f"round {k + 1}: {system} ...", flush=True)
             try:
-                if system in ("ablate", "nocache"):
-                    r = run_ablate(args.work, args, k, cache=system == "ablate")
+                if system in ("ablate", "nocache", "graph"):
+                    r = run_ablate(args.work, args, k, cache=system != "nocache", graph=system == "graph")
                 else:
                     r = run_reference(args.work, args, k, system == "compile")
             except Failed as e:
@@ -750,7 +758,7 @@ def main():
                f"{args.batch / m:10.1f} {args.batch * seq / m:10.0f}"
         if gpu:
             # With the feature cache the encoder does not run in the step: its FLOPs are not counted for it.
-            done = flops - enc_flops if system == "ablate" else flops
+            done = flops - enc_flops if system in ("ablate", "ablate-graph") else flops
             line += f" {done / m / H100_BF16_DENSE:6.1%}"
         mem = max((r["peak_gpu_mib"] if gpu else r["peak_rss_mib"]) or 0 for r in mine)
         line += f" {mem:12.0f} {statistics.mean(r['wall_s'] for r in mine):7.1f}"
@@ -767,7 +775,7 @@ def main():
     if builds:
         print(f"ablate: frozen-encoder feature cache built before step 1 in {statistics.mean(builds):.2f}s on average "
               f"({SIZES[args.size]['images']} images; in wall s, not in step times); ablate-nocache encodes every step")
-    for mine in ("ablate", "ablate-nocache"):
+    for mine in ("ablate", "ablate-nocache", "ablate-graph"):
         for system in med:
             if mine in med and system.startswith("hf-"):
                 print(f"speed-up {mine} vs {system}: {med[system] / med[mine]:.2f}x (median step time ratio)")
