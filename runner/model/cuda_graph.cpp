@@ -10,6 +10,7 @@
 #include <mutex>
 
 #include <ATen/core/CachingHostAllocator.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
@@ -28,6 +29,12 @@ namespace {
 // and keep the pool's memory: abandon() does what capture_end() and reset() would have done.
 struct Graph : at::cuda::CUDAGraph {
   void abandon() noexcept {
+    // capture_begin() put the random-number generators it registered into capture mode, and only a successful
+    // capture_end() takes them out: left so, every later eager random draw on the device (dropout in the steps
+    // that go on eagerly) would fail its "not capturing" check.
+    if (!capture_ended_) {
+      for (auto& state : captured_generator_states_) state.first->capturing_ = false;
+    }
     // Nothing began; or capture_end() got as far as instantiating, and reset() releases the pool.
     if (capture_dev_ == UNDEFINED_DEVICE || capture_ended_) return;
     auto quietly = [](auto&& f) {

@@ -43,6 +43,8 @@ class TrainSteps {
 
   /// Steps are padded to fixed shapes.
   bool fixed_shapes() const { return fixed_; }
+  /// How the steps run, for the log: "eager", "padded to fixed shapes, each shape a CUDA graph", ...
+  std::string describe() const;
   /// On a data thread: the step's micro-batches as the loss reads them, all padded to one shape when fixed.
   std::vector<LossInputs> prepare(const std::vector<TrainBatch>& micro) const;
   /// Forward and backward passes of one step (its micro-batches' features set when the feature cache stands
@@ -56,9 +58,9 @@ class TrainSteps {
 
  private:
   struct Shape;  // one fixed shape: its inputs on the device, its graph, its outputs
-  /// Forward and backward over `micro`, gradients set afresh; the step's loss (its tensor is the graph's output
-  /// when captured).
-  torch::Tensor passes(std::vector<LossInputs>& micro, const torch::Tensor& loss_tokens, LossScaler* scaler);
+  /// Forward and backward over `micro`: the gradients made afresh, or with `into_grads` zeroed and added into
+  /// grads_ (what a graph captures). Returns the step's loss (its tensor is the graph's output when captured).
+  torch::Tensor passes(std::vector<LossInputs>& micro, const torch::Tensor& loss_tokens, LossScaler* scaler, bool into_grads);
   torch::Tensor run_graph(Shape& shape, std::vector<LossInputs>& micro, std::int64_t loss_tokens, LossScaler* scaler,
                           std::ostream& out);
 
@@ -69,6 +71,7 @@ class TrainSteps {
   bool fixed_ = false, graphs_ = false;
   std::int64_t text_limit_ = 0;
   std::map<std::pair<std::int64_t, std::int64_t>, std::unique_ptr<Shape>> shapes_;  ///< by (text width, loss slots)
+  std::vector<torch::Tensor> grads_;  ///< per parameter, what every graph writes; undefined where a step gives none
   std::string refused_;  ///< why the steps are not CUDA graphs, once that was found: not tried again
   bool told_too_many_ = false;
 };

@@ -664,10 +664,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   std::vector<torch::Tensor> param_tensors;
   for (const auto& p : params) param_tensors.push_back(p.tensor);
   TrainSteps steps(*model, param_tensors, tc, ctx.device, ctx.train_graph);
-  if (steps.fixed_shapes()) {
-    out << "  training steps: padded to fixed shapes, "
-        << (ctx.device.is_cuda() ? "each shape a CUDA graph" : "run eagerly (CUDA graphs need a CUDA device)") << "\n";
-  }
+  if (steps.fixed_shapes()) out << "  training steps: " << steps.describe() << "\n";
   struct StepBatches {
     std::vector<TrainBatch> micro;
     std::vector<LossInputs> inputs;  // as the loss reads them (TrainSteps::prepare)
@@ -700,6 +697,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
       micro.push_back(std::move(b));
     }
     auto inputs = steps.prepare(micro);
+    for (auto& b : micro) b.pixels = torch::Tensor();  // the inputs hold them (pinned on CUDA): not twice
     StepBatches batches{std::move(micro), std::move(inputs)};
     if (ctx.device.is_cuda()) {
       // Pinned, the step's copies to the device are queued without waiting for the device (VlmModel::assemble).
