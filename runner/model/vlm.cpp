@@ -135,7 +135,7 @@ torch::Tensor VlmModel::image_embeddings(const torch::Tensor& pixels, const torc
 }
 
 Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& ids_in, const torch::Tensor& valid_in,
-                            const torch::Tensor& targets_in, const torch::Tensor& prompt_len_in, const torch::Tensor& features,
+                            const torch::Tensor& prompt_len_in, const torch::Tensor& features,
                             const torch::Tensor& index_in) {
   auto& bb = *backbone_.object;
   const auto dev = device();
@@ -143,8 +143,6 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   auto ids = to_device_async(ids_in, dev);
   auto valid = to_device_async(valid_in, dev);
   const bool training = prompt_len_in.defined();
-  // Sequence::targets, on the host, where the batch was made (loss_inputs() makes its own).
-  const auto targets = targets_in.defined() ? targets_in.to(torch::kCPU) : torch::Tensor();
   const auto b = ids.size(0), t = ids.size(1);
 
   auto image = image_embeddings(pixels, features);
@@ -157,7 +155,6 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   if (layout_ != Layout::inline_) {
     s.embeds = torch::cat({image, text}, 1);
     s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids}, 1);
-    if (targets.defined()) s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets}, 1);  // host
     auto key_valid = torch::cat({torch::ones({b, n}, valid.options()), valid}, 1);
     if (layout_ == Layout::prefix) {
       s.positions = torch::cat({torch::full({b, n}, -1, long_opts), count_positions(valid)}, 1);
@@ -172,10 +169,10 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   }
 
   // inline: the placement decided on the host (inline_index), from the host's copies of ids: no device read.
-  const auto index_cpu = index_in.defined() ? torch::Tensor()
-                                            : inline_index(ids_in.to(torch::kCPU), valid_in.to(torch::kCPU), n, training,
-                                                           bb.tokenizer().bos_id(), image_token_, /*full_width=*/false);
-  const auto index = to_device_async(index_in.defined() ? index_in : index_cpu, dev);
+  const auto index = to_device_async(index_in.defined() ? index_in
+                                                      : inline_index(ids_in.to(torch::kCPU), valid_in.to(torch::kCPU), n, training,
+                                                                     bb.tokenizer().bos_id(), image_token_, /*full_width=*/false),
+                                     dev);
 
   const auto d = text.size(2);
   auto source = torch::cat({image, text, torch::zeros({b, 1, d}, text.options())}, 1);
@@ -184,10 +181,6 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   s.ids = torch::cat({torch::full({b, n}, -1, long_opts), ids, blank}, 1).gather(1, index);
   auto source_valid = torch::cat({torch::ones({b, n}, valid.options()), valid, torch::zeros({b, 1}, valid.options())}, 1);
   auto valid_out = source_valid.gather(1, index);
-  if (targets.defined()) {  // host
-    s.targets = torch::cat({torch::zeros({b, n}, targets.options()), targets, torch::zeros({b, 1}, targets.options())}, 1)
-                    .gather(1, index_cpu.defined() ? index_cpu : index_in.to(torch::kCPU));
-  }
   s.positions = count_positions(valid_out);
   s.mask = sdk::AttentionMask::make_causal();
   s.mask.key_valid = valid_out;
@@ -263,7 +256,7 @@ LossInputs VlmModel::loss_inputs(const TrainBatch& batch, std::int64_t text_widt
 
 torch::Tensor VlmModel::loss_sum(const LossInputs& in) {
   auto& bb = *backbone_.object;
-  auto s = assemble(in.pixels, in.ids, in.valid, torch::Tensor(), in.prompt_len, in.features, in.index);
+  auto s = assemble(in.pixels, in.ids, in.valid, in.prompt_len, in.features, in.index);
   // Positions count from 0 over the (right-padded) sequence, so its length bounds them; no device read.
   check_length(layout_ == Layout::prefix ? in.ids.size(1) : s.embeds.size(1));
   auto hidden = guarded(backbone_.plugin, "forward", [&] { return bb.forward(s.embeds, s.positions, s.mask, nullptr); });
@@ -453,7 +446,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto& bb = *backbone_.object;
   const auto& tok = bb.tokenizer();
-  auto s = assemble(batch.pixels, batch.ids, batch.valid, torch::Tensor(), torch::Tensor(), batch.features);
+  auto s = assemble(batch.pixels, batch.ids, batch.valid, torch::Tensor(), batch.features);
   check_length((layout_ == Layout::prefix ? batch.ids.size(1) : s.embeds.size(1)) + cfg.max_new_tokens - 1);
   const auto b = s.embeds.size(0);
   auto gen = at::detail::createCPUGenerator(seed);

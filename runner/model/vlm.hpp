@@ -48,7 +48,6 @@ struct Sequence {
   torch::Tensor positions;  ///< [B, S] int64, -1 where a token gets no position
   sdk::AttentionMask mask;
   torch::Tensor ids;        ///< [B, S] the text token at each position, -1 at image positions
-  torch::Tensor targets;    ///< [B, S] bool on the host: the token there carries loss (undefined when generating)
 };
 
 /// The next token from scores [B, V] (float32): the argmax, or a sample after temperature, top-k and top-p,
@@ -62,12 +61,12 @@ class VlmModel : public torch::nn::Module {
            Layout layout = Layout::prefix, std::int64_t image_token = -1);
   ~VlmModel() override;
 
-  /// Places image and text for the backbone. ids/valid: [B, T], right-padded for training (with prompt_len, and
-  /// targets when Sequence::targets is wanted) or left-padded for generation (targets and prompt_len undefined).
+  /// Places image and text for the backbone. ids/valid: [B, T], right-padded for training (with prompt_len) or
+  /// left-padded for generation (prompt_len undefined). Which positions carry loss: loss_inputs().
   /// `features`: the encoder's output for these images when the feature cache has it (pixels are then not used).
   /// `index`: the inline layout's placement from loss_inputs(); computed from ids on the host when undefined.
   Sequence assemble(const torch::Tensor& pixels, const torch::Tensor& ids, const torch::Tensor& valid,
-                    const torch::Tensor& targets, const torch::Tensor& prompt_len, const torch::Tensor& features = {},
+                    const torch::Tensor& prompt_len, const torch::Tensor& features = {},
                     const torch::Tensor& index = {});
 
   /// The host's part of the loss for a training batch (safe on the data threads). `text_width` > 0 pads the

@@ -179,9 +179,18 @@ TEST_CASE("the layouts place image and text as GIT, LLaVA and PaliGemma do", "[l
   auto valid = torch::tensor({{1, 1, 1, 1, 1, 0}}, torch::kBool);
   auto targets = torch::tensor({{0, 0, 0, 1, 1, 0}}, torch::kBool);
   auto prompt_len = torch::tensor({3}, torch::kLong);
+  TrainBatch batch;
+  batch.pixels = pixels;
+  batch.ids = ids;
+  batch.valid = valid;
+  batch.targets = targets;
+  batch.prompt_len = prompt_len;
+  std::vector<std::int64_t> labels;  // where the loss tokens are in the placed sequence (loss_inputs)
   auto build = [&](Layout layout) {
     VlmModel m(model->encoder_part(), model->projector_part(), model->backbone_part(), layout, -1);
-    return m.assemble(pixels, ids, valid, targets, prompt_len);
+    const auto in = m.loss_inputs(batch);
+    labels.assign(in.labels.data_ptr<std::int64_t>(), in.labels.data_ptr<std::int64_t>() + in.labels.numel());
+    return m.assemble(pixels, ids, valid, prompt_len);
   };
   auto row = [](const torch::Tensor& t) {
     std::vector<std::int64_t> v;
@@ -194,7 +203,7 @@ TEST_CASE("the layouts place image and text as GIT, LLaVA and PaliGemma do", "[l
   CHECK(row(prefix.ids) == image_first);
   CHECK(row(prefix.positions) == std::vector<std::int64_t>{-1, -1, -1, -1, -1, 0, 1, 2, 3, 4, -1});  // text only
   CHECK(prefix.mask.prefix[0].item<std::int64_t>() == 5);  // bidirectional over the image
-  CHECK(row(prefix.targets.to(torch::kLong)) == std::vector<std::int64_t>{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0});
+  CHECK(labels == std::vector<std::int64_t>{8, 9});  // the two target tokens, after the image
 
   auto lm = build(Layout::prefix_lm);
   CHECK(row(lm.positions) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1});  // over everything
@@ -204,7 +213,7 @@ TEST_CASE("the layouts place image and text as GIT, LLaVA and PaliGemma do", "[l
   CHECK(row(inline_.ids) == std::vector<std::int64_t>{1, -1, -1, -1, -1, -1, 4, 5, 6, 2});
   CHECK(row(inline_.positions) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
   CHECK_FALSE(inline_.mask.prefix.defined());  // causal throughout
-  CHECK(row(inline_.targets.to(torch::kLong)) == std::vector<std::int64_t>{0, 0, 0, 0, 0, 0, 0, 0, 1, 1});
+  CHECK(labels == std::vector<std::int64_t>{8, 9});
 }
 
 TEST_CASE("frozen linear weights held in bf16 change no number under autocast, and come back exactly", "[precision]") {
