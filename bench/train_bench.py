@@ -585,9 +585,11 @@ def resolve_common(args):
 # --------------------------------------------------------------------------------------------- largest batch
 
 def largest_batch(args, limit=4096):
-    """The largest power-of-two batch (from 8) with which a 3-step run of ablate (and of ablate-nocache when it is
-    in --refs) and of the eager reference finish: a failed run (out of memory) ends the search. Probe runs go to
-    runs/*probe-*. torch.compile is not probed: it may still run out of memory at the batch found."""
+    """The largest power-of-two batch (from 8) with which a 3-step run of ablate (and of ablate-nocache and
+    ablate-graph when they are in --refs) and of the eager reference finish: a failed run (out of memory) ends the
+    search. Then, when compile is in --refs, the torch.compile reference is probed at that batch alone (its
+    compilation is slow), halving it until it fits too, so that every system is timed at one batch. Probe runs go
+    to runs/*probe-*."""
     import copy
     best, b = None, 8
     while b <= limit:
@@ -598,14 +600,26 @@ def largest_batch(args, limit=4096):
             run_ablate(args.work, probe, f"probe-{b}")
             if "nocache" in args.refs:
                 run_ablate(args.work, probe, f"probe-{b}", cache=False)
+            if "graph" in args.refs:
+                run_ablate(args.work, probe, f"probe-{b}", graph=True)
             run_reference(args.work, probe, f"probe-{b}", compiled=False)
         except Failed as e:
             print(f"  batch {b} does not fit: {str(e).splitlines()[0]}", flush=True)
             break
         best, b = b, b * 2
+    while best is not None and "compile" in args.refs:
+        probe = copy.copy(args)
+        probe.batch, probe.warmup, probe.measure = best, 1, 2
+        print(f"largest batch: trying {best} with torch.compile ...", flush=True)
+        try:
+            run_reference(args.work, probe, f"probe-{best}", compiled=True)
+            break
+        except Failed as e:
+            print(f"  batch {best} does not fit torch.compile: {str(e).splitlines()[0]}", flush=True)
+            best = best // 2 if best > 8 else None
     if best is None:
         sys.exit("largest batch: not even batch 8 fits")
-    print(f"largest batch that fits both: {best}", flush=True)
+    print(f"largest batch that fits every system: {best}", flush=True)
     return best
 
 
