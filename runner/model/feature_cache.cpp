@@ -78,6 +78,17 @@ std::string check_deterministic(const torch::Tensor& chunk, const torch::Tensor&
   return {};
 }
 
+// The file's `shape` tensor mapped into memory, its name removed at once: the mapping outlives the name, and
+// nothing is left on disk however the process ends.
+torch::Tensor map_and_unlink(const fs::path& file, const std::vector<std::int64_t>& shape, const torch::TensorOptions& options) {
+  std::int64_t numel = 1;
+  for (auto s : shape) numel *= s;
+  auto mapped = at::from_file(file.string(), /*shared=*/false, numel, options.device(torch::kCPU)).view(shape);
+  std::error_code ec;
+  fs::remove(file, ec);
+  return mapped;
+}
+
 }  // namespace
 
 std::string FeatureTable::describe() const {
@@ -138,22 +149,64 @@ bool FeatureCache::fits_in_memory(std::int64_t bytes, const torch::Device& devic
   return true;
 }
 
-void FeatureCache::keep_only(const std::set<std::string>& keys) {
+bool FeatureCache::disk_has_room(std::int64_t bytes) const {
+  std::error_code ec;
+  fs::create_directories(spill_dir_, ec);
+  const auto space = fs::space(spill_dir_, ec);
+  return !ec && space.available >= static_cast<std::uintmax_t>(2 * bytes);
+}
+
+fs::path FeatureCache::spill_file(const std::string& key) const { return spill_dir_ / (sdk::sha256_hex(key).substr(0, 16) + ".bin"); }
+
+int FeatureCache::make_room(const std::set<std::string>& keys) {
   std::lock_guard<std::mutex> lock(mu_);
+  int moved = 0;
   for (auto it = tables_.begin(); it != tables_.end();) {
-    if (keys.count(it->first)) {
+    const auto& table = *it->second;
+    if (keys.count(it->first) || !table.file.empty()) {
       ++it;
       continue;
     }
-    if (it->second->file.empty()) used_ -= static_cast<std::int64_t>(it->second->features.nbytes());
-    it = tables_.erase(it);
+    const auto bytes = static_cast<std::int64_t>(table.features.nbytes());
+    used_ -= bytes;
+    if (!disk_has_room(bytes)) {
+      it = tables_.erase(it);
+      continue;
+    }
+    auto spilled = std::make_shared<FeatureTable>();
+    spilled->file = spill_file(it->first);
+    spilled->seconds = table.seconds;
+    const auto host = table.features.to(torch::kCPU).contiguous();
+    {
+      std::ofstream out(spilled->file, std::ios::binary | std::ios::trunc);
+      out.write(static_cast<const char*>(host.data_ptr()), static_cast<std::streamsize>(host.nbytes()));
+      if (!out) throw std::runtime_error(spilled->file.string() + ": cannot write the feature cache (disk full?)");
+    }
+    spilled->features = map_and_unlink(spilled->file, host.sizes().vec(), host.options());
+    it->second = spilled;  // the memory goes once the last cell holding the old table has let it go
+    ++moved;
+    ++it;
   }
+  return moved;
 }
 
-std::shared_ptr<const FeatureTable> FeatureCache::find(const std::string& key) const {
+std::shared_ptr<const FeatureTable> FeatureCache::find(const std::string& key, const torch::Device& device) {
+  std::shared_ptr<const FeatureTable> found;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = tables_.find(key);
+    if (it == tables_.end()) return nullptr;
+    found = it->second;
+  }
+  const auto bytes = static_cast<std::int64_t>(found->features.nbytes());
+  if (found->file.empty() || !fits_in_memory(bytes, device)) return found;
+  auto back = std::make_shared<FeatureTable>();  // moved to disk for an earlier cell: back into memory
+  back->features = found->features.to(device);
+  back->seconds = found->seconds;
   std::lock_guard<std::mutex> lock(mu_);
-  const auto it = tables_.find(key);
-  return it == tables_.end() ? nullptr : it->second;
+  used_ += bytes;
+  tables_[key] = back;
+  return back;
 }
 
 std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, std::int64_t count, int workers,
@@ -161,7 +214,7 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
                                                         const std::function<torch::Tensor(std::int64_t, std::int64_t)>& load,
                                                         const std::function<torch::Tensor(const torch::Tensor&)>& encode,
                                                         std::string& refused) {
-  if (auto found = find(key)) return found;
+  if (auto found = find(key, device)) return found;
   if (count <= 0) return nullptr;
   const auto t0 = std::chrono::steady_clock::now();
   GeneratorGuard generators(device);
@@ -188,15 +241,12 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
       if (fits_in_memory(bytes, device)) {
         table->features = torch::empty(shape, features.options());
       } else {
-        fs::create_directories(spill_dir_);
-        std::error_code ec;
-        const auto space = fs::space(spill_dir_, ec);
-        if (ec || space.available < static_cast<std::uintmax_t>(2 * bytes)) {
+        if (!disk_has_room(bytes)) {
           refused = "its features (" + mib(static_cast<double>(bytes)) + ") fit neither the memory budget (--feature-cache-gib) nor the free disk space of " +
                     spill_dir_.string();
           return nullptr;
         }
-        table->file = spill_dir_ / (sdk::sha256_hex(key).substr(0, 16) + ".bin");
+        table->file = spill_file(key);
         file.open(table->file, std::ios::binary | std::ios::trunc);
         if (!file) throw std::runtime_error(table->file.string() + ": cannot write the feature cache");
       }
@@ -209,11 +259,7 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
       if (!file) throw std::runtime_error(table->file.string() + ": cannot write the feature cache (disk full?)");
       if (c + 1 == chunks) {
         file.close();
-        table->features = at::from_file(table->file.string(), /*shared=*/false, bytes / static_cast<std::int64_t>(features.element_size()),
-                                        features.options().device(torch::kCPU)).view(shape);
-        // The mapping outlives the name: nothing is left on disk however the process ends.
-        std::error_code ec;
-        fs::remove(table->file, ec);
+        table->features = map_and_unlink(table->file, shape, features.options());
       }
     }
   }

@@ -12,7 +12,9 @@
 //
 // Each dataset's table lives on the device when it fits the memory budget (and half of the device's free
 // memory), else in a file under the results folder, mapped into memory and unlinked at once (nothing stays on
-// disk), else, when the disk lacks the room too, nowhere: the run encodes every step.
+// disk), else, when the disk lacks the room too, nowhere: the run encodes every step. A cell that does not use a
+// table moves it to disk, so that its memory goes to that cell and a later cell of the grid with the same
+// encoder still finds it (brought back into memory when it fits again).
 
 #include <cstdint>
 #include <filesystem>
@@ -61,12 +63,14 @@ class FeatureCache {
   static std::int64_t default_budget(const torch::Device& device);
 
   FeatureCacheMode mode() const { return mode_; }
-  /// The table built under `key`, or null.
-  std::shared_ptr<const FeatureTable> find(const std::string& key) const;
-  /// Lets go of every table but those under `keys` (a cell calls it with the keys it uses, none when it uses
-  /// none): memory goes back to the cells that follow, at the price of encoding again should a later cell need
-  /// a table that was let go (with the same result: tables are built in a fixed order).
-  void keep_only(const std::set<std::string>& keys);
+  /// The table built under `key`, or null. One that was moved to disk comes back into memory on `device` when
+  /// it fits there again.
+  std::shared_ptr<const FeatureTable> find(const std::string& key, const torch::Device& device);
+  /// Moves every table but those under `keys` out of memory, to disk (a cell calls it with the keys it uses,
+  /// none when it uses none): the memory goes to this cell, and a later cell still finds them. A table the disk
+  /// has no room for is let go (a cell needing it encodes again, to the same values: tables are built in a
+  /// fixed order). Returns how many tables were moved.
+  int make_room(const std::set<std::string>& keys);
 
   /// Builds the table of `count` images under `key`: load(first, n) gives the prepared pixels of images
   /// [first, first + n) ([n, 3, H, W], called on `workers` threads), encode(pixels) their features. Before
@@ -81,6 +85,9 @@ class FeatureCache {
 
  private:
   bool fits_in_memory(std::int64_t bytes, const torch::Device& device) const;
+  /// The spill folder has twice `bytes` free (made if need be).
+  bool disk_has_room(std::int64_t bytes) const;
+  std::filesystem::path spill_file(const std::string& key) const;
 
   FeatureCacheMode mode_;
   std::int64_t budget_, used_ = 0;

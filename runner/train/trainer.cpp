@@ -222,8 +222,13 @@ CellFeatures cell_features(const Experiment& experiment, const Cell& cell, RunCo
   CellFeatures features;
   const TrainConfig& tc = cell.train;
   if (!ctx.features) return features;
+  auto make_room = [&](const std::set<std::string>& keys) {
+    if (const int moved = ctx.features->make_room(keys)) {
+      out << "  feature cache: " << moved << " table(s) moved to disk for this cell, kept for later cells\n";
+    }
+  };
   if (ctx.features->mode() == FeatureCacheMode::off || !model.encoder_frozen()) {
-    ctx.features->keep_only({});  // this cell uses none: the memory is its own
+    make_room({});  // this cell uses none: the memory is its own
     return features;
   }
   // Everything the encoder's output depends on: plugin and version, its options (feature_layer, tokens...),
@@ -252,7 +257,7 @@ CellFeatures cell_features(const Experiment& experiment, const Cell& cell, RunCo
   auto obtain = [&](const std::string& what, const std::string& key, std::int64_t count,
                     const std::function<torch::Tensor(std::int64_t, std::int64_t)>& load) -> std::shared_ptr<const FeatureTable> {
     if (!refused.empty()) return nullptr;
-    auto table = ctx.features->find(key);
+    auto table = ctx.features->find(key, ctx.device);
     const bool reused = table != nullptr;
     if (!table) table = ctx.features->build(key, count, ctx.workers, ctx.device, load, encode, refused);
     if (!table) {
@@ -275,7 +280,7 @@ CellFeatures cell_features(const Experiment& experiment, const Cell& cell, RunCo
   const auto eval_key = key_of("eval", cell.eval_data.sources);
   std::set<std::string> used{eval_key};
   if (worth) used.insert(train_keys.begin(), train_keys.end());
-  ctx.features->keep_only(used);  // tables of earlier cells that this one does not use make room
+  make_room(used);  // tables of earlier cells that this one does not use make room
   for (std::size_t s = 0; worth && s < train_set.sources(); ++s) {
     auto table = obtain(cell.train_data.sources[s].plugin.display, train_keys[s],
                         static_cast<std::int64_t>(train_set.count(s)), [&, s](std::int64_t first, std::int64_t n) {

@@ -1,7 +1,7 @@
 """The frozen-encoder feature cache (issue 7 item 2): with the encoder frozen, each image is encoded once and its
 features serve every epoch, every evaluation and every later cell with the same encoder; training computes what it
-computes with the cache off; the cache goes to disk beyond its memory budget; an encoder whose output is not a
-function of the image alone (dropout) is refused without disturbing the run."""
+computes with the cache off; the cache goes to disk beyond its memory budget, and for a cell that does not use it;
+an encoder whose output is not a function of the image alone (dropout) is refused without disturbing the run."""
 import re
 import unittest
 
@@ -50,9 +50,9 @@ class FeatureCacheTest(TempDirTest):
         self.assertRegex(cells[2], r"feature cache: data\.eval: 12 images .* reused")
         self.assertEqual(list(self.dir.glob("cached/feature-cache-*")), [], "nothing spilled, nothing left")
 
-    def test_a_cell_without_the_cache_lets_the_tables_go(self):
-        # projector+head builds; "full" trains the encoder and lets the tables go (its memory); the third cell
-        # builds them again, to the same values.
+    def test_a_cell_without_the_cache_moves_the_tables_to_disk_for_later_cells(self):
+        # projector+head builds; "full" trains the encoder and moves the tables to disk (their memory is its
+        # own); the third cell, with the first's encoder, finds them there and brings them back into memory.
         grid = '[grid]\nstrategy = [["projector", "head"], ["full"], ["projector", { plugin = "lora", r = 4 }]]\n'
         toml = self.write("order.toml", tiny_experiment("order", steps=24, every=12, extra=grid, train_size=48))
         cached, plain = self.dir / "cached" / "results.db", self.dir / "plain" / "results.db"
@@ -60,9 +60,12 @@ class FeatureCacheTest(TempDirTest):
         cells = re.split(r"^\[order \d/3[^\]]*\] run ", log, flags=re.M)[1:]
         self.assertEqual(len(cells), 3)
         self.assertRegex(cells[0], r"feature cache: data\.train: 48 images .* encoded in")
-        self.assertNotIn("feature cache", cells[1])
-        self.assertRegex(cells[2], r"feature cache: data\.train: 48 images .* encoded in")
-        self.assertNotIn("reused", log)
+        self.assertIn("feature cache: 2 table(s) moved to disk for this cell, kept for later cells", cells[1])
+        self.assertNotIn("encoded in", cells[1])
+        self.assertRegex(cells[2], r"feature cache: data\.train: 48 images x 5 x 16 Float, [0-9.]+ MiB on cpu, reused")
+        self.assertRegex(cells[2], r"feature cache: data\.eval: 12 images .* on cpu, reused")
+        self.assertNotIn("encoded in", cells[2])
+        self.assertEqual(list(self.dir.glob("cached/feature-cache-*/*")), [], "nothing left on disk")
         self.run_ok(toml, plain, "--feature-cache", "off")
         self.assert_same_training(cached, plain)
 
