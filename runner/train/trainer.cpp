@@ -666,9 +666,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   if (start == 0 && ec.at_start) evaluate(0);
 
   // ---- the loop
-  std::vector<torch::Tensor> param_tensors;
-  for (const auto& p : params) param_tensors.push_back(p.tensor);
-  TrainSteps steps(*model, param_tensors, tc, ctx.device, ctx.train_graph);
+  TrainSteps steps(*model, optimizer.params(), tc, ctx.device, ctx.train_graph);
   if (steps.fixed_shapes()) out << "  training steps: " << steps.describe() << "\n";
   struct StepBatches {
     std::vector<TrainBatch> micro;
