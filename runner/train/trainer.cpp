@@ -724,6 +724,11 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   std::string diverged_at;
 
   auto flush = [&](std::int64_t step) -> bool {
+    // The values first: reading them waits for the device, so the interval (and the samples/s and tokens/s
+    // stored) covers the device's work on these steps, not only the host's queuing of it, which is all of a
+    // step's host time with a CUDA graph (about a millisecond) and ends before the device is done in any case.
+    std::vector<std::pair<double, double>> values;  // (loss, gradient norm) of each pending step
+    for (const auto& p : pending) values.emplace_back(p.loss.item<double>(), p.grad_norm.item<double>());
     const double secs = std::chrono::duration<double>(Clock::now() - interval_start).count();
     std::int64_t samples = 0, tokens = 0;
     for (const auto& p : pending) {
@@ -734,14 +739,14 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     double last_loss = 0;
     bool finite = true;
     const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
-    for (const auto& p : pending) {
-      const double loss = p.loss.item<double>();
+    for (std::size_t i = 0; i < pending.size(); ++i) {
+      const auto& p = pending[i];
+      const auto [loss, grad_norm] = values[i];
       if (!std::isfinite(loss)) {
         finite = false;
         diverged_at = "loss became " + std::string(std::isnan(loss) ? "nan" : "inf") + " at step " + std::to_string(p.step);
         break;
       }
-      const double grad_norm = p.grad_norm.item<double>();
       if (!std::isfinite(grad_norm) && !p.skipped) {
         finite = false;
         diverged_at = "gradient norm became " + std::string(std::isnan(grad_norm) ? "nan" : "inf") + " at step " + std::to_string(p.step);
@@ -839,6 +844,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     }
     if (do_eval) evaluate(step);
     if (do_ckpt) checkpoint(step);
+    if (do_eval || do_ckpt) interval_start = Clock::now();  // samples/s measures training steps alone
   }
 
   if (outcome == Outcome::diverged) {
