@@ -3,6 +3,7 @@ fp32 on CUDA computes what the CPU computes, to float rounding; bf16 and fp16 (w
 losses near fp32's; gradient checkpointing on CUDA changes no number; TF32 trains near fp32; the frozen-encoder
 feature cache lives on the device; decoding replays its steps as CUDA graphs and generates what eager steps do;
 training replays its forward and backward passes as CUDA graphs and trains what eager steps do."""
+import re
 import unittest
 
 from ablate_testing import TempDirTest, query, run, tiny_experiment
@@ -44,16 +45,22 @@ class CudaTrainingTest(TempDirTest):
         self.assertLessEqual(worst, 1e-5)
 
     def test_tf32_and_the_feature_cache_on_cuda(self):
-        db = self.grid("tf32", '"train.tf32" = [false, true]', "cuda")
+        import json
+        db = self.grid("tf32", '"train.tf32" = [false, true]\n"train.lr" = [1e-3, 5e-4]', "cuda")
         log = (self.dir / "tf32.log").read_text()
-        plain, tf32 = self.losses(db, 0), self.losses(db, 1)
+        cell = {(a["train.tf32"], a["train.lr"]): i
+                for i, a in ((i, json.loads(a)) for i, a in query(db, "SELECT cell_index, axes FROM runs"))}
+        self.assertEqual(len(cell), 4)
+        plain, tf32 = self.losses(db, cell[False, 1e-3]), self.losses(db, cell[True, 1e-3])
         worst = max(abs(a - b) / abs(b) for a, b in zip(plain, tf32))
         print(f"tf32 on cuda: worst relative loss difference to fp32 over {STEPS} steps {worst:.2e}")
         self.assertEqual(len(tf32), STEPS)
         self.assertLessEqual(worst, 1e-2)
-        # The frozen encoder's features were kept on the device (the grid's second cell reuses them).
-        self.assertRegex(log, r"feature cache: data\.train: 64 images x 5 x 16 Float, [0-9.]+ MiB on cuda")
-        self.assertRegex(log, r"feature cache: data\.train: .* reused")
+        # The frozen encoder's features are kept on the device, one table per TF32 setting (TF32 changes them):
+        # encoded by the first cell of each setting, reused by the second.
+        encoded = re.findall(r"feature cache: data\.train: 64 images x 5 x 16 Float, [0-9.]+ MiB on cuda:0, encoded", log)
+        reused = re.findall(r"feature cache: data\.train: 64 images x 5 x 16 Float, [0-9.]+ MiB on cuda:0, reused", log)
+        self.assertEqual((len(encoded), len(reused)), (2, 2), log)
 
     def test_decode_steps_as_cuda_graphs(self):
         extra = '[grid]\n"eval.generate" = [{ max_new_tokens = 12 }, { max_new_tokens = 12, do_sample = true, top_k = 3 }]\n'
