@@ -98,7 +98,8 @@ int dispatch(int argc, char** argv) {
         ("train-graph", po::value<std::string>(&run.train_graph)->default_value("auto"),
          "training steps: on = each step padded to one of a few fixed shapes, its forward and backward passes a "
          "replayed CUDA graph per shape on CUDA (checked once against the eager passes; eager on the CPU); off = "
-         "eager steps, as collated; auto = off for now (not yet measured on a GPU)");
+         "eager steps, as collated; auto = on for CUDA (unless gradient checkpointing, which cannot be captured), off "
+         "on the CPU");
     positional.add("experiment", -1);
   } else if (command == "compare") {
     specific.add_options()

@@ -91,6 +91,11 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
   // library), not CUDAStream's inline members, which would make the runner link the CUDA runtime itself.
   c10::Stream current = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(c10::Device(c10::DeviceType::CUDA, index));
   current.synchronize();
+  // What the caller's eager passes left in the caching allocator goes back to the device before the warm-up and
+  // the capture allocate their own: blocks cached for one stream serve no other, so a training step's
+  // activations would otherwise be held three times over (the caller's stream, the capture stream, the graph's
+  // pool), and at the largest batch that fits eagerly the capture would run out of memory. Once per capture.
+  c10::cuda::CUDACachingAllocator::emptyCache();
   auto& side = capture_stream(index);
   // Autocast's cache of cast weights lives outside the graph and is emptied when the autocast region ends: the
   // casts are recorded in the graph instead.
@@ -108,6 +113,7 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
     work();
     side.stream.synchronize();
     side.warmed = true;
+    c10::cuda::CUDACachingAllocator::emptyCache();  // the warm-up's temporaries, as above
   }
   auto& graph = impl_->graph;
   // The dense mask attend() remembers from an eager run (the warm-up's, the caller's) would be baked into the

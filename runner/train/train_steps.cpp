@@ -37,11 +37,13 @@ struct TrainSteps::Shape {
 TrainSteps::TrainSteps(VlmModel& model, std::vector<torch::Tensor> params, const TrainConfig& config, torch::Device device,
                        TrainGraphMode mode)
     : model_(model), params_(std::move(params)), config_(config), device_(device) {
-  fixed_ = mode == TrainGraphMode::on;
-  graphs_ = fixed_ && CudaGraph::available(device);
-  if (graphs_ && !config.gradient_checkpointing.empty()) {
-    // The recomputation saves and restores the generator's state in the forward pass: not capturable.
-    graphs_ = false;
+  // The recomputation of gradient checkpointing saves and restores the generator's state in the forward pass:
+  // not capturable. auto pads only where the padding buys a graph (on the CPU it only costs: 13% slower steps
+  // on the tiny benchmark, bench/README.md).
+  const bool capturable = CudaGraph::available(device) && config.gradient_checkpointing.empty();
+  fixed_ = mode == TrainGraphMode::on || (mode == TrainGraphMode::automatic && capturable);
+  graphs_ = fixed_ && capturable;
+  if (fixed_ && CudaGraph::available(device) && !capturable) {
     refused_ = "gradient checkpointing reads the random-number state in the forward pass";
   }
   text_limit_ = std::min(config.max_text_tokens, model.max_text_width());

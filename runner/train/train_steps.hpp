@@ -29,8 +29,8 @@ class LossScaler;
 class CudaGraph;
 struct TrainConfig;
 
-/// auto: eager, for now (CUDA graphs of the training step are still to be measured on a GPU); on: fixed
-/// shapes, CUDA graphs on CUDA; off: eager.
+/// auto: fixed shapes and CUDA graphs on CUDA (without gradient checkpointing), else eager; on: fixed shapes,
+/// CUDA graphs on CUDA; off: eager.
 enum class TrainGraphMode { automatic, on, off };
 
 class TrainSteps {
