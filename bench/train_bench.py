@@ -34,8 +34,10 @@ What ablate does that the reference does not: with the encoder frozen, its featu
 before step 1 (the runner's frozen-encoder feature cache, --feature-cache, issue 7 item 2) and each step reads
 them instead of running the encoder. `ablate-nocache` (in --refs by default) is the same runner with the cache
 off, so both figures come from one invocation; the cache's build time is printed and is in the wall time.
-`ablate-graph` (in --refs by default on CUDA) is the runner with --train-graph on: each step's forward and
-backward passes a replayed CUDA graph (train/train_steps.hpp); its log says whether the capture was accepted.
+On CUDA the runner replays each step's forward and backward passes as a CUDA graph by default (--train-graph
+auto, train/train_steps.hpp; its log says whether each capture was accepted); `ablate-nograph` (in --refs by
+default on CUDA) is the same runner with eager steps (--train-graph off). `ablate-graph` (--refs graph) forces
+--train-graph on, which on the CPU pads the steps without a graph to pay for it.
 
 Differences that favour the reference: its images are decoded and preprocessed once before timing (ablate
 decodes and preprocesses every step on its data threads), and its batches are pre-built on the host.
@@ -346,10 +348,15 @@ def run_child(cmd, log, env=None, gpu=False):
     return p.returncode, wall, usage.ru_maxrss / 1024, mem.mib()
 
 
-def run_ablate(work, args, k, cache=True, graph=False):
-    """One ablate run; cache=False turns the frozen-encoder feature cache off (--feature-cache off); graph=True runs
-    the training steps as CUDA graphs (--train-graph on)."""
-    system = "ablate-graph" if graph else "ablate" if cache else "ablate-nocache"
+ABLATE_SYSTEMS = {"ablate": (True, None), "nocache": (False, None), "graph": (True, "on"), "nograph": (True, "off")}
+
+
+def run_ablate(work, args, k, system="ablate"):
+    """One ablate run, as the runner runs by default ("ablate"), with its frozen-encoder feature cache off
+    ("nocache": --feature-cache off), or with --train-graph on ("graph": the CPU's default is off) or off
+    ("nograph": eager steps; CUDA's default is on)."""
+    cache, graph = ABLATE_SYSTEMS[system]
+    system = "ablate" if system == "ablate" else f"ablate-{system}"
     d = work / "runs" / f"{system}-{k}"
     if d.exists():
         shutil.rmtree(d)
@@ -363,7 +370,7 @@ def run_ablate(work, args, k, cache=True, graph=False):
     if not cache:
         cmd += ["--feature-cache", "off"]
     if graph:
-        cmd += ["--train-graph", "on"]
+        cmd += ["--train-graph", graph]
     rc, wall, rss, gpu = run_child(cmd, d / "log.txt", gpu=args.device.startswith("cuda"))
     if rc != 0:
         raise Failed(f"ablate run {k} failed (exit {rc}); see {d / 'log.txt'}:\n" + (d / "log.txt").read_text()[-3000:])
@@ -520,10 +527,14 @@ def reference_worker(args):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_first = time.perf_counter()
-    # ABLATE_OP_PROFILE=FIRST:LAST: torch.profiler over those steps, the counterpart of the runner's operator profile.
-    spec = os.environ.get("ABLATE_OP_PROFILE")
+    # ABLATE_OP_PROFILE=FIRST:LAST: torch.profiler over those steps, the counterpart of the runner's operator
+    # profile (host time); ABLATE_KERNEL_PROFILE=FIRST:LAST: the same with the device's kernels, sorted by their
+    # device time, the counterpart of the runner's kernel profile.
+    kernels = bool(os.environ.get("ABLATE_KERNEL_PROFILE")) and dev.type == "cuda"
+    spec = os.environ.get("ABLATE_KERNEL_PROFILE") if kernels else os.environ.get("ABLATE_OP_PROFILE")
     first, last = (int(x) for x in spec.split(":")) if spec else (0, -1)
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if spec else None
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if kernels else [])
+    profiler = torch.profiler.profile(activities=activities) if spec else None
     for step in range(steps):
         if profiler and step + 1 == first:
             profiler.__enter__()
@@ -540,8 +551,9 @@ def reference_worker(args):
         times.append(time.perf_counter() - t0)
         if profiler and step + 1 == last:
             profiler.__exit__(None, None, None)
-            print(f"operator profile, steps {first}..{last} (totals over {last - first + 1} steps)")
-            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            print(f"{'kernel' if kernels else 'operator'} profile, steps {first}..{last} (totals over {last - first + 1} steps)")
+            print(profiler.key_averages().table(sort_by="self_device_time_total" if kernels else "self_cpu_time_total",
+                                                row_limit=40, max_name_column_width=90))
         if step < 3 or (step + 1) % 10 == 0:
             print(f"step {step + 1}: loss {losses[-1]:.4f} ({times[-1] * 1e3:.1f} ms)", flush=True)
     result = {"losses": losses, "step_s": times, "text_tokens": [b[7] for b in batches],
@@ -585,23 +597,20 @@ def resolve_common(args):
 # --------------------------------------------------------------------------------------------- largest batch
 
 def largest_batch(args, limit=4096):
-    """The largest power-of-two batch (from 8) with which a 3-step run of ablate (and of ablate-nocache and
-    ablate-graph when they are in --refs) and of the eager reference finish: a failed run (out of memory) ends the
+    """The largest power-of-two batch (from --max-from, 8) with which a 3-step run of ablate (and of each ablate
+    variant in --refs) and of the eager reference finish: a failed run (out of memory) ends the
     search. Then, when compile is in --refs, the torch.compile reference is probed at that batch alone (its
     compilation is slow), halving it until it fits too, so that every system is timed at one batch. Probe runs go
     to runs/*probe-*."""
     import copy
-    best, b = None, 8
+    best, b = None, args.max_from
     while b <= limit:
         probe = copy.copy(args)
         probe.batch, probe.warmup, probe.measure = b, 1, 2
         print(f"largest batch: trying {b} ...", flush=True)
         try:
-            run_ablate(args.work, probe, f"probe-{b}")
-            if "nocache" in args.refs:
-                run_ablate(args.work, probe, f"probe-{b}", cache=False)
-            if "graph" in args.refs:
-                run_ablate(args.work, probe, f"probe-{b}", graph=True)
+            for system in ["ablate"] + [r for r in args.refs.split(",") if r in ABLATE_SYSTEMS]:
+                run_ablate(args.work, probe, f"probe-{b}", system)
             run_reference(args.work, probe, f"probe-{b}", compiled=False)
         except Failed as e:
             print(f"  batch {b} does not fit: {str(e).splitlines()[0]}", flush=True)
@@ -618,7 +627,7 @@ def largest_batch(args, limit=4096):
             print(f"  batch {best} does not fit torch.compile: {str(e).splitlines()[0]}", flush=True)
             best = best // 2 if best > 8 else None
     if best is None:
-        sys.exit("largest batch: not even batch 8 fits")
+        sys.exit(f"largest batch: not even batch {args.max_from} fits")
     print(f"largest batch that fits every system: {best}", flush=True)
     return best
 
@@ -668,15 +677,19 @@ def main():
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, cpu with --tiny)")
     ap.add_argument("--work", type=Path, default=None, help="generated files (default /tmp/ablate-bench-SIZE)")
     ap.add_argument("--batch", default="8",
-                    help="samples per step, or 'max': the largest power of two from 8 up that both ablate and the "
+                    help="samples per step, or 'max': the largest power of two from --max-from up that ablate and the "
                          "eager reference train without running out of memory (3-step probes), then the benchmark")
+    ap.add_argument("--max-from", type=int, default=8,
+                    help="with --batch max, the first batch tried (smaller ones are not probed): saves the probes "
+                         "that are known to fit, several minutes on a GPU")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--measure", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=1, help="A/B rounds (each: ablate, then every reference)")
     ap.add_argument("--refs", default=None,
                     help="what runs beside ablate: eager, compile (transformers + PEFT), nocache (ablate with its "
-                         "feature cache off), graph (ablate with --train-graph on: CUDA graphs of the training "
-                         "step); comma-separated (default: eager,compile,nocache, and graph on CUDA)")
+                         "feature cache off), graph (ablate with --train-graph on: on the CPU, the padded steps "
+                         "without a graph), nograph (ablate with --train-graph off: eager steps on CUDA); "
+                         "comma-separated (default: eager,compile,nocache, and nograph on CUDA)")
     ap.add_argument("--compile-rounds", type=int, default=1, help="rounds that include the torch.compile reference")
     ap.add_argument("--child-timeout", type=int, default=0, help="seconds after which a run is killed (0: none)")
     ap.add_argument("--workers", type=int, default=0, help="the runner's data threads (0: its default)")
@@ -699,7 +712,7 @@ def main():
 
     resolve_common(args)
     if args.refs is None:
-        args.refs = "eager,compile,nocache" + (",graph" if args.device.startswith("cuda") else "")
+        args.refs = "eager,compile,nocache" + (",nograph" if args.device.startswith("cuda") else "")
     refs = [r for r in args.refs.split(",") if r]
     if args.warmup + args.measure < 50:
         sys.exit("the loss check needs at least 50 steps (warmup + measure)")
@@ -716,8 +729,8 @@ def main():
                 continue
             print(f"round {k + 1}: {system} ...", flush=True)
             try:
-                if system in ("ablate", "nocache", "graph"):
-                    r = run_ablate(args.work, args, k, cache=system != "nocache", graph=system == "graph")
+                if system in ABLATE_SYSTEMS:
+                    r = run_ablate(args.work, args, k, system)
                 else:
                     r = run_reference(args.work, args, k, system == "compile")
             except Failed as e:

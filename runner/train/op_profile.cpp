@@ -6,10 +6,12 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
 #include <ATen/record_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include "ablate/sdk/error.hpp"
 
@@ -56,21 +58,42 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
 }  // namespace
 
 std::unique_ptr<OpProfile> OpProfile::from_env() {
-  const char* spec = std::getenv("ABLATE_OP_PROFILE");
-  if (!spec || !*spec) return nullptr;
+  const char* ops = std::getenv("ABLATE_OP_PROFILE");
+  const char* kernels = std::getenv("ABLATE_KERNEL_PROFILE");
+  const bool has_ops = ops && *ops, has_kernels = kernels && *kernels;
+  if (!has_ops && !has_kernels) return nullptr;
+  if (has_ops && has_kernels) throw sdk::InputError("ABLATE_OP_PROFILE and ABLATE_KERNEL_PROFILE: set one of them, not both");
+  const std::string name = has_ops ? "ABLATE_OP_PROFILE" : "ABLATE_KERNEL_PROFILE";
+  const char* spec = has_ops ? ops : kernels;
   long long first = 0, last = 0;
   char tail = 0;
   if (std::sscanf(spec, "%lld:%lld%c", &first, &last, &tail) != 2 || first < 1 || last < first) {
-    throw sdk::InputError(std::string("ABLATE_OP_PROFILE=") + spec + ": expected FIRST:LAST, training steps from 1");
+    throw sdk::InputError(name + "=" + spec + ": expected FIRST:LAST, training steps from 1");
   }
-  return std::unique_ptr<OpProfile>(new OpProfile(first, last));
+  return std::unique_ptr<OpProfile>(new OpProfile(first, last, has_kernels));
 }
+
+namespace kineto {
+using torch::profiler::impl::ActivityType;
+using torch::profiler::impl::ProfilerConfig;
+using torch::profiler::impl::ProfilerState;
+const std::set<ActivityType> kActivities{ActivityType::CPU, ActivityType::CUDA};
+}  // namespace kineto
 
 OpProfile::~OpProfile() {
   if (handle_) at::removeCallback(handle_);
+  if (kineto_) torch::autograd::profiler::disableProfiler();
 }
 
 void OpProfile::before_step(std::int64_t step) {
+  if (kernels_) {
+    if (step != first_ || kineto_) return;
+    const kineto::ProfilerConfig config(kineto::ProfilerState::KINETO);
+    torch::autograd::profiler::prepareProfiler(config, kineto::kActivities);
+    torch::autograd::profiler::enableProfiler(config, kineto::kActivities);
+    kineto_ = true;
+    return;
+  }
   if (step != first_ || handle_) return;
   {
     std::lock_guard<std::mutex> lock(g_mu);
@@ -82,6 +105,10 @@ void OpProfile::before_step(std::int64_t step) {
 }
 
 void OpProfile::after_step(std::int64_t step, std::ostream& out) {
+  if (kernels_) {
+    if (step == last_ && kineto_) print_kernels(out);
+    return;
+  }
   if (step != last_ || !handle_) return;
   at::removeCallback(handle_);
   handle_ = 0;
@@ -107,6 +134,42 @@ void OpProfile::after_step(std::int64_t step, std::ostream& out) {
     out << line;
   }
   std::snprintf(line, sizeof line, "  %-48s %8s %10.3f\n", "all operators", "", 1e3 * self_sum / steps);
+  out << line;
+}
+
+void OpProfile::print_kernels(std::ostream& out) {
+  // The trainer has read the last step's loss: every kernel of the steps has finished.
+  const auto result = torch::autograd::profiler::disableProfiler();
+  kineto_ = false;
+  std::map<std::string, Totals> by_name;
+  double device_s = 0;
+  for (const auto& e : result->events()) {
+    if (e.deviceType() != c10::DeviceType::CUDA) continue;  // host-side events: the operator profile's business
+    auto& t = by_name[e.name()];
+    t.calls += 1;
+    t.self_s += 1e-9 * static_cast<double>(e.durationNs());
+    device_s += 1e-9 * static_cast<double>(e.durationNs());
+  }
+  std::vector<std::pair<std::string, Totals>> rows(by_name.begin(), by_name.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.self_s > b.second.self_s; });
+  const double steps = static_cast<double>(last_ - first_ + 1);
+  char line[320];
+  std::snprintf(line, sizeof line, "kernel profile, steps %lld..%lld (per step; device time of each kernel and copy)\n",
+                static_cast<long long>(first_), static_cast<long long>(last_));
+  out << line;
+  if (rows.empty()) {
+    out << "  no device activity recorded (not on CUDA, or this libtorch's profiler has no CUPTI)\n";
+    return;
+  }
+  std::snprintf(line, sizeof line, "  %-90s %8s %10s %6s\n", "kernel", "calls", "device ms", "share");
+  out << line;
+  for (std::size_t i = 0; i < rows.size() && i < 40; ++i) {
+    const auto& [name, t] = rows[i];
+    std::snprintf(line, sizeof line, "  %-90.90s %8.1f %10.3f %5.1f%%\n", name.c_str(), static_cast<double>(t.calls) / steps,
+                  1e3 * t.self_s / steps, 100.0 * t.self_s / device_s);
+    out << line;
+  }
+  std::snprintf(line, sizeof line, "  %-90s %8s %10.3f\n", "all kernels and copies", "", 1e3 * device_s / steps);
   out << line;
 }
 
