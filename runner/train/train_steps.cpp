@@ -71,8 +71,15 @@ std::vector<LossInputs> TrainSteps::prepare(const std::vector<TrainBatch>& micro
       width = std::max(width, b.ids.size(1));
       slots = std::max(slots, b.loss_tokens);
     }
-    width = bucket(width, text_limit_);
-    slots = bucket(slots, micro.front().ids.size(0) * (width + model_.image_tokens()));
+    if (width > text_limit_) {
+      // The inline layout's placeholder column lets an eager batch take one position more than its padded form
+      // (t - 1 + n against t + n): a batch that fills the backbone's positions runs as collated, a shape of its
+      // own, rather than padded past them.
+      width = slots = 0;
+    } else {
+      width = bucket(width, text_limit_);
+      slots = bucket(slots, micro.front().ids.size(0) * (width + model_.image_tokens()));
+    }
   }
   std::vector<LossInputs> out;
   for (const auto& b : micro) out.push_back(model_.loss_inputs(b, width, slots));

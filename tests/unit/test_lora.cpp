@@ -8,6 +8,7 @@
 
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/strategy.hpp"
+#include "grid/experiment.hpp"
 #include "helpers.hpp"
 #include "model/vlm.hpp"
 #include "train/precision.hpp"
@@ -329,6 +330,46 @@ TEST_CASE("a training batch padded to a fixed shape gives the same loss and grad
     // The collated batch's loss as the trainer's evaluation computes it, from the batch itself.
     CHECK(m.loss_sum(batch).item<double>() == Approx(a[0].item<double>()).epsilon(1e-6));
   }
+}
+
+TEST_CASE("a batch that fills the backbone's positions is not padded past them", "[layout][train_graph]") {
+  torch::manual_seed(0);
+  auto model = tiny_model();
+  VlmModel m(model->encoder_part(), model->projector_part(), model->backbone_part(), Layout::inline_, /*image_token=*/6);
+  m.refresh_frozen();
+  m.eval();
+  // Inline with an image token in the prompt, the n image positions replace that token's column, which gives an
+  // eager batch one text column more than a padded one (t - 1 + n positions against t + n): this batch fills
+  // every position of the backbone eagerly.
+  const auto t = m.max_text_width() + 1;
+  TrainBatch batch;
+  batch.pixels = torch::randn({1, 3, 16, 16});
+  batch.ids = torch::randint(4, 6, {1, t}, torch::kLong);
+  batch.ids.index_put_({0, 0}, 1);
+  batch.ids.index_put_({0, 1}, 6);
+  batch.valid = torch::ones({1, t}, torch::kBool);
+  batch.targets = torch::zeros({1, t}, torch::kBool);
+  batch.targets.narrow(1, t - 3, 3).fill_(true);
+  batch.prompt_len = torch::tensor({t - 3}, torch::kLong);
+  batch.loss_tokens = 3;
+  TrainConfig config;
+  config.max_text_tokens = t;
+  TrainSteps steps(m, {}, config, torch::Device(torch::kCPU), TrainGraphMode::on);
+  REQUIRE(steps.fixed_shapes());
+  const auto inputs = steps.prepare({batch});
+  REQUIRE(inputs.size() == 1);
+  CHECK(inputs[0].ids.size(1) == t);  // as collated
+  CHECK(m.loss_sum(inputs[0]).item<double>() == Approx(m.loss_sum(batch).item<double>()).epsilon(1e-6));
+  // A batch one column shorter is padded as usual, to the limit.
+  const auto shorter = steps.prepare({[&] {
+    TrainBatch b = batch;
+    b.ids = batch.ids.narrow(1, 0, t - 1).contiguous();
+    b.valid = batch.valid.narrow(1, 0, t - 1).contiguous();
+    b.targets = batch.targets.narrow(1, 1, t - 1).contiguous();
+    return b;
+  }()});
+  CHECK(shorter[0].ids.size(1) == t - 1);
+  CHECK(shorter[0].predictors.size(0) >= 16);
 }
 
 TEST_CASE("fixed shapes round up to 16, 24, 32, 48, 64... and never past their limit", "[train_graph]") {
