@@ -73,8 +73,8 @@ std::vector<LossInputs> TrainSteps::prepare(const std::vector<TrainBatch>& micro
     }
     if (width > text_limit_) {
       // The inline layout's placeholder column lets an eager batch take one position more than its padded form
-      // (t - 1 + n against t + n): a batch that fills the backbone's positions runs as collated, a shape of its
-      // own, rather than padded past them.
+      // (t - 1 + n against t + n): a batch that fills the backbone's positions runs as collated, and eagerly
+      // (run()), rather than padded past them.
       width = slots = 0;
     } else {
       width = bucket(width, text_limit_);
@@ -115,7 +115,8 @@ torch::Tensor TrainSteps::passes(std::vector<LossInputs>& micro, const torch::Te
 }
 
 torch::Tensor TrainSteps::run(std::vector<LossInputs>& micro, std::int64_t loss_tokens, LossScaler* scaler, std::ostream& out) {
-  if (graphs_ && refused_.empty()) {
+  // A step prepare() left as collated (it fills the backbone's positions) runs eagerly: its shape is its own.
+  if (graphs_ && refused_.empty() && micro.front().ids.size(1) <= text_limit_) {
     const auto key = std::make_pair(micro.front().ids.size(1), micro.front().predictors.size(0));
     auto it = shapes_.find(key);
     if (it == shapes_.end() && shapes_.size() < kMaxShapes) it = shapes_.emplace(key, std::make_unique<Shape>()).first;
