@@ -55,6 +55,40 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
   t.self_s += total - frame.children_s;
 }
 
+
+// One profile's table, per step, largest self time first: operators (self and total host time) or kernels
+// (device time and share of it; a kernel has no children, so its self time is its time).
+void print_table(std::ostream& out, const char* title, const char* about, const std::map<std::string, Totals>& totals,
+                 std::int64_t first, std::int64_t last, bool kernels) {
+  std::vector<std::pair<std::string, Totals>> rows(totals.begin(), totals.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.self_s > b.second.self_s; });
+  const double steps = static_cast<double>(last - first + 1);
+  double self_sum = 0;
+  for (const auto& r : rows) self_sum += r.second.self_s;
+  const int width = kernels ? 90 : 48;
+  char line[320];
+  std::snprintf(line, sizeof line, "%s, steps %lld..%lld (per step; %s)\n", title, static_cast<long long>(first),
+                static_cast<long long>(last), about);
+  out << line;
+  if (kernels && rows.empty()) {
+    out << "  no device activity recorded (not on CUDA, or this libtorch's profiler has no CUPTI)\n";
+    return;
+  }
+  std::snprintf(line, sizeof line, "  %-*s %8s %10s %10s\n", width, kernels ? "kernel" : "name", "calls",
+                kernels ? "device ms" : "self ms", kernels ? "share %" : "total ms");
+  out << line;
+  for (std::size_t i = 0; i < rows.size() && i < 40; ++i) {
+    const auto& [name, t] = rows[i];
+    std::snprintf(line, sizeof line, "  %-*.*s %8.1f %10.3f %10.*f\n", width, width, name.c_str(),
+                  static_cast<double>(t.calls) / steps, 1e3 * t.self_s / steps, kernels ? 1 : 3,
+                  kernels ? 100.0 * t.self_s / self_sum : 1e3 * t.total_s / steps);
+    out << line;
+  }
+  std::snprintf(line, sizeof line, "  %-*s %8s %10.3f\n", width, kernels ? "all kernels and copies" : "all operators", "",
+                1e3 * self_sum / steps);
+  out << line;
+}
+
 }  // namespace
 
 std::unique_ptr<OpProfile> OpProfile::from_env() {
@@ -112,29 +146,12 @@ void OpProfile::after_step(std::int64_t step, std::ostream& out) {
   if (step != last_ || !handle_) return;
   at::removeCallback(handle_);
   handle_ = 0;
-  std::vector<std::pair<std::string, Totals>> rows;
+  std::map<std::string, Totals> totals;
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    rows.assign(g_totals.begin(), g_totals.end());
+    totals = g_totals;
   }
-  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.self_s > b.second.self_s; });
-  const double steps = static_cast<double>(last_ - first_ + 1);
-  double self_sum = 0;
-  for (const auto& r : rows) self_sum += r.second.self_s;
-  char line[256];
-  std::snprintf(line, sizeof line, "operator profile, steps %lld..%lld (per step; self time excludes operators called inside)\n",
-                static_cast<long long>(first_), static_cast<long long>(last_));
-  out << line;
-  std::snprintf(line, sizeof line, "  %-48s %8s %10s %10s\n", "name", "calls", "self ms", "total ms");
-  out << line;
-  for (std::size_t i = 0; i < rows.size() && i < 40; ++i) {
-    const auto& [name, t] = rows[i];
-    std::snprintf(line, sizeof line, "  %-48.48s %8.1f %10.3f %10.3f\n", name.c_str(), static_cast<double>(t.calls) / steps,
-                  1e3 * t.self_s / steps, 1e3 * t.total_s / steps);
-    out << line;
-  }
-  std::snprintf(line, sizeof line, "  %-48s %8s %10.3f\n", "all operators", "", 1e3 * self_sum / steps);
-  out << line;
+  print_table(out, "operator profile", "self time excludes operators called inside", totals, first_, last_, /*kernels=*/false);
 }
 
 void OpProfile::print_kernels(std::ostream& out) {
@@ -142,35 +159,13 @@ void OpProfile::print_kernels(std::ostream& out) {
   const auto result = torch::autograd::profiler::disableProfiler();
   kineto_ = false;
   std::map<std::string, Totals> by_name;
-  double device_s = 0;
   for (const auto& e : result->events()) {
     if (e.deviceType() != c10::DeviceType::CUDA) continue;  // host-side events: the operator profile's business
     auto& t = by_name[e.name()];
     t.calls += 1;
     t.self_s += 1e-9 * static_cast<double>(e.durationNs());
-    device_s += 1e-9 * static_cast<double>(e.durationNs());
   }
-  std::vector<std::pair<std::string, Totals>> rows(by_name.begin(), by_name.end());
-  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.self_s > b.second.self_s; });
-  const double steps = static_cast<double>(last_ - first_ + 1);
-  char line[320];
-  std::snprintf(line, sizeof line, "kernel profile, steps %lld..%lld (per step; device time of each kernel and copy)\n",
-                static_cast<long long>(first_), static_cast<long long>(last_));
-  out << line;
-  if (rows.empty()) {
-    out << "  no device activity recorded (not on CUDA, or this libtorch's profiler has no CUPTI)\n";
-    return;
-  }
-  std::snprintf(line, sizeof line, "  %-90s %8s %10s %6s\n", "kernel", "calls", "device ms", "share");
-  out << line;
-  for (std::size_t i = 0; i < rows.size() && i < 40; ++i) {
-    const auto& [name, t] = rows[i];
-    std::snprintf(line, sizeof line, "  %-90.90s %8.1f %10.3f %5.1f%%\n", name.c_str(), static_cast<double>(t.calls) / steps,
-                  1e3 * t.self_s / steps, 100.0 * t.self_s / device_s);
-    out << line;
-  }
-  std::snprintf(line, sizeof line, "  %-90s %8s %10.3f\n", "all kernels and copies", "", 1e3 * device_s / steps);
-  out << line;
+  print_table(out, "kernel profile", "device time of each kernel and copy", by_name, first_, last_, /*kernels=*/true);
 }
 
 }  // namespace ablate
