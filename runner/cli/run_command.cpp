@@ -22,6 +22,7 @@
 #include "model/feature_cache.hpp"
 #include "revision.hpp"
 #include "store/store.hpp"
+#include "train/op_profile.hpp"
 #include "train/trainer.hpp"
 
 namespace ablate::cli {
@@ -165,6 +166,7 @@ int run(const Common& common, const RunArgs& args) {
   const auto cache_mode = parse_auto_on_off<FeatureCacheMode>("--feature-cache", args.feature_cache);
   const auto decode_graph = parse_auto_on_off<DecodeGraphMode>("--decode-graph", args.decode_graph);
   const auto train_graph = parse_auto_on_off<TrainGraphMode>("--train-graph", args.train_graph);
+  OpProfile::from_env();  // a malformed ABLATE_OP_PROFILE or ABLATE_KERNEL_PROFILE: refused before anything is recorded
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
   DbLock lock(common.db);

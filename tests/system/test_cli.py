@@ -28,8 +28,8 @@ class BadInputTest(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.before = digest(self.db)
 
-    def expect_bad(self, args, *fragments):
-        out = run([*args, "--db", self.db])
+    def expect_bad(self, args, *fragments, env=None):
+        out = run([*args, "--db", self.db], env=env)
         self.assertEqual(out.returncode, 2, out.stderr)
         lines = [l for l in out.stderr.splitlines() if l.strip()]
         self.assertEqual(len(lines), 1, out.stderr)
@@ -89,6 +89,12 @@ class BadInputTest(TempDirTest):
     def test_bad_device(self):
         f = self.write("ok.toml", tiny_experiment("bad"))
         self.expect_bad([f, "--device", "tpu:9"], "--device tpu:9")
+
+    def test_bad_profile_variables(self):
+        f = self.write("ok.toml", tiny_experiment("bad"))
+        self.expect_bad([f], "ABLATE_OP_PROFILE=3", "expected FIRST:LAST", env={"ABLATE_OP_PROFILE": "3"})
+        self.expect_bad([f], "ABLATE_KERNEL_PROFILE=2:1", env={"ABLATE_KERNEL_PROFILE": "2:1"})
+        self.expect_bad([f], "set one of them, not both", env={"ABLATE_OP_PROFILE": "1:2", "ABLATE_KERNEL_PROFILE": "1:2"})
 
     def test_unknown_option(self):
         out = run(["--frobnicate"])
@@ -175,6 +181,19 @@ class RunOutcomesTest(TempDirTest):
             finally:
                 first.kill()
                 first.wait()
+
+    def test_profiles_print_their_tables(self):
+        # The developer's aids of bench/README.md: the host's operators by self time; the device's kernels, which
+        # on the CPU it says it has none of.
+        f = self.write("p.toml", tiny_experiment("p", steps=4, every=4))
+        out = run([f, "--db", self.dir / "p.db"], env={"ABLATE_OP_PROFILE": "2:3"})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("operator profile, steps 2..3", out.stderr)
+        self.assertRegex(out.stderr, r"\n  aten::\w+ +[0-9.]+ +[0-9.]+ +[0-9.]+\n")
+        out = run([f, "--db", self.dir / "k.db"], env={"ABLATE_KERNEL_PROFILE": "2:3"})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("kernel profile, steps 2..3", out.stderr)
+        self.assertIn("no device activity recorded", out.stderr)
 
     def test_dry_run_prints_cells_and_records_nothing(self):
         toml = self.write("dry.toml", tiny_experiment("dry", extra='[grid]\n"train.lr" = [1e-3, 2e-3, 3e-3]\n'))
