@@ -55,7 +55,6 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
   t.self_s += total - frame.children_s;
 }
 
-
 // One profile's table, per step, largest self time first: operators (self and total host time) or kernels
 // (device time and share of it; a kernel has no children, so its self time is its time).
 void print_table(std::ostream& out, const char* title, const char* about, const std::map<std::string, Totals>& totals,
@@ -89,6 +88,13 @@ void print_table(std::ostream& out, const char* title, const char* about, const 
   out << line;
 }
 
+namespace kineto {
+using torch::profiler::impl::ActivityType;
+using torch::profiler::impl::ProfilerConfig;
+using torch::profiler::impl::ProfilerState;
+const std::set<ActivityType> kActivities{ActivityType::CPU, ActivityType::CUDA};
+}  // namespace kineto
+
 }  // namespace
 
 std::unique_ptr<OpProfile> OpProfile::from_env() {
@@ -106,13 +112,6 @@ std::unique_ptr<OpProfile> OpProfile::from_env() {
   }
   return std::unique_ptr<OpProfile>(new OpProfile(first, last, has_kernels));
 }
-
-namespace kineto {
-using torch::profiler::impl::ActivityType;
-using torch::profiler::impl::ProfilerConfig;
-using torch::profiler::impl::ProfilerState;
-const std::set<ActivityType> kActivities{ActivityType::CPU, ActivityType::CUDA};
-}  // namespace kineto
 
 OpProfile::~OpProfile() {
   if (handle_) at::removeCallback(handle_);
