@@ -2,12 +2,26 @@
 
 #include <cmath>
 
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
 
 #include "ablate/sdk/error.hpp"
 
 namespace ablate::sdk {
+
+namespace {
+
+// Whether layer `l` can take part in forward_shared() on input x.
+bool can_share(const LinearImpl& l, const torch::Tensor& x) {
+  if (!x.is_floating_point() || x.dim() == 0 || x.size(-1) != l.in_features) return false;
+  // Each adapter with dropout would need its own dropped copy of x.
+  return !l.has_lora() || l.merged() || l.lora_config().dropout == 0.0 || !l.lora_dropout->is_training();
+}
+
+}  // namespace
 
 LinearImpl::LinearImpl(std::int64_t in, std::int64_t out, bool with_bias, bool fan_in_fan_out)
     : in_features(in), out_features(out), fan_in_fan_out(fan_in_fan_out) {
@@ -39,6 +53,9 @@ double LinearImpl::lora_scaling() const {
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  if (has_lora() && !merged_ && can_share(*this, x)) {
+    return forward_shared({this}, x).front();
+  }
   torch::Tensor y;
   if (fan_in_fan_out) {
     // As transformers' Conv1D: addmm over the flattened batch.
@@ -97,6 +114,204 @@ void LinearImpl::unmerge() {
   torch::NoGradGuard no_grad;
   weight.sub_(delta_weight());
   merged_ = false;
+}
+
+namespace {
+
+// What forward_shared's autograd function needs to know besides the tensors. Tensors go in one list, x first:
+// per layer its weight, its bias if any, then its adapter's A and B if it has an active one; the indices below
+// point into that list (-1: none).
+struct SharedPlan {
+  struct Layer {
+    std::int64_t weight = -1, bias = -1, lora_A = -1, lora_B = -1;
+    std::int64_t rank = 0;  // adapter's rank; its columns of the joint A product start at a_offset
+    std::int64_t a_offset = 0;
+    double scaling = 0.0;
+    bool fan_in_fan_out = false;
+  };
+  std::vector<Layer> layers;
+  at::ScalarType dtype = at::kFloat;  // the compute type
+  std::int64_t total_rank = 0;
+
+  // Carried in the autograd context as two flat lists.
+  std::vector<std::int64_t> ints() const {
+    std::vector<std::int64_t> v{static_cast<std::int64_t>(dtype), total_rank};
+    for (const auto& l : layers) v.insert(v.end(), {l.weight, l.bias, l.lora_A, l.lora_B, l.rank, l.a_offset, l.fan_in_fan_out});
+    return v;
+  }
+  std::vector<double> doubles() const {
+    std::vector<double> v;
+    for (const auto& l : layers) v.push_back(l.scaling);
+    return v;
+  }
+  static SharedPlan from(const std::vector<std::int64_t>& ints, const std::vector<double>& doubles) {
+    SharedPlan p;
+    p.dtype = static_cast<at::ScalarType>(ints[0]);
+    p.total_rank = ints[1];
+    for (std::size_t i = 0; i < doubles.size(); ++i) {
+      const auto* f = &ints[2 + 7 * i];
+      p.layers.push_back({f[0], f[1], f[2], f[3], f[4], f[5], doubles[i], f[6] != 0});
+    }
+    return p;
+  }
+};
+
+// Autocast stays out of the products: the plan's compute type is autocast's, and every cast is explicit.
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
+struct SharedProducts {
+  std::vector<torch::Tensor> ys;  ///< each layer's output, shaped as x with its own last size
+  torch::Tensor x2;               ///< x as [N, in] in the compute type
+  torch::Tensor a;                ///< the joint LoRA A product [N, total_rank] (undefined without an adapter)
+};
+
+// The forward products; `tensors` is x followed by the parameters, as the plan's indices say.
+SharedProducts shared_products(const SharedPlan& plan, const std::vector<torch::Tensor>& tensors) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const auto c = plan.dtype;
+  const auto& x = tensors.front();
+  SharedProducts r;
+  r.x2 = x.reshape({-1, x.size(-1)}).to(c);
+  if (plan.total_rank > 0) {
+    std::vector<torch::Tensor> as;
+    for (const auto& l : plan.layers) {
+      if (l.rank) as.push_back(tensors[l.lora_A]);
+    }
+    const auto joint = as.size() == 1 ? as.front().to(c) : torch::cat(as).to(c);
+    r.a = torch::mm(r.x2, joint.t());
+  }
+  auto shape = x.sizes().vec();
+  for (const auto& l : plan.layers) {
+    // x @ W^T, with W stored [out, in], or [in, out] for fan_in_fan_out.
+    const auto w = tensors[l.weight].to(c);
+    const auto right = l.fan_in_fan_out ? w : w.t();
+    auto y = l.bias >= 0 ? torch::addmm(tensors[l.bias].to(c), r.x2, right) : torch::mm(r.x2, right);
+    if (l.rank) {
+      // + scaling * (a_l @ B^T): PEFT's lora_B(lora_A(x)) * scaling, summed by the product itself.
+      y.addmm_(r.a.narrow(1, l.a_offset, l.rank), tensors[l.lora_B].to(c).t(), 1.0, l.scaling);
+    }
+    shape.back() = y.size(1);
+    r.ys.push_back(y.view(shape));
+  }
+  return r;
+}
+
+class SharedLinears : public torch::autograd::Function<SharedLinears> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                                at::TensorList params, const SharedPlan& plan) {
+    std::vector<torch::Tensor> tensors{x};
+    tensors.insert(tensors.end(), params.begin(), params.end());
+    auto r = shared_products(plan, tensors);
+    ctx->set_materialize_grads(false);  // an output nobody read costs nothing in backward
+    ctx->saved_data["ints"] = plan.ints();
+    ctx->saved_data["doubles"] = plan.doubles();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    std::vector<torch::Tensor> saved{r.x2, r.a};
+    saved.insert(saved.end(), params.begin(), params.end());
+    ctx->save_for_backward(saved);
+    return r.ys;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+    const auto plan = SharedPlan::from(ctx->saved_data["ints"].toIntVector(), ctx->saved_data["doubles"].toDoubleVector());
+    const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+    auto saved = ctx->get_saved_variables();
+    const auto x2 = saved[0], a = saved[1];
+    // tensors[i] as in the plan: index 0 (x) is not needed here.
+    std::vector<torch::Tensor> tensors{torch::Tensor()};
+    tensors.insert(tensors.end(), saved.begin() + 2, saved.end());
+    const auto c = plan.dtype;
+    const auto n = x2.size(0);
+
+    torch::autograd::variable_list out(tensors.size() + 1);  // x, every parameter, the plan (never a gradient)
+    torch::Tensor dx;
+    const auto add_dx = [&](const torch::Tensor& g, const torch::Tensor& w_out_in) {
+      if (dx.defined()) dx.addmm_(g, w_out_in);
+      else dx = torch::mm(g, w_out_in);
+    };
+    const bool want_dx = ctx->needs_input_grad(0);
+    torch::Tensor ga;  // gradient of the joint A product, [N, total_rank]
+    for (std::size_t i = 0; i < plan.layers.size(); ++i) {
+      const auto& l = plan.layers[i];
+      if (!grads[i].defined()) continue;
+      const auto g = grads[i].reshape({n, -1}).to(c);
+      const auto w = tensors[l.weight].to(c);
+      if (want_dx) add_dx(g, l.fan_in_fan_out ? w.t() : w);
+      if (ctx->needs_input_grad(l.weight)) {
+        auto dw = torch::mm(g.t(), x2);  // [out, in]
+        out[l.weight] = l.fan_in_fan_out ? dw.t() : dw;
+      }
+      if (l.bias >= 0 && ctx->needs_input_grad(l.bias)) out[l.bias] = g.sum(0);
+      if (l.rank) {
+        const auto b = tensors[l.lora_B].to(c);
+        if (ctx->needs_input_grad(l.lora_B)) {
+          out[l.lora_B] = torch::mm(g.t(), a.narrow(1, l.a_offset, l.rank)).mul_(l.scaling);
+        }
+        if (!ga.defined()) ga = torch::zeros({n, plan.total_rank}, g.options());
+        ga.narrow(1, l.a_offset, l.rank).addmm_(g, b, 0.0, l.scaling);
+      }
+    }
+    if (ga.defined()) {
+      for (const auto& l : plan.layers) {
+        if (!l.rank) continue;
+        const auto g_a = ga.narrow(1, l.a_offset, l.rank);
+        if (ctx->needs_input_grad(l.lora_A)) out[l.lora_A] = torch::mm(g_a.t(), x2);
+        if (want_dx) add_dx(g_a, tensors[l.lora_A].to(c));
+      }
+    }
+    if (want_dx && dx.defined()) out[0] = dx.view(x_sizes);
+    return out;
+  }
+};
+
+}  // namespace
+
+std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers, const torch::Tensor& x) {
+  bool share = true;
+  for (const auto* l : layers) share = share && can_share(*l, x);
+  if (!share) {
+    std::vector<torch::Tensor> ys;
+    for (auto* l : layers) ys.push_back(l->forward(x));
+    return ys;
+  }
+  SharedPlan plan;
+  // Autocast's rule for a matrix product: floating inputs run in its type (float64 is left alone).
+  const auto type = x.device().type();
+  plan.dtype = at::autocast::is_autocast_enabled(type) && x.scalar_type() != at::kDouble
+                   ? at::autocast::get_autocast_dtype(type)
+                   : x.scalar_type();
+  std::vector<torch::Tensor> params;
+  const auto index = [&](const torch::Tensor& t) {
+    params.push_back(t);
+    return static_cast<std::int64_t>(params.size());  // x is index 0 of the plan's list
+  };
+  bool needs_grad = x.requires_grad();
+  for (const auto* l : layers) {
+    SharedPlan::Layer p;
+    p.fan_in_fan_out = l->fan_in_fan_out;
+    p.weight = index(l->weight);
+    if (l->bias.defined()) p.bias = index(l->bias);
+    if (l->has_lora() && !l->merged()) {
+      p.lora_A = index(l->lora_A->weight);
+      p.lora_B = index(l->lora_B->weight);
+      p.rank = l->lora_config().r;
+      p.a_offset = plan.total_rank;
+      p.scaling = l->lora_scaling();
+      plan.total_rank += p.rank;
+    }
+    plan.layers.push_back(p);
+  }
+  for (const auto& p : params) needs_grad = needs_grad || p.requires_grad();
+  if (!needs_grad || !torch::GradMode::is_enabled()) {
+    // Nothing to differentiate (evaluation, decoding): the same products without an autograd record.
+    std::vector<torch::Tensor> tensors{x};
+    tensors.insert(tensors.end(), params.begin(), params.end());
+    return shared_products(plan, tensors).ys;
+  }
+  return SharedLinears::apply(x, at::TensorList(params), plan);
 }
 
 }  // namespace ablate::sdk

@@ -92,6 +92,135 @@ TEST_CASE("scaling is alpha / r, or alpha / sqrt(r) with rsLoRA", "[lora]") {
   CHECK(b->lora_scaling() == Approx(8.0));
 }
 
+namespace {
+
+// Three projections of one input, as a block's q/k/v: adapters on the first and last (trained B, so that they
+// count), the middle one without an adapter but trained in full (weight and bias get gradients), the last in
+// GPT-2's [in, out] layout.
+struct SharedInputLayers {
+  sdk::Linear q{12, 10}, k{12, 6}, v{12, 8, true, /*fan_in_fan_out=*/true};
+  SharedInputLayers() {
+    q->attach_lora({4, 8.0, 0.0, false});
+    v->attach_lora({2, 6.0, 0.0, true});
+    torch::NoGradGuard no_grad;
+    q->lora_B->weight.normal_();
+    v->lora_B->weight.normal_();
+  }
+  std::vector<sdk::LinearImpl*> all() { return {q.get(), k.get(), v.get()}; }
+  std::vector<torch::Tensor> trained() {
+    return {q->lora_A->weight, q->lora_B->weight, k->weight, k->bias, v->lora_A->weight, v->lora_B->weight};
+  }
+  // What each layer computes as PEFT writes it, op by op: y = linear(x) + lora_B(lora_A(x)) * scaling.
+  std::vector<torch::Tensor> reference(const torch::Tensor& x) {
+    std::vector<torch::Tensor> ys;
+    for (auto* l : all()) {
+      // GPT-2's Conv1D: addmm over the flattened batch, bias included.
+      auto y = l->fan_in_fan_out
+                   ? torch::addmm(l->bias, x.reshape({-1, l->in_features}), l->weight).view({x.size(0), x.size(1), -1})
+                   : torch::linear(x, l->weight, l->bias);
+      if (l->has_lora()) y = y + torch::linear(torch::linear(x, l->lora_A->weight), l->lora_B->weight) * l->lora_scaling();
+      ys.push_back(y);
+    }
+    return ys;
+  }
+};
+
+// Output values and the gradients of x and of every trained tensor, for a loss that reads the outputs `read`.
+std::vector<torch::Tensor> outputs_and_grads(const std::vector<torch::Tensor>& ys, const torch::Tensor& x,
+                                             const std::vector<torch::Tensor>& trained, const std::vector<bool>& read) {
+  torch::manual_seed(7);
+  torch::Tensor loss = torch::zeros({}, torch::kFloat32);
+  for (std::size_t i = 0; i < ys.size(); ++i) {
+    if (read[i]) loss = loss + (ys[i].to(torch::kFloat32) * torch::randn(ys[i].sizes())).sum();
+  }
+  std::vector<torch::Tensor> all{x};
+  all.insert(all.end(), trained.begin(), trained.end());
+  auto grads = torch::autograd::grad({loss}, all, {}, false, false, /*allow_unused=*/true);
+  std::vector<torch::Tensor> out;
+  for (const auto& y : ys) out.push_back(y.detach());
+  for (auto& g : grads) out.push_back(g.defined() ? g : torch::Tensor());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("layers that share an input give PEFT's outputs and gradients when computed together", "[lora][shared]") {
+  torch::manual_seed(3);
+  SharedInputLayers layers;
+  layers.k->weight.set_requires_grad(true);
+  layers.k->bias.set_requires_grad(true);
+  auto x = torch::randn({2, 5, 12}, torch::requires_grad());
+  for (const auto& read : {std::vector<bool>{true, true, true}, std::vector<bool>{true, false, true},
+                           std::vector<bool>{false, true, false}}) {
+    INFO("outputs read: " << read[0] << read[1] << read[2]);
+    const auto got = outputs_and_grads(sdk::forward_shared(layers.all(), x), x, layers.trained(), read);
+    const auto want = outputs_and_grads(layers.reference(x), x, layers.trained(), read);
+    REQUIRE(got.size() == want.size());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      INFO("tensor " << i);
+      REQUIRE(got[i].defined() == want[i].defined());
+      if (!got[i].defined()) continue;
+      CHECK(got[i].sizes() == want[i].sizes());
+      CHECK(torch::allclose(got[i], want[i], 1e-5, 1e-5));
+    }
+  }
+  // A single adapted layer's forward() takes the same path, and is PEFT's too.
+  CHECK(torch::allclose(layers.q(x), layers.reference(x)[0], 1e-5, 1e-5));
+}
+
+TEST_CASE("under bf16 autocast, layers that share an input cast it once and keep autocast's types", "[lora][shared][precision]") {
+  torch::manual_seed(4);
+  SharedInputLayers layers;
+  auto x = torch::randn({3, 7, 12}, torch::requires_grad());
+  std::vector<torch::Tensor> got_ys, want_ys;
+  {
+    AutocastGuard autocast(torch::kCPU, "bf16");
+    got_ys = sdk::forward_shared(layers.all(), x);
+    want_ys = layers.reference(x);
+  }
+  const std::vector<bool> read{true, true, true};
+  const auto got = outputs_and_grads(got_ys, x, layers.trained(), read);
+  const auto want = outputs_and_grads(want_ys, x, layers.trained(), read);
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    INFO("tensor " << i);
+    REQUIRE(got[i].defined() == want[i].defined());
+    if (!got[i].defined()) continue;
+    // Outputs in bf16 as autocast gives them; gradients in their tensor's own type (x and adapters float32).
+    CHECK(got[i].scalar_type() == want[i].scalar_type());
+    // bf16 keeps 8 bits: the sums differ in order and rounding, not beyond a few units of the last place.
+    const double scale = want[i].to(torch::kDouble).abs().max().item<double>();
+    const double diff = (got[i].to(torch::kDouble) - want[i].to(torch::kDouble)).abs().max().item<double>();
+    INFO("max difference " << diff << " of max " << scale);
+    CHECK(diff <= 2e-2 * scale);
+  }
+  CHECK(got_ys[0].scalar_type() == torch::kBFloat16);
+}
+
+TEST_CASE("an adapter with dropout keeps its own path while training, and joins the others in evaluation", "[lora][shared]") {
+  torch::manual_seed(5);
+  sdk::Linear q(8, 8), v(8, 8);
+  q->attach_lora({2, 4.0, 0.5, false});
+  v->attach_lora({2, 4.0, 0.5, false});
+  {
+    torch::NoGradGuard no_grad;
+    q->lora_B->weight.normal_();
+    v->lora_B->weight.normal_();
+  }
+  auto x = torch::randn({4, 8});
+  torch::manual_seed(9);
+  const auto shared = sdk::forward_shared({q.get(), v.get()}, x);
+  torch::manual_seed(9);
+  const auto one_by_one = std::vector<torch::Tensor>{q(x), v(x)};
+  CHECK(torch::equal(shared[0], one_by_one[0]));  // the same masks, drawn in the same order
+  CHECK(torch::equal(shared[1], one_by_one[1]));
+  const auto no_dropout = torch::linear(x, q->weight, q->bias) +
+                          torch::linear(torch::linear(x, q->lora_A->weight), q->lora_B->weight) * q->lora_scaling();
+  CHECK_FALSE(torch::allclose(shared[0], no_dropout));  // dropout did act
+  q->eval();
+  v->eval();
+  CHECK(torch::allclose(sdk::forward_shared({q.get(), v.get()}, x)[0], no_dropout, 1e-5, 1e-6));
+}
+
 TEST_CASE("lora targets are scoped to one component: v_proj in the backbone leaves the vision tower alone", "[lora]") {
   auto model = tiny_model();
   apply_lora(*model, {{"target_modules", {"v_proj"}}});

@@ -111,9 +111,11 @@ class LlamaAttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
                         const sdk::AttentionMask& mask, sdk::KvCache* cache) {
     const auto b = h.size(0), t = h.size(1);
-    auto q = q_proj(h).view({b, t, heads_, head_dim_}).transpose(1, 2);
-    auto k = k_proj(h).view({b, t, kv_heads_, head_dim_}).transpose(1, 2);
-    auto v = v_proj(h).view({b, t, kv_heads_, head_dim_}).transpose(1, 2);
+    // One read of h for the three projections (and their adapters): one cast, one input gradient.
+    auto qkv = sdk::forward_shared({q_proj.get(), k_proj.get(), v_proj.get()}, h);
+    auto q = qkv[0].view({b, t, heads_, head_dim_}).transpose(1, 2);
+    auto k = qkv[1].view({b, t, kv_heads_, head_dim_}).transpose(1, 2);
+    auto v = qkv[2].view({b, t, kv_heads_, head_dim_}).transpose(1, 2);
     q = sdk::Rotary::apply(q, cos, sin);
     k = sdk::Rotary::apply(k, cos, sin);  // before the cache: cached keys keep their rotation
     std::int64_t past = 0;
@@ -140,7 +142,10 @@ class LlamaMlpImpl : public torch::nn::Module {
     up_proj = register_module("up_proj", sdk::Linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
     down_proj = register_module("down_proj", sdk::Linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
   }
-  torch::Tensor forward(const torch::Tensor& x) { return down_proj(torch::silu(gate_proj(x)) * up_proj(x)); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto gate_up = sdk::forward_shared({gate_proj.get(), up_proj.get()}, x);
+    return down_proj(torch::silu(gate_up[0]) * gate_up[1]);
+  }
   sdk::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(LlamaMlp);

@@ -105,7 +105,9 @@ class OptAttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& h, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
     const auto b = h.size(0), t = h.size(1);
     auto split = [&](const torch::Tensor& x) { return x.view({b, t, heads_, head_dim_}).transpose(1, 2); };
-    auto q = split(q_proj(h)), k = split(k_proj(h)), v = split(v_proj(h));
+    // One read of h for the three projections (and their adapters): one cast, one input gradient.
+    auto qkv = sdk::forward_shared({q_proj.get(), k_proj.get(), v_proj.get()}, h);
+    auto q = split(qkv[0]), k = split(qkv[1]), v = split(qkv[2]);
     std::int64_t past = 0;
     if (cache) {
       past = cache->past_length(index_);

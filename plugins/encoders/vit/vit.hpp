@@ -67,7 +67,8 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& h) {
     const auto b = h.size(0), t = h.size(1);
     auto split = [&](const torch::Tensor& x) { return x.view({b, t, heads_, head_dim_}).transpose(1, 2); };
-    auto out = sdk::attend(split(q_proj(h)), split(k_proj(h)), split(v_proj(h)), sdk::AttentionMask::full(), 0,
+    auto qkv = sdk::forward_shared({q_proj.get(), k_proj.get(), v_proj.get()}, h);
+    auto out = sdk::attend(split(qkv[0]), split(qkv[1]), split(qkv[2]), sdk::AttentionMask::full(), 0,
                            1.0 / std::sqrt(static_cast<double>(head_dim_)), is_training() ? dropout_ : 0.0);
     return out_proj(out.transpose(1, 2).reshape({b, t, heads_ * head_dim_}));
   }

@@ -8,6 +8,8 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <vector>
+
 namespace ablate::sdk {
 
 struct LoraConfig {
@@ -19,6 +21,8 @@ struct LoraConfig {
 };
 
 /// y = x W^T + b (+ scaling * B A dropout(x) when an adapter is attached and not merged).
+/// With an adapter whose dropout is off (p = 0, or evaluation), forward() runs as forward_shared() does for
+/// one layer: x is cast once for both products, and the adapter's product is added inside the matrix product.
 /// Parameters: "weight" [out, in], "bias" [out]; with an adapter, "lora_A.weight" [r, in] and
 /// "lora_B.weight" [out, r], as PEFT names them in adapter_model.safetensors.
 /// fan_in_fan_out: the weight is stored [in, out] and y = x W + b, as GPT-2's Conv1D stores it (PEFT's
@@ -60,5 +64,19 @@ class LinearImpl : public torch::nn::Module {
   bool merged_ = false;
 };
 TORCH_MODULE(Linear);
+
+/// layers[i](x) for layers that all read the same x (a block's q/k/v projections, LLaMA's gate/up), computed
+/// together so that x costs what one reader costs, where autocast and autograd would otherwise charge per
+/// reader:
+///  - forward: x is cast to the compute type once (autocast casts it for every product: q, k, v and each LoRA
+///    A), the LoRA A products of every adapter run as one product, and each adapter's B product is added to
+///    its layer's output inside that product (no separate scaling and sum passes);
+///  - backward: x's gradient is summed inside the matrix products (each reader's product accumulates into one
+///    buffer) and converted to x's type once, instead of one conversion and one float32 sum per reader.
+/// Numbers: the same products in the same type; the gradient of x is summed in the compute type across
+/// readers (autograd sums float32 conversions of each), a difference of the compute type's rounding.
+/// Falls back to calling each layer when any of them cannot take part: an adapter with dropout active while
+/// training (each reader would need its own mask) or a layer of another input width.
+std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers, const torch::Tensor& x);
 
 }  // namespace ablate::sdk
