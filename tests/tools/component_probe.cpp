@@ -30,7 +30,10 @@
 //   component_probe train KIND ID WEIGHTS_DIR IN OUT SPEC.json     KIND: encoder or backbone. SPEC:
 //                                                                   {"strategy": [tables], "train": {[train]
 //                                                                   keys}, "steps": N, "grads": bool,
-//                                                                   "save_adapter": DIR, "export": DIR}
+//                                                                   "save_adapter": DIR, "export": DIR,
+//                                                                   "device": "cpu"|"cuda", "precision":
+//                                                                   fp32|bf16|fp16 (autocast, frozen linears held
+//                                                                   low, as the runner trains)}
 //                                                                   IN: input_ids, attention_mask, labels
 //                                                                   (-100: no loss; the loss is transformers'
 //                                                                   causal-LM mean) or pixels + probe (loss =
@@ -66,6 +69,7 @@
 #include "model/vlm.hpp"
 #include "train/artifacts.hpp"
 #include "train/optimizer.hpp"
+#include "train/precision.hpp"
 #include "train/strategies.hpp"
 
 using namespace ablate;
@@ -141,6 +145,10 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
     steps.push_back({host.create_strategy(sid, o, ctx), sid, "strategy[" + std::to_string(i) + "]", "probe", "strategy/" + sid, g});
   }
   const auto applied = apply_strategies(*root, head, steps, tc);
+  const torch::Device device(spec.value("device", std::string("cpu")));
+  const auto precision = spec.value("precision", std::string("fp32"));
+  root->to(device);
+  FrozenInLowPrecision frozen_low(*root, precision);
   for (const auto& p : tc.gradient_checkpointing) {
     if (p == kind && !part->set_gradient_checkpointing(true)) throw std::runtime_error(id + " has no gradient checkpointing");
   }
@@ -148,10 +156,12 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
   root->train();
 
   auto in = sdk::read_safetensors(in_file);
+  for (auto& [name, t] : in) t = t.to(device);
   auto loss_of = [&](sdk::TensorMap& out) {
+    AutocastGuard autocast(device, precision);
     if (encoder) {
       auto features = encoder->encode(in.at("pixels").to(torch::kFloat32));
-      out["features"] = features.detach().contiguous();
+      out["features"] = features.detach().to(torch::kCPU, torch::kFloat32).contiguous();
       return (features * in.at("probe").to(torch::kFloat32)).sum();
     }
     auto ids = in.at("input_ids").to(torch::kLong);
@@ -161,7 +171,7 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
     sdk::AttentionMask mask;
     mask.key_valid = valid;
     auto logits = backbone->logits(backbone->forward(backbone->embed(ids), pos, mask, nullptr));
-    out["logits"] = logits.detach().contiguous();
+    out["logits"] = logits.detach().to(torch::kCPU, torch::kFloat32).contiguous();
     // transformers' ForCausalLMLoss: labels shifted left, mean over those that are not -100.
     auto labels = in.at("labels").to(torch::kLong);
     auto shifted = logits.slice(1, 0, -1).reshape({-1, logits.size(-1)});
@@ -180,7 +190,7 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
   }
   sdk::TensorMap out;
   auto loss = loss_of(out);
-  out["loss"] = loss.detach().reshape({1});
+  out["loss"] = loss.detach().to(torch::kCPU).reshape({1});
   if (!losses.empty()) out["losses"] = torch::tensor(losses, torch::kFloat64);
   if (spec.value("grads", false)) {
     loss.backward();
@@ -188,10 +198,11 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
     for (const auto& p : root->named_parameters()) {
       if (!p.value().requires_grad()) continue;
       const auto name = p.key().substr(prefix.size());
-      out["param:" + name] = p.value().detach().contiguous();
-      if (p.value().grad().defined()) out["grad:" + name] = p.value().grad().contiguous();
+      out["param:" + name] = p.value().detach().to(torch::kCPU).contiguous();
+      if (p.value().grad().defined()) out["grad:" + name] = p.value().grad().to(torch::kCPU).contiguous();
     }
   }
+  frozen_low.restore();  // exports see the float32 weights, as the runner's do
   if (spec.contains("save_adapter")) sdk::write_peft_adapter(part->module(), kind, spec["save_adapter"].get<std::string>(),
                                                              {{"task_type", kind == "backbone" ? sdk::Json("CAUSAL_LM") : sdk::Json()}});
   if (spec.contains("export")) export_component(*part, spec["export"].get<std::string>());

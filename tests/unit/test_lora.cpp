@@ -111,7 +111,7 @@ struct SharedInputLayers {
     return {q->lora_A->weight, q->lora_B->weight, k->weight, k->bias, v->lora_A->weight, v->lora_B->weight};
   }
   // What each layer computes as PEFT writes it, op by op: y = linear(x) + lora_B(lora_A(x)) * scaling.
-  std::vector<torch::Tensor> reference(const torch::Tensor& x) {
+  std::vector<torch::Tensor> reference(const torch::Tensor& x, bool relu = false) {
     std::vector<torch::Tensor> ys;
     for (auto* l : all()) {
       // GPT-2's Conv1D: addmm over the flattened batch, bias included.
@@ -119,7 +119,7 @@ struct SharedInputLayers {
                    ? torch::addmm(l->bias, x.reshape({-1, l->in_features}), l->weight).view({x.size(0), x.size(1), -1})
                    : torch::linear(x, l->weight, l->bias);
       if (l->has_lora()) y = y + torch::linear(torch::linear(x, l->lora_A->weight), l->lora_B->weight) * l->lora_scaling();
-      ys.push_back(y);
+      ys.push_back(relu ? torch::relu(y) : y);
     }
     return ys;
   }
@@ -150,11 +150,12 @@ TEST_CASE("layers that share an input give PEFT's outputs and gradients when com
   layers.k->weight.set_requires_grad(true);
   layers.k->bias.set_requires_grad(true);
   auto x = torch::randn({2, 5, 12}, torch::requires_grad());
+  const bool relu = GENERATE(false, true);
   for (const auto& read : {std::vector<bool>{true, true, true}, std::vector<bool>{true, false, true},
                            std::vector<bool>{false, true, false}}) {
-    INFO("outputs read: " << read[0] << read[1] << read[2]);
-    const auto got = outputs_and_grads(sdk::forward_shared(layers.all(), x), x, layers.trained(), read);
-    const auto want = outputs_and_grads(layers.reference(x), x, layers.trained(), read);
+    INFO("outputs read: " << read[0] << read[1] << read[2] << ", relu " << relu);
+    const auto got = outputs_and_grads(sdk::forward_shared(layers.all(), x, relu), x, layers.trained(), read);
+    const auto want = outputs_and_grads(layers.reference(x, relu), x, layers.trained(), read);
     REQUIRE(got.size() == want.size());
     for (std::size_t i = 0; i < got.size(); ++i) {
       INFO("tensor " << i);

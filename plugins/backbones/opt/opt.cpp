@@ -146,8 +146,8 @@ class OptDecoderLayerImpl : public torch::nn::Module {
     if (!before_) h = self_attn_layer_norm(h);
     residual = h;
     if (before_) h = final_layer_norm(h);
-    h = fc1(h);
-    h = act_ == "relu" ? torch::relu(h) : torch::gelu(h);
+    // ReLU inside fc1's step: on CUDA the matrix product's epilogue applies it, no pass of its own.
+    h = act_ == "relu" ? sdk::forward_shared({fc1.get()}, h, /*relu=*/true).front() : torch::gelu(fc1(h));
     h = torch::dropout(fc2(h), p, is_training());
     h = residual + h;
     if (!before_) h = final_layer_norm(h);

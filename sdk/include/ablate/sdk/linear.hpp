@@ -77,6 +77,9 @@ TORCH_MODULE(Linear);
 /// readers (autograd sums float32 conversions of each), a difference of the compute type's rounding.
 /// Falls back to calling each layer when any of them cannot take part: an adapter with dropout active while
 /// training (each reader would need its own mask) or a layer of another input width.
-std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers, const torch::Tensor& x);
+/// `relu`: every output goes through ReLU inside the same step (OPT's fc1): on CUDA a layer without an adapter
+/// gets it from the matrix product's epilogue, and backward masks with the saved output, as autograd would.
+std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers, const torch::Tensor& x,
+                                          bool relu = false);
 
 }  // namespace ablate::sdk

@@ -1,0 +1,88 @@
+"""LoRA training in bf16 on CUDA against PEFT in bf16 on CUDA (label `gpu`). The CPU parity tests hold ablate's
+layers to PEFT's in float32; this one covers what only the GPU runs: cuBLAS's products with the adapter's
+product summed in (sdk::forward_shared), the bias + ReLU epilogue of OPT's fc1, autocast's types, frozen weights
+held in bf16. bf16 keeps 8 bits, so the bar is relative: ablate's logits and gradients must be as close to
+PEFT's bf16 ones as PEFT's bf16 ones are to its own float32 ones (with a factor of 2 of slack and a floor).
+
+ABLATE_TEST_DEVICE=cpu runs the same comparison on the CPU under CPU autocast, to check the test itself on a
+machine without a GPU."""
+import copy
+import os
+import pathlib
+import sys
+import unittest
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "parity"))
+from test_training import TrainingParityCase, peft_name  # noqa: E402
+
+DEVICE = os.environ.get("ABLATE_TEST_DEVICE", "cuda")
+
+
+def relative(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+class CudaLoraParityTest(TrainingParityCase):
+    def reference(self, model, batch, dtype):
+        """PEFT's loss, logits and adapter gradients on DEVICE, under autocast to `dtype` (None: float32)."""
+        model = copy.deepcopy(model).to(DEVICE)
+        inputs = {k: v.to(DEVICE) for k, v in batch.items()}
+        with torch.autocast(torch.device(DEVICE).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(**inputs)
+        out.loss.backward()
+        grads = {peft_name(n): p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
+        return out.loss.detach().cpu(), out.logits.detach().float().cpu(), grads
+
+    def case(self, name, plugin, base, lora):
+        folder = self.save_base(name, base.train())
+        ids, mask, positions, labels = self.text_batch(base.config.vocab_size, length=24)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(lora_dropout=0.0, **lora))
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)  # B is zero after initialisation: A's gradient would be too
+        peft_model.save_pretrained(self.dir / f"{name}-peft")
+        loss32, logits32, grads32 = self.reference(peft_model, {**batch, "position_ids": positions}, None)
+        loss16, logits16, grads16 = self.reference(peft_model, {**batch, "position_ids": positions}, torch.bfloat16)
+        ours = self.train_probe("backbone", plugin, folder, batch,
+                                {"strategy": [{"plugin": "lora", "weights": str(self.dir / f"{name}-peft")}],
+                                 "grads": True, "device": DEVICE, "precision": "bf16"})
+        valid = mask.bool()
+
+        def check(what, got, bf16, fp32):
+            allowed = max(2 * relative(bf16, fp32), 2e-3)
+            err = relative(got, bf16)
+            print(f"{name} {what}: relative difference to PEFT bf16 {err:.3g} (PEFT bf16 vs float32 "
+                  f"{relative(bf16, fp32):.3g}; allowed {allowed:.3g})")
+            self.assertLessEqual(err, allowed, f"{name}: {what}")
+
+        check("loss", ours["loss"], loss16.reshape(1), loss32.reshape(1))
+        check("logits", ours["logits"][valid], logits16[valid], logits32[valid])
+        got = {k.removeprefix("grad:"): v for k, v in ours.items() if k.startswith("grad:")}
+        self.assertEqual(sorted(got), sorted(grads16), f"{name}: the same parameters train")
+        for k in sorted(grads16):
+            check(f"gradient of {k}", got[k], grads16[k], grads32[k])
+
+    def test_opt_lora_in_bf16(self):
+        torch.manual_seed(0)
+        base = OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0,
+                                        do_layer_norm_before=False))  # opt-350m's post-norm
+        self.case("opt", "opt", base, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+    def test_llama_lora_on_every_projection_in_bf16(self):
+        torch.manual_seed(1)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+        self.case("llama", "llama", base, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                                   "gate_proj", "up_proj", "down_proj"]))
+
+
+if __name__ == "__main__":
+    unittest.main()
