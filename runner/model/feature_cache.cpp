@@ -5,13 +5,12 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
-#include <optional>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include "ablate/sdk/error.hpp"
 #include "ablate/sdk/hash.hpp"
+#include "ablate/sdk/random.hpp"
 #include "data/batches.hpp"
 
 #ifdef ABLATE_WITH_CUDA_PROPERTIES
@@ -24,37 +23,6 @@ namespace ablate {
 namespace fs = std::filesystem;
 
 namespace {
-
-// The caller's random generators, put back when the guard goes: building a table must not shift the draws of
-// the run that asked for it (an encoder with dropout draws before the check refuses it).
-class GeneratorGuard {
- public:
-  explicit GeneratorGuard(const torch::Device& device) {
-    cpu_ = save(at::detail::getDefaultCPUGenerator());
-    if (device.is_cuda()) {
-      device_gen_ = at::globalContext().defaultGenerator(device);
-      device_ = save(*device_gen_);
-    }
-  }
-  ~GeneratorGuard() {
-    restore(at::detail::getDefaultCPUGenerator(), cpu_);
-    if (device_gen_) restore(*device_gen_, device_);
-  }
-  GeneratorGuard(const GeneratorGuard&) = delete;
-  GeneratorGuard& operator=(const GeneratorGuard&) = delete;
-
- private:
-  static torch::Tensor save(at::Generator gen) {
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    return gen.get_state();
-  }
-  static void restore(at::Generator gen, const torch::Tensor& state) {
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(state);
-  }
-  torch::Tensor cpu_, device_;
-  std::optional<at::Generator> device_gen_;
-};
 
 std::string mib(double bytes) {
   char b[32];
@@ -217,7 +185,9 @@ std::shared_ptr<const FeatureTable> FeatureCache::build(const std::string& key, 
   if (auto found = find(key, device)) return found;
   if (count <= 0) return nullptr;
   const auto t0 = std::chrono::steady_clock::now();
-  GeneratorGuard generators(device);
+  // The caller's random generators are put back when this returns: building a table must not shift the draws
+  // of the run that asked for it (an encoder with dropout draws before the check refuses it).
+  sdk::RngRestore generators(device);
   torch::NoGradGuard no_grad;
   const auto chunks = (count + kChunk - 1) / kChunk;
   Prefetcher<torch::Tensor> pixels(0, chunks, std::max(1, workers), 4,

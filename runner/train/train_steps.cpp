@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <mutex>
 
 #include <torch/torch.h>
 
+#include "ablate/sdk/random.hpp"
 #include "grid/experiment.hpp"
 #include "model/cuda_graph.hpp"
 #include "model/vlm.hpp"
@@ -166,12 +166,8 @@ torch::Tensor TrainSteps::run_graph(Shape& shape, std::vector<LossInputs>& micro
   // give the same loss and gradients. Dropout draws the same numbers in both: the replay starts from the
   // generator state the eager passes started from (a graph's random numbers follow the generator's offset at
   // replay time).
-  auto generator = at::globalContext().defaultGenerator(device_);
-  torch::Tensor rng;
-  {
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    rng = generator.get_state();
-  }
+  auto rng = sdk::get_rng_state(device_);
+  rng.cpu = torch::Tensor();  // the device's generator alone: dropout on CUDA draws from it
   const auto eager_loss = passes(shape.inputs, shape.count, scaler, /*into_grads=*/false);
   std::vector<torch::Tensor> eager_grads;
   for (const auto& p : params_) eager_grads.push_back(p.grad());
@@ -201,10 +197,7 @@ torch::Tensor TrainSteps::run_graph(Shape& shape, std::vector<LossInputs>& micro
   } catch (const std::exception& e) {
     return refuse("capture failed: " + first_line(e.what()));
   }
-  {
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    generator.set_state(rng);
-  }
+  sdk::set_rng_state(device_, rng);
   graph->replay();
 
   // The check, with one wait for the device, once per shape: the gradients as one vector, their difference

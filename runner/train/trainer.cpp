@@ -16,6 +16,7 @@
 #include "ablate/sdk/hash.hpp"
 #include "ablate/sdk/image.hpp"
 #include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/random.hpp"
 #include "ablate/sdk/weights.hpp"
 #include "data/batches.hpp"
 #include "data/sources.hpp"
@@ -464,16 +465,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     load_trainable(*model, dir);
     torch::load(optimizer.adamw(), (dir / "optimizer.pt").string());
     auto state = sdk::read_safetensors(dir / "rng.safetensors");
-    {
-      at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(state.at("cpu").clone());
-    }
-    if (ctx.device.is_cuda() && state.count("device")) {
-      auto gen = at::globalContext().defaultGenerator(ctx.device);
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(state.at("device").clone());
-    }
+    sdk::set_rng_state(ctx.device, {state.at("cpu").clone(), state.count("device") ? state.at("device").clone() : torch::Tensor()});
     if (auto* scaler = optimizer.scaler(); scaler && state.count("scale")) scaler->load(state.at("scale"), state.at("growth_tracker"));
   }
   ctx.store.truncate_after(run_id, start == 0 ? -1 : start);
@@ -628,8 +620,9 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     sdk::write_safetensors(tmp / "trainable.safetensors", sdk::state_dict(*model, /*trainable_only=*/true),
                            {{"format", "pt"}, {"step", std::to_string(step)}});
     torch::save(optimizer.adamw(), (tmp / "optimizer.pt").string());
-    sdk::TensorMap state{{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
-    if (ctx.device.is_cuda()) state["device"] = at::globalContext().defaultGenerator(ctx.device).get_state();
+    const auto rng = sdk::get_rng_state(ctx.device);
+    sdk::TensorMap state{{"cpu", rng.cpu}};
+    if (rng.device.defined()) state["device"] = rng.device;
     if (auto* scaler = optimizer.scaler()) {
       for (const auto& [k, v] : scaler->state()) state[k] = v.cpu();
     }

@@ -1,4 +1,5 @@
 #include "ablate/sdk/checkpoint.hpp"
+#include "ablate/sdk/random.hpp"
 
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
@@ -14,7 +15,7 @@ using torch::autograd::variable_list;
 struct Replay : torch::CustomClassHolder {
   std::function<torch::Tensor(const torch::Tensor&)> layer;
   c10::Device device = c10::kCPU;
-  at::Tensor cpu_rng, device_rng;
+  RngState rng;
   bool autocast = false;
   at::ScalarType autocast_dtype = at::kFloat;
   std::vector<bool> needs_grad;  // x, then each parameter
@@ -24,32 +25,10 @@ struct Replay : torch::CustomClassHolder {
 // recomputation draws the same dropout masks without shifting the training's random stream.
 class RngFork {
  public:
-  explicit RngFork(const Replay& r) : device_(r.device) {
-    auto cpu = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(cpu.mutex());
-    cpu_ = cpu.get_state();
-    cpu.set_state(r.cpu_rng);
-    if (r.device_rng.defined()) {
-      auto gen = at::globalContext().defaultGenerator(device_);
-      std::lock_guard<std::mutex> dlock(gen.mutex());
-      dev_ = gen.get_state();
-      gen.set_state(r.device_rng);
-    }
-  }
-  ~RngFork() {
-    auto cpu = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(cpu.mutex());
-    cpu.set_state(cpu_);
-    if (dev_.defined()) {
-      auto gen = at::globalContext().defaultGenerator(device_);
-      std::lock_guard<std::mutex> dlock(gen.mutex());
-      gen.set_state(dev_);
-    }
-  }
+  explicit RngFork(const Replay& r) : restore_(r.device) { set_rng_state(r.device, r.rng); }
 
  private:
-  c10::Device device_;
-  at::Tensor cpu_, dev_;
+  RngRestore restore_;
 };
 
 class AutocastAs {
@@ -132,16 +111,7 @@ torch::Tensor checkpoint(std::function<torch::Tensor(const torch::Tensor&)> laye
   auto replay = c10::make_intrusive<Replay>();
   replay->layer = std::move(layer);
   replay->device = x.device();
-  {
-    auto cpu = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(cpu.mutex());
-    replay->cpu_rng = cpu.get_state();
-  }
-  if (!x.device().is_cpu()) {
-    auto gen = at::globalContext().defaultGenerator(x.device());
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    replay->device_rng = gen.get_state();
-  }
+  replay->rng = get_rng_state(x.device());
   replay->autocast = at::autocast::is_autocast_enabled(x.device().type());
   replay->autocast_dtype = at::autocast::get_autocast_dtype(x.device().type());
   replay->needs_grad.push_back(x.requires_grad());
