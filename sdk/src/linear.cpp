@@ -283,6 +283,7 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
 }  // namespace
 
 std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers, const torch::Tensor& x, bool relu) {
+  if (layers.empty()) return {};
   bool share = true;
   for (const auto* l : layers) share = share && can_share(*l, x);
   if (!share) {
