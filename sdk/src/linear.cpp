@@ -169,7 +169,7 @@ struct SharedProducts {
 };
 
 // The forward products; `tensors` is x followed by the parameters, as the plan's indices say.
-SharedProducts shared_products(const SharedPlan& plan, const std::vector<torch::Tensor>& tensors) {
+SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto c = plan.dtype;
   const auto& x = tensors.front();
@@ -207,17 +207,17 @@ SharedProducts shared_products(const SharedPlan& plan, const std::vector<torch::
 
 class SharedLinears : public torch::autograd::Function<SharedLinears> {
  public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                                                at::TensorList params, const SharedPlan& plan) {
-    std::vector<torch::Tensor> tensors{x};
-    tensors.insert(tensors.end(), params.begin(), params.end());
+  // `tensors`: x, then the parameters, as the plan's indices say (so they are also the indices of the inputs'
+  // gradients).
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList tensors,
+                                                const SharedPlan& plan) {
     auto r = shared_products(plan, tensors);
     ctx->set_materialize_grads(false);  // an output nobody read costs nothing in backward
     ctx->saved_data["ints"] = plan.ints();
     ctx->saved_data["doubles"] = plan.doubles();
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["x_sizes"] = tensors.front().sizes().vec();
     std::vector<torch::Tensor> saved{r.x2, r.a};
-    saved.insert(saved.end(), params.begin(), params.end());
+    saved.insert(saved.end(), tensors.begin() + 1, tensors.end());
     const bool relu = plan.layers.front().relu;
     if (relu) saved.insert(saved.end(), r.ys.begin(), r.ys.end());  // ReLU's mask: outputs are saved without a copy
     ctx->save_for_backward(saved);
@@ -238,7 +238,7 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
     const auto c = plan.dtype;
     const auto n = x2.size(0);
 
-    torch::autograd::variable_list out(tensors.size() + 1);  // x, every parameter, the plan (never a gradient)
+    torch::autograd::variable_list out(tensors.size() + 1);  // x, every parameter, then the plan: no gradient
     torch::Tensor dx;
     const auto add_dx = [&](const torch::Tensor& g, const torch::Tensor& w_out_in) {
       if (dx.defined()) dx.addmm_(g, w_out_in);
@@ -297,12 +297,11 @@ std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers
   plan.dtype = at::autocast::is_autocast_enabled(type) && x.scalar_type() != at::kDouble
                    ? at::autocast::get_autocast_dtype(type)
                    : x.scalar_type();
-  std::vector<torch::Tensor> params;
+  std::vector<torch::Tensor> tensors{x};  // x, then every parameter the products read
   const auto index = [&](const torch::Tensor& t) {
-    params.push_back(t);
-    return static_cast<std::int64_t>(params.size());  // x is index 0 of the plan's list
+    tensors.push_back(t);
+    return static_cast<std::int64_t>(tensors.size() - 1);
   };
-  bool needs_grad = x.requires_grad();
   for (const auto* l : layers) {
     SharedPlan::Layer p;
     p.fan_in_fan_out = l->fan_in_fan_out;
@@ -319,14 +318,13 @@ std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers
     }
     plan.layers.push_back(p);
   }
-  for (const auto& p : params) needs_grad = needs_grad || p.requires_grad();
+  bool needs_grad = false;
+  for (const auto& t : tensors) needs_grad = needs_grad || t.requires_grad();
   if (!needs_grad || !torch::GradMode::is_enabled()) {
     // Nothing to differentiate (evaluation, decoding): the same products without an autograd record.
-    std::vector<torch::Tensor> tensors{x};
-    tensors.insert(tensors.end(), params.begin(), params.end());
     return shared_products(plan, tensors).ys;
   }
-  return SharedLinears::apply(x, at::TensorList(params), plan);
+  return SharedLinears::apply(at::TensorList(tensors), plan);
 }
 
 }  // namespace ablate::sdk
