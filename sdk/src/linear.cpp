@@ -128,17 +128,17 @@ struct SharedPlan {
     std::int64_t a_offset = 0;
     double scaling = 0.0;
     bool fan_in_fan_out = false;
-    bool relu = false;  // output = relu(product); its output is saved for backward's mask
   };
   std::vector<Layer> layers;
   at::ScalarType dtype = at::kFloat;  // the compute type
   std::int64_t total_rank = 0;
+  bool relu = false;  // every output = relu(product); the outputs are saved for backward's mask
 
   // Carried in the autograd context as two flat lists.
   std::vector<std::int64_t> ints() const {
-    std::vector<std::int64_t> v{static_cast<std::int64_t>(dtype), total_rank};
+    std::vector<std::int64_t> v{static_cast<std::int64_t>(dtype), total_rank, relu};
     for (const auto& l : layers) {
-      v.insert(v.end(), {l.weight, l.bias, l.lora_A, l.lora_B, l.rank, l.a_offset, l.fan_in_fan_out, l.relu});
+      v.insert(v.end(), {l.weight, l.bias, l.lora_A, l.lora_B, l.rank, l.a_offset, l.fan_in_fan_out});
     }
     return v;
   }
@@ -151,9 +151,10 @@ struct SharedPlan {
     SharedPlan p;
     p.dtype = static_cast<at::ScalarType>(ints[0]);
     p.total_rank = ints[1];
+    p.relu = ints[2] != 0;
     for (std::size_t i = 0; i < doubles.size(); ++i) {
-      const auto* f = &ints[2 + 8 * i];
-      p.layers.push_back({f[0], f[1], f[2], f[3], f[4], f[5], doubles[i], f[6] != 0, f[7] != 0});
+      const auto* f = &ints[3 + 7 * i];
+      p.layers.push_back({f[0], f[1], f[2], f[3], f[4], f[5], doubles[i], f[6] != 0});
     }
     return p;
   }
@@ -189,7 +190,7 @@ SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
     const auto w = tensors[l.weight].to(c);
     const auto right = l.fan_in_fan_out ? w : w.t();
     torch::Tensor y;
-    if (l.relu && !l.rank && l.bias >= 0 && x.is_cuda()) {
+    if (plan.relu && !l.rank && l.bias >= 0 && x.is_cuda()) {
       y = at::_addmm_activation(tensors[l.bias].to(c), r.x2, right);  // cuBLASLt's bias + ReLU epilogue
     } else {
       y = l.bias >= 0 ? torch::addmm(tensors[l.bias].to(c), r.x2, right) : torch::mm(r.x2, right);
@@ -197,7 +198,7 @@ SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
         // + scaling * (a_l @ B^T): PEFT's lora_B(lora_A(x)) * scaling, summed by the product itself.
         y.addmm_(r.a.narrow(1, l.a_offset, l.rank), tensors[l.lora_B].to(c).t(), 1.0, l.scaling);
       }
-      if (l.relu) y.relu_();
+      if (plan.relu) y.relu_();
     }
     shape.back() = y.size(1);
     r.ys.push_back(y.view(shape));
@@ -218,8 +219,7 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
     ctx->saved_data["x_sizes"] = tensors.front().sizes().vec();
     std::vector<torch::Tensor> saved{r.x2, r.a};
     saved.insert(saved.end(), tensors.begin() + 1, tensors.end());
-    const bool relu = plan.layers.front().relu;
-    if (relu) saved.insert(saved.end(), r.ys.begin(), r.ys.end());  // ReLU's mask: outputs are saved without a copy
+    if (plan.relu) saved.insert(saved.end(), r.ys.begin(), r.ys.end());  // ReLU's mask: outputs are saved without a copy
     ctx->save_for_backward(saved);
     return r.ys;
   }
@@ -232,7 +232,7 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
     auto saved = ctx->get_saved_variables();
     const auto x2 = saved[0], a = saved[1];
     // tensors[i] as in the plan: index 0 (x) is not needed here. With ReLU, the outputs come last.
-    const auto outputs = plan.layers.front().relu ? saved.end() - static_cast<std::ptrdiff_t>(plan.layers.size()) : saved.end();
+    const auto outputs = plan.relu ? saved.end() - static_cast<std::ptrdiff_t>(plan.layers.size()) : saved.end();
     std::vector<torch::Tensor> tensors{torch::Tensor()};
     tensors.insert(tensors.end(), saved.begin() + 2, outputs);
     const auto c = plan.dtype;
@@ -250,7 +250,7 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
       const auto& l = plan.layers[i];
       if (!grads[i].defined()) continue;
       auto g = grads[i].reshape({n, -1}).to(c);
-      if (l.relu) g = torch::threshold_backward(g, outputs[static_cast<std::ptrdiff_t>(i)].reshape({n, -1}), 0);
+      if (plan.relu) g = torch::threshold_backward(g, outputs[static_cast<std::ptrdiff_t>(i)].reshape({n, -1}), 0);
       const auto w = tensors[l.weight].to(c);
       if (want_dx) add_dx(g, l.fan_in_fan_out ? w.t() : w);
       if (ctx->needs_input_grad(l.weight)) {
@@ -292,6 +292,7 @@ std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers
     return ys;
   }
   SharedPlan plan;
+  plan.relu = relu;
   // Autocast's rule for a matrix product: floating inputs run in its type (float64 is left alone).
   const auto type = x.device().type();
   plan.dtype = at::autocast::is_autocast_enabled(type) && x.scalar_type() != at::kDouble
@@ -305,7 +306,6 @@ std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers
   for (const auto* l : layers) {
     SharedPlan::Layer p;
     p.fan_in_fan_out = l->fan_in_fan_out;
-    p.relu = relu;
     p.weight = index(l->weight);
     if (l->bias.defined()) p.bias = index(l->bias);
     if (l->has_lora() && !l->merged()) {
