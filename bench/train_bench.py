@@ -37,7 +37,9 @@ off, so both figures come from one invocation; the cache's build time is printed
 On CUDA the runner replays each step's forward and backward passes as a CUDA graph by default (--train-graph
 auto, train/train_steps.hpp; its log says whether each capture was accepted); `ablate-nograph` (in --refs by
 default on CUDA) is the same runner with eager steps (--train-graph off). `ablate-graph` (--refs graph) forces
---train-graph on, which on the CPU pads the steps without a graph to pay for it.
+--train-graph on, which on the CPU pads the steps without a graph to pay for it. `ablate-fused` (in --refs by
+default on CUDA) runs with --fused-norm on: OPT's residual adds, LayerNorms and the casts of their outputs in
+one pass each way (our kernels, sdk/src/cuda/add_layer_norm.cu), off in the runner until measured here.
 
 Differences that favour the reference: its images are decoded and preprocessed once before timing (ablate
 decodes and preprocesses every step on its data threads), and its batches are pre-built on the host.
@@ -348,14 +350,16 @@ def run_child(cmd, log, env=None, gpu=False):
     return p.returncode, wall, usage.ru_maxrss / 1024, mem.mib()
 
 
-ABLATE_SYSTEMS = {"ablate": (True, None), "nocache": (False, None), "graph": (True, "on"), "nograph": (True, "off")}
+ABLATE_SYSTEMS = {"ablate": (True, None, False), "nocache": (False, None, False), "graph": (True, "on", False),
+                  "nograph": (True, "off", False), "fused": (True, None, True)}
 
 
 def run_ablate(work, args, k, system="ablate"):
     """One ablate run, as the runner runs by default ("ablate"), with its frozen-encoder feature cache off
-    ("nocache": --feature-cache off), or with --train-graph on ("graph": the CPU's default is off) or off
-    ("nograph": eager steps; CUDA's default is on)."""
-    cache, graph = ABLATE_SYSTEMS[system]
+    ("nocache": --feature-cache off), with --train-graph on ("graph": the CPU's default is off) or off
+    ("nograph": eager steps; CUDA's default is on), or with --fused-norm on ("fused": the residual add +
+    LayerNorm kernels, off by default until measured here)."""
+    cache, graph, fused = ABLATE_SYSTEMS[system]
     system = "ablate" if system == "ablate" else f"ablate-{system}"
     d = work / "runs" / f"{system}-{k}"
     if d.exists():
@@ -371,6 +375,8 @@ def run_ablate(work, args, k, system="ablate"):
         cmd += ["--feature-cache", "off"]
     if graph:
         cmd += ["--train-graph", graph]
+    if fused:
+        cmd += ["--fused-norm", "on"]
     rc, wall, rss, gpu = run_child(cmd, d / "log.txt", gpu=args.device.startswith("cuda"))
     if rc != 0:
         raise Failed(f"ablate run {k} failed (exit {rc}); see {d / 'log.txt'}:\n" + (d / "log.txt").read_text()[-3000:])
@@ -688,8 +694,9 @@ def main():
     ap.add_argument("--refs", default=None,
                     help="what runs beside ablate: eager, compile (transformers + PEFT), nocache (ablate with its "
                          "feature cache off), graph (ablate with --train-graph on: on the CPU, the padded steps "
-                         "without a graph), nograph (ablate with --train-graph off: eager steps on CUDA); "
-                         "comma-separated (default: eager,compile,nocache, and nograph on CUDA)")
+                         "without a graph), nograph (ablate with --train-graph off: eager steps on CUDA), fused "
+                         "(ablate with --fused-norm on); comma-separated (default: eager,compile,nocache, and "
+                         "nograph,fused on CUDA)")
     ap.add_argument("--compile-rounds", type=int, default=1, help="rounds that include the torch.compile reference")
     ap.add_argument("--child-timeout", type=int, default=0, help="seconds after which a run is killed (0: none)")
     ap.add_argument("--workers", type=int, default=0, help="the runner's data threads (0: its default)")
@@ -712,7 +719,7 @@ def main():
 
     resolve_common(args)
     if args.refs is None:
-        args.refs = "eager,compile,nocache" + (",nograph" if args.device.startswith("cuda") else "")
+        args.refs = "eager,compile,nocache" + (",nograph,fused" if args.device.startswith("cuda") else "")
     refs = [r for r in args.refs.split(",") if r]
     if args.warmup + args.measure < 50:
         sys.exit("the loss check needs at least 50 steps (warmup + measure)")
@@ -802,7 +809,7 @@ def main():
     if builds:
         print(f"ablate: frozen-encoder feature cache built before step 1 in {statistics.mean(builds):.2f}s on average "
               f"({SIZES[args.size]['images']} images; in wall s, not in step times); ablate-nocache encodes every step")
-    for mine in ("ablate", "ablate-nocache", "ablate-graph"):
+    for mine in ("ablate", "ablate-nocache", "ablate-graph", "ablate-fused"):
         for system in med:
             if mine in med and system.startswith("hf-"):
                 print(f"speed-up {mine} vs {system}: {med[system] / med[mine]:.2f}x (median step time ratio)")

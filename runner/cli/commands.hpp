@@ -38,6 +38,7 @@ struct RunArgs {
   double feature_cache_gib = -1;       ///< memory for it; < 0: a quarter of the device's
   std::string decode_graph = "auto";   ///< decode steps: auto, on (fixed-size KV cache, CUDA graph), off
   std::string train_graph = "auto";    ///< training steps: auto (graphs on CUDA, else eager), on (fixed shapes, CUDA graphs), off
+  std::string fused_norm = "off";      ///< sdk::add_layer_norm's fused path: on, off
 };
 
 int run(const Common& common, const RunArgs& args);

@@ -99,7 +99,11 @@ int dispatch(int argc, char** argv) {
          "training steps: on = each step padded to one of a few fixed shapes, its forward and backward passes a "
          "replayed CUDA graph per shape on CUDA (checked once against the eager passes; eager on the CPU); off = "
          "eager steps, as collated; auto = on for CUDA (unless gradient checkpointing, which cannot be captured), off "
-         "on the CPU");
+         "on the CPU")
+        ("fused-norm", po::value<std::string>(&run.fused_norm)->default_value("off"),
+         "on = each block's residual add, LayerNorm and the cast of its output run as one pass each way (OPT; our "
+         "CUDA kernels on CUDA, a loop over rows on the CPU), float32 sums in another order; off = torch's ops. Off "
+         "by default until the kernels are measured on a GPU (bench/README.md)");
     positional.add("experiment", -1);
   } else if (command == "compare") {
     specific.add_options()

@@ -16,6 +16,7 @@
 
 #include "ablate/sdk/error.hpp"
 #include "ablate/sdk/hash.hpp"
+#include "ablate/sdk/norms.hpp"
 #include "cli/commands.hpp"
 #include "grid/experiment.hpp"
 #include "host/plugin_host.hpp"
@@ -166,6 +167,9 @@ int run(const Common& common, const RunArgs& args) {
   const auto cache_mode = parse_auto_on_off<FeatureCacheMode>("--feature-cache", args.feature_cache);
   const auto decode_graph = parse_auto_on_off<DecodeGraphMode>("--decode-graph", args.decode_graph);
   const auto train_graph = parse_auto_on_off<TrainGraphMode>("--train-graph", args.train_graph);
+  if (args.fused_norm != "on" && args.fused_norm != "off") {
+    throw sdk::InputError("--fused-norm " + args.fused_norm + ": expected on or off");
+  }
   OpProfile::from_env();  // a malformed ABLATE_OP_PROFILE or ABLATE_KERNEL_PROFILE: refused before anything is recorded
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
@@ -193,6 +197,11 @@ int run(const Common& common, const RunArgs& args) {
   ctx.features = &features;
   ctx.decode_graph = decode_graph;
   ctx.train_graph = train_graph;
+  sdk::set_fused_norm(args.fused_norm == "on");
+  if (sdk::fused_norm()) {
+    std::cerr << "--fused-norm on: residual add + LayerNorm as one pass each way ("
+              << (device.is_cuda() ? "CUDA kernels" : "the CPU's loop over rows") << ")\n";
+  }
 
   int failed = 0, done = 0, skipped = 0;
   for (auto& ex : chain) {

@@ -282,6 +282,12 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
 
 }  // namespace
 
+at::ScalarType compute_type(const torch::Tensor& x) {
+  const auto type = x.device().type();
+  return at::autocast::is_autocast_enabled(type) && x.scalar_type() != at::kDouble ? at::autocast::get_autocast_dtype(type)
+                                                                                     : x.scalar_type();
+}
+
 std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers, const torch::Tensor& x, bool relu) {
   if (layers.empty()) return {};
   bool share = true;
@@ -293,11 +299,7 @@ std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers
   }
   SharedPlan plan;
   plan.relu = relu;
-  // Autocast's rule for a matrix product: floating inputs run in its type (float64 is left alone).
-  const auto type = x.device().type();
-  plan.dtype = at::autocast::is_autocast_enabled(type) && x.scalar_type() != at::kDouble
-                   ? at::autocast::get_autocast_dtype(type)
-                   : x.scalar_type();
+  plan.dtype = compute_type(x);
   std::vector<torch::Tensor> tensors{x};  // x, then every parameter the products read
   const auto index = [&](const torch::Tensor& t) {
     tensors.push_back(t);

@@ -5,19 +5,8 @@
 #include <ATen/ATen.h>
 
 #include "ablate/sdk/error.hpp"
-#include "ablate/sdk/norms.hpp"
 
 namespace ablate::sdk {
-
-RMSNormImpl::RMSNormImpl(std::int64_t size, double eps_) : eps(eps_) { weight = register_parameter("weight", torch::ones({size})); }
-RMSNormImpl::~RMSNormImpl() = default;
-
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto h = x.to(torch::kFloat32);
-  auto variance = h.pow(2).mean(-1, /*keepdim=*/true);
-  h = h * torch::rsqrt(variance + eps);
-  return weight * h.to(x.scalar_type());
-}
 
 RopeConfig RopeConfig::from_hf(Options& o) {
   RopeConfig c;

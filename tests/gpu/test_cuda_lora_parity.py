@@ -1,7 +1,7 @@
 """LoRA training in bf16 on CUDA against PEFT in bf16 on CUDA (label `gpu`). The CPU parity tests hold ablate's
 layers to PEFT's in float32; this one covers what only the GPU runs: cuBLAS's products with the adapter's
-product summed in (sdk::forward_shared), the bias + ReLU epilogue of OPT's fc1, autocast's types, frozen weights
-held in bf16. bf16 keeps 8 bits, so the bar is relative: ablate's logits and gradients must be as close to
+product summed in (sdk::forward_shared), the bias + ReLU epilogue of OPT's fc1, our residual add + LayerNorm
+kernels (--fused-norm on), autocast's types, frozen weights held in bf16. bf16 keeps 8 bits, so the bar is relative: ablate's logits and gradients must be as close to
 PEFT's bf16 ones as PEFT's bf16 ones are to its own float32 ones (with a factor of 2 of slack and a floor).
 
 ABLATE_TEST_DEVICE=cpu runs the same comparison on the CPU under CPU autocast, to check the test itself on a
@@ -38,7 +38,7 @@ class CudaLoraParityTest(TrainingParityCase):
         grads = {peft_name(n): p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
         return out.loss.detach().cpu(), out.logits.detach().float().cpu(), grads
 
-    def case(self, name, plugin, base, lora):
+    def case(self, name, plugin, base, lora, fused_norm=False):
         folder = self.save_base(name, base.train())
         ids, mask, positions, labels = self.text_batch(base.config.vocab_size, length=24)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -52,7 +52,7 @@ class CudaLoraParityTest(TrainingParityCase):
         loss16, logits16, grads16 = self.reference(peft_model, {**batch, "position_ids": positions}, torch.bfloat16)
         ours = self.train_probe("backbone", plugin, folder, batch,
                                 {"strategy": [{"plugin": "lora", "weights": str(self.dir / f"{name}-peft")}],
-                                 "grads": True, "device": DEVICE, "precision": "bf16"})
+                                 "grads": True, "device": DEVICE, "precision": "bf16", "fused_norm": fused_norm})
         valid = mask.bool()
 
         def check(what, got, bf16, fp32):
@@ -75,6 +75,19 @@ class CudaLoraParityTest(TrainingParityCase):
                                         max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0,
                                         do_layer_norm_before=False))  # opt-350m's post-norm
         self.case("opt", "opt", base, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+    def test_opt_lora_in_bf16_fused_norm(self):
+        # --fused-norm on: our add + LayerNorm kernels (sdk/src/cuda/add_layer_norm.cu; the CPU's loop with
+        # ABLATE_TEST_DEVICE=cpu), post-LN as opt-350m and pre-LN as the other OPT sizes, a norm trained too.
+        for before in (False, True):
+            with self.subTest(do_layer_norm_before=before):
+                torch.manual_seed(2)
+                base = OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                                dropout=0.0, do_layer_norm_before=before))
+                self.case(f"opt-fused-{'pre' if before else 'post'}", "opt", base,
+                          dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                               modules_to_save=["layers.0.final_layer_norm"]), fused_norm=True)
 
     def test_llama_lora_on_every_projection_in_bf16(self):
         torch.manual_seed(1)

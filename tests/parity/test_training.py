@@ -61,7 +61,7 @@ class TrainingParityCase(TempDirTest):
 class PeftParityTest(TrainingParityCase):
     """The same LoRA configuration and A/B weights give PEFT's logits and gradients; adapters travel both ways."""
 
-    def lm_case(self, name, plugin, make_model, lora, ablate_lora, checkpointing=False):
+    def lm_case(self, name, plugin, make_model, lora, ablate_lora, checkpointing=False, fused_norm=False):
         torch.manual_seed(0)
         base = make_model().train()
         folder = self.save_base(name, base)
@@ -82,6 +82,7 @@ class PeftParityTest(TrainingParityCase):
         spec = {"strategy": [{"plugin": "lora", "weights": str(self.dir / f"{name}-peft")}], "grads": True}
         if checkpointing:
             spec["train"] = {"gradient_checkpointing": ["backbone"]}
+        spec["fused_norm"] = fused_norm
         ours = self.train_probe("backbone", plugin, folder, batch, spec)
         valid = mask.bool()
         self.assert_close(ours["logits"][valid], out.logits.detach()[valid], LOGITS_TOLERANCE,
@@ -97,7 +98,8 @@ class PeftParityTest(TrainingParityCase):
         # loaded by PEFT, and the merged export by transformers.
         spec = {"strategy": [{"plugin": "lora", **ablate_lora}], "steps": 3,
                 "train": {"lr": 1e-2, "schedule": {"kind": "constant"}, "steps": 3},
-                "save_adapter": str(self.dir / f"{name}-ours"), "export": str(self.dir / f"{name}-merged")}
+                "save_adapter": str(self.dir / f"{name}-ours"), "export": str(self.dir / f"{name}-merged"),
+                "fused_norm": fused_norm}
         ours = self.train_probe("backbone", plugin, folder, batch, spec)
         loaded = PeftModel.from_pretrained(copy.deepcopy(base).eval(), self.dir / f"{name}-ours")
         with torch.no_grad():
@@ -119,6 +121,19 @@ class PeftParityTest(TrainingParityCase):
         self.lm_case("opt", "opt", make,
                      dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["layers.1.fc2"]),
                      dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["layers.1.fc2"]))
+
+    def test_opt_lora_fused_norm(self):
+        # --fused-norm on (sdk::add_layer_norm's fused path: on the CPU its loop over rows), pre- and post-LN,
+        # with a norm among modules_to_save so that its weight's and bias's gradients are checked too.
+        for before in (True, False):
+            with self.subTest(do_layer_norm_before=before):
+                make = lambda: OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, max_position_embeddings=64,
+                                                        word_embed_proj_dim=32, dropout=0.0, do_layer_norm_before=before))
+                saved = ["layers.1.fc2", "layers.0.self_attn_layer_norm", "layers.1.final_layer_norm"]
+                self.lm_case(f"opt-fused-{'pre' if before else 'post'}", "opt", make,
+                             dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=saved),
+                             dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=saved), fused_norm=True)
 
     def test_llama_lora_rslora_regex_targets(self):
         make = lambda: LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

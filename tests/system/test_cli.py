@@ -96,6 +96,27 @@ class BadInputTest(TempDirTest):
         self.expect_bad([f], "ABLATE_KERNEL_PROFILE=2:1", env={"ABLATE_KERNEL_PROFILE": "2:1"})
         self.expect_bad([f], "set one of them, not both", env={"ABLATE_OP_PROFILE": "1:2", "ABLATE_KERNEL_PROFILE": "1:2"})
 
+    def test_bad_fused_norm(self):
+        f = self.write("ok.toml", tiny_experiment("bad"))
+        self.expect_bad([f, "--fused-norm", "maybe"], "--fused-norm maybe", "expected on or off")
+
+    def test_fused_norm_trains_as_torchs_ops_do(self):
+        # --fused-norm on runs OPT's residual adds and LayerNorms through sdk::add_layer_norm's fused path (on the
+        # CPU its loop over rows); full finetuning, so the norms' own gradients reach the optimizer too. float32
+        # sums in another order: the losses agree to float32 rounding, compounded over the steps.
+        f = self.write("fn.toml", tiny_experiment("fn", steps=8, every=8))
+        losses = {}
+        for mode in ("off", "on"):
+            out = run([f, "--db", self.dir / f"{mode}.db", "--fused-norm", mode])
+            self.assertEqual(out.returncode, 0, out.stderr)
+            con = sqlite3.connect(self.dir / f"{mode}.db")
+            losses[mode] = [r[0] for r in con.execute("SELECT loss FROM steps WHERE split = 'train' ORDER BY step")]
+            con.close()
+        self.assertEqual(len(losses["on"]), 8)
+        for a, b in zip(losses["on"], losses["off"]):
+            self.assertAlmostEqual(a, b, delta=1e-5 * abs(b))
+        self.assertNotEqual(losses["on"][0], losses["on"][-1], "the run trained")
+
     def test_unknown_option(self):
         out = run(["--frobnicate"])
         self.assertEqual(out.returncode, 2)

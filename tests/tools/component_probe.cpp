@@ -33,7 +33,8 @@
 //                                                                   "save_adapter": DIR, "export": DIR,
 //                                                                   "device": "cpu"|"cuda", "precision":
 //                                                                   fp32|bf16|fp16 (autocast, frozen linears held
-//                                                                   low, as the runner trains)}
+//                                                                   low, as the runner trains), "fused_norm":
+//                                                                   bool (the runner's --fused-norm)}
 //                                                                   IN: input_ids, attention_mask, labels
 //                                                                   (-100: no loss; the loss is transformers'
 //                                                                   causal-LM mean) or pixels + probe (loss =
@@ -65,6 +66,7 @@
 #include "host/plugin_host.hpp"
 #include "ablate/sdk/adapters.hpp"
 #include "ablate/sdk/hash.hpp"
+#include "ablate/sdk/norms.hpp"
 #include "cli/commands.hpp"
 #include "model/vlm.hpp"
 #include "train/artifacts.hpp"
@@ -147,6 +149,7 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
   const auto applied = apply_strategies(*root, head, steps, tc);
   const torch::Device device(spec.value("device", std::string("cpu")));
   const auto precision = spec.value("precision", std::string("fp32"));
+  sdk::set_fused_norm(spec.value("fused_norm", false));
   root->to(device);
   FrozenInLowPrecision frozen_low(*root, precision);
   for (const auto& p : tc.gradient_checkpointing) {

@@ -3,11 +3,14 @@
 // hidden_size, ReLU MLP, tied or untied LM head. Parameter names are OPTForCausalLM's state-dict keys.
 
 #include <cmath>
+#include <tuple>
+#include <utility>
 
 #include <torch/torch.h>
 
 #include "ablate/sdk/checkpoint.hpp"
 #include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/norms.hpp"
 #include "ablate/sdk/plugin.hpp"
 #include "ablate/sdk/weights.hpp"
 
@@ -102,6 +105,7 @@ class OptAttentionImpl : public torch::nn::Module {
     q_proj = register_module("q_proj", sdk::Linear(c.hidden_size, c.hidden_size, c.enable_bias));
     out_proj = register_module("out_proj", sdk::Linear(c.hidden_size, c.hidden_size, c.enable_bias));
   }
+  /// `h` may already be in the products' type (the block's norm hands it so; see OptStream).
   torch::Tensor forward(const torch::Tensor& h, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
     const auto b = h.size(0), t = h.size(1);
     auto split = [&](const torch::Tensor& x) { return x.view({b, t, heads_, head_dim_}).transpose(1, 2); };
@@ -126,6 +130,17 @@ class OptAttentionImpl : public torch::nn::Module {
 };
 TORCH_MODULE(OptAttention);
 
+/// What passes from one decoder layer to the next. `h` is the residual stream (float32 under autocast, as in
+/// transformers). `side` spares a pass over it at the next layer's start:
+///  - post-LN (OPT-350m): h in the products' type, as the layer's last norm wrote it (the next layer's q/k/v
+///    read that rather than casting h again);
+///  - pre-LN: the layer's last branch (fc2's output), not yet added to h: the next layer adds it inside its
+///    first norm.
+/// Undefined: nothing to spare (the first layer's input).
+struct OptStream {
+  torch::Tensor h, side;
+};
+
 class OptDecoderLayerImpl : public torch::nn::Module {
  public:
   OptDecoderLayerImpl(const OptConfig& c, std::size_t index)
@@ -137,27 +152,38 @@ class OptDecoderLayerImpl : public torch::nn::Module {
     fc2 = register_module("fc2", sdk::Linear(c.ffn_dim, c.hidden_size, c.enable_bias));
     final_layer_norm = register_module("final_layer_norm", ln());
   }
+  /// transformers' OPTDecoderLayer.forward: the hidden states after this layer.
   torch::Tensor forward(torch::Tensor h, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
+    auto out = step({std::move(h), {}}, mask, cache);
+    return before_ ? out.h + out.side : out.h;
+  }
+  /// The same layer as a link of the decoder's chain: each residual add runs inside the norm after it
+  /// (sdk::add_layer_norm), across layers for pre-LN, where a layer ends with an add and the next starts
+  /// with its norm.
+  OptStream step(const OptStream& in, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
     const double p = is_training() ? dropout_ : 0.0;
-    auto residual = h;
-    if (before_) h = self_attn_layer_norm(h);
-    h = torch::dropout(self_attn(h, mask, cache), p, is_training());
-    h = residual + h;
-    if (!before_) h = self_attn_layer_norm(h);
-    residual = h;
-    if (before_) h = final_layer_norm(h);
+    torch::Tensor h, x;  // the residual stream, and what the next products read
+    if (before_) {
+      std::tie(h, x) = as_pair(sdk::add_layer_norm(in.h, in.side, *self_attn_layer_norm, /*post=*/false));
+    } else {
+      h = in.h;
+      x = in.side.defined() ? in.side : in.h;
+    }
+    auto a = torch::dropout(self_attn(x, mask, cache), p, is_training());
+    std::tie(h, x) = as_pair(sdk::add_layer_norm(h, a, before_ ? *final_layer_norm : *self_attn_layer_norm, !before_));
     // ReLU inside fc1's step: on CUDA the matrix product's epilogue applies it, no pass of its own.
-    h = act_ == "relu" ? sdk::forward_shared({fc1.get()}, h, /*relu=*/true).front() : torch::gelu(fc1(h));
-    h = torch::dropout(fc2(h), p, is_training());
-    h = residual + h;
-    if (!before_) h = final_layer_norm(h);
-    return h;
+    x = act_ == "relu" ? sdk::forward_shared({fc1.get()}, x, /*relu=*/true).front() : torch::gelu(fc1(x));
+    auto f = torch::dropout(fc2(x), p, is_training());
+    if (before_) return {h, f};
+    auto out = sdk::add_layer_norm(h, f, *final_layer_norm, /*post=*/true);
+    return {out.stream, out.normed};
   }
   OptAttention self_attn{nullptr};
   torch::nn::LayerNorm self_attn_layer_norm{nullptr}, final_layer_norm{nullptr};
   sdk::Linear fc1{nullptr}, fc2{nullptr};
 
  private:
+  static std::pair<torch::Tensor, torch::Tensor> as_pair(sdk::NormStep s) { return {std::move(s.stream), std::move(s.normed)}; }
   bool before_;
   double dropout_;
   std::string act_;
@@ -288,9 +314,16 @@ class Opt : public sdk::Backbone {
     auto has_pos = (positions >= 0).unsqueeze(-1).to(embeds.dtype());
     auto pos = d.embed_positions(positions.clamp_min(0) + 2) * has_pos;
     auto h = embeds + pos;
-    for (const auto& layer : *d.layers) {
-      auto* l = layer->as<OptDecoderLayerImpl>();
-      h = sdk::maybe_checkpoint(checkpointing_ && !cache, *l, [l, mask, cache](const torch::Tensor& x) { return l->forward(x, mask, cache); }, h);
+    if (checkpointing_ && !cache) {
+      // Each layer recomputed in backward from its input alone: layers as transformers' modules, h to h.
+      for (const auto& layer : *d.layers) {
+        auto* l = layer->as<OptDecoderLayerImpl>();
+        h = sdk::maybe_checkpoint(true, *l, [l, mask](const torch::Tensor& x) { return l->forward(x, mask, nullptr); }, h);
+      }
+    } else {
+      OptStream s{h, {}};
+      for (const auto& layer : *d.layers) s = layer->as<OptDecoderLayerImpl>()->step(s, mask, cache);
+      h = config_.do_layer_norm_before && s.side.defined() ? s.h + s.side : s.h;
     }
     if (d.final_layer_norm) h = d.final_layer_norm(h);
     if (d.project_out) h = d.project_out(h);

@@ -65,6 +65,10 @@ class LinearImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Linear);
 
+/// The type a matrix product of x runs in: autocast's type for x's device when autocast is on there (float64
+/// is left alone, as autocast leaves it), else x's own.
+at::ScalarType compute_type(const torch::Tensor& x);
+
 /// layers[i](x) for layers that all read the same x (a block's q/k/v projections, LLaMA's gate/up), computed
 /// together so that x costs what one reader costs, where autocast and autograd would otherwise charge per
 /// reader:

@@ -1,7 +1,9 @@
 #pragma once
-// Normalisation layers with Hugging Face parameter names.
+// Normalisation layers with Hugging Face parameter names, and the residual add + LayerNorm step of a
+// transformer block as one operation.
 
 #include <torch/nn/module.h>
+#include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
 namespace ablate::sdk {
@@ -17,5 +19,30 @@ class RMSNormImpl : public torch::nn::Module {
   double eps;
 };
 TORCH_MODULE(RMSNorm);
+
+/// What a block's residual add and LayerNorm hand on: the residual stream and the normalised input of the
+/// next matrix products, in the type those run in (compute_type(): bf16 under bf16 autocast).
+struct NormStep {
+  torch::Tensor stream;  ///< float32 as the residual came
+  torch::Tensor normed;
+};
+
+/// A block's `residual + branch` followed by `ln`, for both orders transformers use:
+///  - pre-LN (`post` false; OPT with do_layer_norm_before, GPT-2): stream = residual + branch,
+///    normed = ln(stream);
+///  - post-LN (`post` true; OPT-350m): stream = ln(residual + branch), and normed is the same values.
+/// `branch` may be undefined (no add: the first block's input). The numbers are those of `residual + branch`,
+/// `ln(...)` and autocast's cast of ln's output to the products' type, as the modules compute them.
+/// With set_fused_norm(true) and float32 residual and LayerNorm parameters, it runs as one pass each way
+/// (on CUDA our own kernels, sdk/src/cuda/add_layer_norm.cu; on the CPU a loop over rows) instead of the
+/// add, the norm, the cast and, in backward, the conversions and sums of the gradients around them. The
+/// mean and variance are then summed in another order: float32 rounding differences, no more.
+NormStep add_layer_norm(const torch::Tensor& residual, const torch::Tensor& branch, torch::nn::LayerNormImpl& ln,
+                        bool post);
+
+/// Whether add_layer_norm() takes the fused path (off by default: its CUDA kernels are new and not yet
+/// measured on a GPU; the runner's --fused-norm sets it). Process-wide, as torch's TF32 switch is.
+void set_fused_norm(bool on);
+bool fused_norm();
 
 }  // namespace ablate::sdk
