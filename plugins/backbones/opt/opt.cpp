@@ -3,7 +3,6 @@
 // hidden_size, ReLU MLP, tied or untied LM head. Parameter names are OPTForCausalLM's state-dict keys.
 
 #include <cmath>
-#include <tuple>
 #include <utility>
 
 #include <torch/torch.h>
@@ -139,6 +138,8 @@ TORCH_MODULE(OptAttention);
 /// Undefined: nothing to spare (the first layer's input).
 struct OptStream {
   torch::Tensor h, side;
+  /// The hidden states it stands for: pre-LN adds the pending branch.
+  torch::Tensor hidden(bool pre_ln) const { return pre_ln && side.defined() ? h + side : h; }
 };
 
 class OptDecoderLayerImpl : public torch::nn::Module {
@@ -154,36 +155,30 @@ class OptDecoderLayerImpl : public torch::nn::Module {
   }
   /// transformers' OPTDecoderLayer.forward: the hidden states after this layer.
   torch::Tensor forward(torch::Tensor h, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
-    auto out = step({std::move(h), {}}, mask, cache);
-    return before_ ? out.h + out.side : out.h;
+    return step({std::move(h), {}}, mask, cache).hidden(before_);
   }
   /// The same layer as a link of the decoder's chain: each residual add runs inside the norm after it
   /// (sdk::add_layer_norm), across layers for pre-LN, where a layer ends with an add and the next starts
   /// with its norm.
   OptStream step(const OptStream& in, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
     const double p = is_training() ? dropout_ : 0.0;
-    torch::Tensor h, x;  // the residual stream, and what the next products read
-    if (before_) {
-      std::tie(h, x) = as_pair(sdk::add_layer_norm(in.h, in.side, *self_attn_layer_norm, /*post=*/false));
-    } else {
-      h = in.h;
-      x = in.side.defined() ? in.side : in.h;
-    }
-    auto a = torch::dropout(self_attn(x, mask, cache), p, is_training());
-    std::tie(h, x) = as_pair(sdk::add_layer_norm(h, a, before_ ? *final_layer_norm : *self_attn_layer_norm, !before_));
+    // n: the residual stream, and what the next products read (post-LN: the stream in their type, if handed on).
+    sdk::NormStep n{in.h, in.side.defined() ? in.side : in.h};
+    if (before_) n = sdk::add_layer_norm(in.h, in.side, *self_attn_layer_norm, /*post=*/false);
+    auto a = torch::dropout(self_attn(n.normed, mask, cache), p, is_training());
+    n = sdk::add_layer_norm(n.stream, a, before_ ? *final_layer_norm : *self_attn_layer_norm, /*post=*/!before_);
     // ReLU inside fc1's step: on CUDA the matrix product's epilogue applies it, no pass of its own.
-    x = act_ == "relu" ? sdk::forward_shared({fc1.get()}, x, /*relu=*/true).front() : torch::gelu(fc1(x));
+    auto x = act_ == "relu" ? sdk::forward_shared({fc1.get()}, n.normed, /*relu=*/true).front() : torch::gelu(fc1(n.normed));
     auto f = torch::dropout(fc2(x), p, is_training());
-    if (before_) return {h, f};
-    auto out = sdk::add_layer_norm(h, f, *final_layer_norm, /*post=*/true);
-    return {out.stream, out.normed};
+    if (before_) return {n.stream, f};
+    n = sdk::add_layer_norm(n.stream, f, *final_layer_norm, /*post=*/true);
+    return {n.stream, n.normed};
   }
   OptAttention self_attn{nullptr};
   torch::nn::LayerNorm self_attn_layer_norm{nullptr}, final_layer_norm{nullptr};
   sdk::Linear fc1{nullptr}, fc2{nullptr};
 
  private:
-  static std::pair<torch::Tensor, torch::Tensor> as_pair(sdk::NormStep s) { return {std::move(s.stream), std::move(s.normed)}; }
   bool before_;
   double dropout_;
   std::string act_;
@@ -323,7 +318,7 @@ class Opt : public sdk::Backbone {
     } else {
       OptStream s{h, {}};
       for (const auto& layer : *d.layers) s = layer->as<OptDecoderLayerImpl>()->step(s, mask, cache);
-      h = config_.do_layer_norm_before && s.side.defined() ? s.h + s.side : s.h;
+      h = s.hidden(config_.do_layer_norm_before);
     }
     if (d.final_layer_norm) h = d.final_layer_norm(h);
     if (d.project_out) h = d.project_out(h);
