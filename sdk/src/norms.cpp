@@ -195,6 +195,7 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
     const auto low = static_cast<at::ScalarType>(ctx->saved_data["low"].toInt());
     const auto branch_code = ctx->saved_data["branch"].toInt();
     const bool add = branch_code >= 0;
+    const auto branch_type = static_cast<at::ScalarType>(add ? branch_code : static_cast<std::int64_t>(at::kFloat));
     // Which output each gradient belongs to (see the outputs above).
     torch::Tensor d_sum, dy32, dy;
     if (grads.size() == 2) (post ? dy32 : d_sum) = grads[0];
@@ -209,13 +210,13 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
     torch::Tensor d_residual, d_branch;
     if (!dy.defined() && !dy32.defined()) {
       d_residual = d_sum;  // nothing reached the norm: the sum's gradient is all there is
-      if (want_branch && d_sum.defined()) d_branch = d_sum.to(static_cast<at::ScalarType>(branch_code));
+      if (want_branch && d_sum.defined()) d_branch = d_sum.to(branch_type);
     } else {
       d_residual = torch::empty_like(sum);
-      if (want_branch) d_branch = torch::empty(sum.sizes(), sum.options().dtype(static_cast<at::ScalarType>(branch_code)));
+      if (want_branch) d_branch = torch::empty(sum.sizes(), sum.options().dtype(branch_type));
       BackwardArgs a{f32(sum), raw(dy), *kernel_type(low), f32(dy32), f32(d_sum), f32(mean), f32(rstd), f32(weight),
                      f32(d_residual), raw(d_branch),
-                     want_branch ? *kernel_type(static_cast<at::ScalarType>(branch_code)) : DType::f32, rows, h};
+                     *kernel_type(branch_type), rows, h};
       run(sum, a, cuda::add_layer_norm_backward, backward_cpu);
     }
     torch::Tensor d_weight, d_bias;
