@@ -23,8 +23,9 @@ endif()
 # The wheel is built against CUDA, so its config runs the CUDA toolkit checks against whatever toolkit is
 # installed (here CUDA 13 without a GPU). Two things clash and are settled here rather than on the machine:
 #  - with no GPU to probe it prints "Automatic GPU detection failed" and picks a dozen architectures, and it
-#    warns that CMAKE_CUDA_ARCHITECTURES is ignored. We compile no CUDA sources ourselves; libtorch's kernels
-#    are prebuilt. Naming one architecture (Hopper, the GPU machine's) keeps the check quiet and fast.
+#    warns that CMAKE_CUDA_ARCHITECTURES is ignored. libtorch's kernels are prebuilt, and our own few
+#    (sdk/src/cuda) name their architecture on their target. Naming one here (Hopper, the GPU machine's) keeps
+#    the check quiet and fast.
 #  - it puts the toolkit's libnvrtc (/usr/local/cuda/lib) on the link line of the `torch` target. We call
 #    nothing in it, so --as-needed leaves it out of our binaries; at run time libtorch_cuda.so finds the
 #    wheel's own CUDA libraries (nvidia/cu13/lib) through its RPATH, never a second copy from the toolkit.
