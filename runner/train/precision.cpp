@@ -17,9 +17,12 @@ FrozenInLowPrecision::FrozenInLowPrecision(torch::nn::Module& model, const std::
     if (!linear) continue;
     for (auto* p : {&linear->weight, &linear->bias}) {
       if (!p->defined() || p->requires_grad() || p->scalar_type() != torch::kFloat32) continue;
-      auto original = p->data();
-      if (original.is_cuda()) original = original.to(torch::kCPU);  // the device keeps only the low-precision copy
-      p->set_data(p->data().to(low));
+      auto held = p->data().to(low);
+      torch::Tensor original;  // undefined: the low-precision copy holds every value exactly
+      if (!torch::equal(held.to(torch::kFloat32), p->data())) {
+        original = p->data().is_cuda() ? p->data().to(torch::kCPU) : p->data();  // the device keeps only `held`
+      }
+      p->set_data(held);
       kept_.emplace_back(*p, std::move(original));
     }
   }
@@ -27,8 +30,16 @@ FrozenInLowPrecision::FrozenInLowPrecision(torch::nn::Module& model, const std::
 
 void FrozenInLowPrecision::restore() {
   torch::NoGradGuard no_grad;
-  for (auto& [param, original] : kept_) param.set_data(original.to(param.device()));
+  for (auto& [param, original] : kept_) {
+    param.set_data(original.defined() ? original.to(param.device()) : param.data().to(torch::kFloat32));
+  }
   kept_.clear();
+}
+
+std::size_t FrozenInLowPrecision::originals() const {
+  std::size_t n = 0;
+  for (const auto& kept : kept_) n += kept.second.defined();
+  return n;
 }
 
 }  // namespace ablate

@@ -45,9 +45,11 @@ class AutocastGuard {
 /// Under bf16 / fp16 autocast, the frozen weights and biases of sdk::Linear layers are held in that type.
 /// Autocast would otherwise cast them at every use (it caches the casts of trainable leaves only): one more
 /// kernel and a pass over the weight per layer per forward pass, every training step and every decoded token.
-/// The cast is the one autocast makes (round to nearest even), so no number changes. The float32 originals
-/// are kept (on the host for a CUDA model) and restore() puts them back before anything merges or writes
-/// weights (exports, a stage's hand-over), which then see the exact weights they would have seen.
+/// The cast is the one autocast makes (round to nearest even), so no number changes. restore() puts the float32
+/// weights back before anything merges or writes weights (exports, a stage's hand-over), which then see the
+/// exact weights they would have seen: a tensor the cast leaves exact (a bf16 or fp16 checkpoint, loaded into
+/// float32) is cast back up; only the others keep their float32 original (on the host for a CUDA model), so a
+/// half-precision checkpoint costs no second copy of its weights.
 class FrozenInLowPrecision {
  public:
   FrozenInLowPrecision(torch::nn::Module& model, const std::string& precision);
@@ -59,9 +61,11 @@ class FrozenInLowPrecision {
   void restore();
   /// Tensors held in low precision now.
   std::size_t count() const { return kept_.size(); }
+  /// Of those, the ones whose float32 original is kept (the cast changed them).
+  std::size_t originals() const;
 
  private:
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> kept_;  ///< (parameter, its float32 data)
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> kept_;  ///< (parameter, its float32 data or undefined: exact)
 };
 
 }  // namespace ablate

@@ -409,7 +409,8 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   model->set_decode_graph(ctx.decode_graph);
   FrozenInLowPrecision frozen_low(*model, tc.precision);
   if (frozen_low.count() > 0) {
-    out << "  frozen linear weights held in " << tc.precision << ": " << frozen_low.count() << " tensors\n";
+    out << "  frozen linear weights held in " << tc.precision << ": " << frozen_low.count() << " tensors ("
+        << frozen_low.originals() << " with a float32 original kept, the others exact in " << tc.precision << ")\n";
   }
   const auto rows = trainables(*model, groups, settings);
   const auto params = trainable_parameters(*model, groups);

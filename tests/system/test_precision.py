@@ -22,7 +22,7 @@ class FrozenLowPrecisionTest(TempDirTest):
 
     def test_bf16_run_exports_the_float32_weights_it_loaded(self):
         log, low = self.export("bf16")
-        self.assertRegex(log, r"frozen linear weights held in bf16: \d+ tensors")
+        self.assertRegex(log, r"frozen linear weights held in bf16: \d+ tensors \(\d+ with a float32 original kept")
         _, full = self.export("fp32")
         self.assertEqual(low.keys(), full.keys())
         changed = sorted(k for k in full if not (low[k] == full[k]).all())

@@ -407,6 +407,50 @@ TEST_CASE("frozen linear weights held in bf16 change no number under autocast, a
   CHECK(held.count() == 0);
 }
 
+TEST_CASE("frozen weights a half-precision type holds exactly keep no float32 copy, and come back exactly", "[precision]") {
+  torch::manual_seed(0);
+  auto model = tiny_model();
+  apply_lora(*model, {{"r", 4}});
+  model->refresh_frozen();
+  // As a bf16 checkpoint loads into float32: the backbone's frozen linears hold values bf16 represents; the
+  // encoder's hold random float32 values (biases too: the tiny model's start at zero, which bf16 holds).
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->backbone().module().named_parameters()) {
+      if (!p.value().requires_grad()) p.value().copy_(p.value().to(torch::kBFloat16).to(torch::kFloat32));
+    }
+    for (auto& p : model->encoder().module().parameters()) p.normal_(0.0, 0.1);
+  }
+  std::map<std::string, torch::Tensor> original;
+  for (const auto& p : model->named_parameters()) original[p.key()] = p.value().detach().clone();
+  std::size_t backbone_held = 0;
+  for (const auto& m : model->backbone().module().modules()) {
+    if (auto* l = dynamic_cast<ablate::sdk::LinearImpl*>(m.get())) {
+      for (const auto* t : {&l->weight, &l->bias}) backbone_held += t->defined() && !t->requires_grad();
+    }
+  }
+  REQUIRE(backbone_held > 10);
+
+  FrozenInLowPrecision held(*model, "bf16");
+  const auto encoder_held = held.count() - backbone_held;
+  CHECK(held.count() > backbone_held);  // the encoder's too
+  CHECK(held.originals() == encoder_held);  // only the encoder's, which bf16 rounds
+  held.restore();
+  for (const auto& p : model->named_parameters()) {
+    INFO(p.key());
+    CHECK(p.value().scalar_type() == torch::kFloat32);
+    CHECK(torch::equal(p.value(), original[p.key()]));
+  }
+
+  // fp16 has bf16's 8 bits of precision and more, so the backbone's values (all well inside its range) are
+  // exact in it too; the encoder's random float32 ones are not.
+  FrozenInLowPrecision half(*model, "fp16");
+  CHECK(half.count() == backbone_held + encoder_held);
+  CHECK(half.originals() == encoder_held);
+  half.restore();
+  for (const auto& p : model->named_parameters()) CHECK(torch::equal(p.value(), original[p.key()]));
+}
+
 TEST_CASE("a training batch padded to a fixed shape gives the same loss and gradients, in every layout", "[layout][train_graph]") {
   torch::manual_seed(0);
   auto model = tiny_model();
