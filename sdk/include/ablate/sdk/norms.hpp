@@ -9,7 +9,8 @@
 namespace ablate::sdk {
 
 /// RMSNorm as transformers' LlamaRMSNorm: weight * (x / sqrt(mean(x^2) + eps)), computed in float32 and cast
-/// back before the weight multiplies. Parameter: "weight".
+/// back before the weight multiplies. Parameter: "weight". Float32 input goes through torch's rms_norm (fused
+/// on CUDA).
 class RMSNormImpl : public torch::nn::Module {
  public:
   explicit RMSNormImpl(std::int64_t size, double eps = 1e-6);
