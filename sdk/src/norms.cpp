@@ -27,8 +27,8 @@ RMSNormImpl::~RMSNormImpl() = default;
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   if (x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32) {
     // The residual stream (float32, under autocast too): torch's rms_norm, one fused kernel each way on CUDA
-    // instead of the five passes below and their backward. On the CPU it is the ops below, bit for bit
-    // (tests/parity: transformers' LlamaRMSNorm, values and gradients).
+    // instead of the five passes below and their backward. On the CPU it decomposes into the ops below: the same
+    // values and gradients as transformers' LlamaRMSNorm, bit for bit (the LLaMA parity tests are unchanged).
     return at::rms_norm(x, {weight.size(0)}, weight, eps);
   }
   auto h = x.to(torch::kFloat32);
