@@ -1,6 +1,8 @@
 #include "ablate/sdk/linear.hpp"
 
 #include <cmath>
+#include <functional>
+#include <numeric>
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -217,7 +219,15 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
     ctx->saved_data["ints"] = plan.ints();
     ctx->saved_data["doubles"] = plan.doubles();
     ctx->saved_data["x_sizes"] = tensors.front().sizes().vec();
-    std::vector<torch::Tensor> saved{r.x2, r.a};
+    // x2 is read in backward only for the gradients of weights and adapter A's. A frozen layer without an
+    // adapter (OPT's fc1 under LoRA) needs only its weight for x's gradient: x2 is not kept then, as autograd's
+    // own addmm keeps no input whose gradient partner is frozen. Under autocast x2 is a cast copy of x, so that
+    // is one activation of the products' type per layer less held until backward.
+    bool keep_x2 = false;
+    for (const auto& l : plan.layers) {
+      keep_x2 = keep_x2 || tensors[l.weight].requires_grad() || (l.rank && tensors[l.lora_A].requires_grad());
+    }
+    std::vector<torch::Tensor> saved{keep_x2 ? r.x2 : torch::Tensor(), r.a};
     saved.insert(saved.end(), tensors.begin() + 1, tensors.end());
     if (plan.relu) saved.insert(saved.end(), r.ys.begin(), r.ys.end());  // ReLU's mask: outputs are saved without a copy
     ctx->save_for_backward(saved);
@@ -230,13 +240,13 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
     const auto plan = SharedPlan::from(ctx->saved_data["ints"].toIntVector(), ctx->saved_data["doubles"].toDoubleVector());
     const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     auto saved = ctx->get_saved_variables();
-    const auto x2 = saved[0], a = saved[1];
+    const auto x2 = saved[0], a = saved[1];  // x2 undefined when no gradient reads it (see forward)
     // tensors[i] as in the plan: index 0 (x) is not needed here. With ReLU, the outputs come last.
     const auto outputs = plan.relu ? saved.end() - static_cast<std::ptrdiff_t>(plan.layers.size()) : saved.end();
     std::vector<torch::Tensor> tensors{torch::Tensor()};
     tensors.insert(tensors.end(), saved.begin() + 2, outputs);
     const auto c = plan.dtype;
-    const auto n = x2.size(0);
+    const auto n = std::accumulate(x_sizes.begin(), x_sizes.end() - 1, std::int64_t{1}, std::multiplies<>());  // x2's rows
 
     torch::autograd::variable_list out(tensors.size() + 1);  // x, every parameter, then the plan: no gradient
     torch::Tensor dx;

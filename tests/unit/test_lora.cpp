@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <optional>
 
 #include <torch/torch.h>
 
@@ -167,6 +168,40 @@ TEST_CASE("layers that share an input give PEFT's outputs and gradients when com
   }
   // A single adapted layer's forward() takes the same path, and is PEFT's too.
   CHECK(torch::allclose(layers.q(x), layers.reference(x)[0], 1e-5, 1e-5));
+}
+
+TEST_CASE("shared products keep their input for backward only when a weight or adapter gradient reads it", "[lora][shared]") {
+  // x is an intermediate (leaf * 2, whose backward keeps nothing), so once the caller drops it, only the products'
+  // autograd record can hold its storage: x2 is a view of it in float32.
+  torch::manual_seed(6);
+  SharedInputLayers layers;
+  auto leaf = torch::randn({2, 5, 12}, torch::requires_grad());
+  const auto relu = GENERATE(false, true);
+  const bool frozen = GENERATE(true, false);  // frozen: k alone, no adapter, weight and bias frozen
+  INFO("relu " << relu << ", frozen " << frozen);
+  layers.k->weight.set_requires_grad(false);
+  layers.k->bias.set_requires_grad(false);
+  std::vector<sdk::LinearImpl*> which = frozen ? std::vector<sdk::LinearImpl*>{layers.k.get()} : layers.all();
+  std::vector<torch::Tensor> ys;
+  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> held;
+  {
+    auto x = leaf * 2;
+    held.emplace(x.storage().getWeakStorageImpl());
+    ys = sdk::forward_shared(which, x, relu);
+  }
+  CHECK(held->expired() == frozen);
+  // And x's gradient is still PEFT's.
+  auto loss = torch::zeros({});
+  for (const auto& y : ys) loss = loss + (y * y).sum();
+  loss.backward();
+  auto want_leaf = leaf.detach().clone().requires_grad_(true);
+  auto want = layers.reference(want_leaf * 2, relu);
+  auto want_loss = torch::zeros({});
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (!frozen || i == 1) want_loss = want_loss + (want[i] * want[i]).sum();
+  }
+  want_loss.backward();
+  CHECK(torch::allclose(leaf.grad(), want_leaf.grad(), 1e-5, 1e-5));
 }
 
 TEST_CASE("under bf16 autocast, layers that share an input cast it once and keep autocast's types", "[lora][shared][precision]") {
