@@ -1,7 +1,7 @@
 """LoRA training in bf16 on CUDA against PEFT in bf16 on CUDA (label `gpu`). The CPU parity tests hold ablate's
 layers to PEFT's in float32; this one covers what only the GPU runs: cuBLAS's products with the adapter's
 product summed in (sdk::forward_shared), the bias + ReLU epilogue of OPT's fc1, our residual add + LayerNorm
-kernels (--fused-norm on), autocast's types, frozen weights held in bf16. bf16 keeps 8 bits, so the bar is relative: ablate's logits and gradients must be as close to
+kernels (--fused-norm on; OPT and GPT-2), autocast's types, frozen weights held in bf16. bf16 keeps 8 bits, so the bar is relative: ablate's logits and gradients must be as close to
 PEFT's bf16 ones as PEFT's bf16 ones are to its own float32 ones (with a factor of 2 of slack and a floor).
 
 ABLATE_TEST_DEVICE=cpu runs the same comparison on the CPU under CPU autocast, to check the test itself on a
@@ -14,7 +14,7 @@ import unittest
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "parity"))
 from test_training import TrainingParityCase, peft_name  # noqa: E402
@@ -88,6 +88,17 @@ class CudaLoraParityTest(TrainingParityCase):
                 self.case(f"opt-fused-{'pre' if before else 'post'}", "opt", base,
                           dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                modules_to_save=["layers.0.final_layer_norm"]), fused_norm=True)
+
+    def test_gpt2_lora_in_bf16(self):
+        # GPT-2's blocks chained through sdk::pre_ln_block, with --fused-norm off and on (a norm trained too).
+        for fused in (False, True):
+            with self.subTest(fused_norm=fused):
+                torch.manual_seed(3)
+                base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                self.case(f"gpt2{'-fused' if fused else ''}", "gpt2", base,
+                          dict(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True,
+                               modules_to_save=["h.0.ln_2"]), fused_norm=fused)
 
     def test_llama_lora_on_every_projection_in_bf16(self):
         torch.manual_seed(1)

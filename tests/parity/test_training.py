@@ -145,36 +145,55 @@ class PeftParityTest(TrainingParityCase):
     def test_gpt2_lora_on_conv1d(self):
         make = lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                                   embd_pdrop=0.0, attn_pdrop=0.0))
-        self.lm_case("gpt2", "gpt2", make, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
-                     dict(r=4, alpha=8, target_modules=["c_attn", "c_proj"]))
+        # Also with --fused-norm on (each block's residual adds inside the next norm: sdk::pre_ln_block), with
+        # norms among modules_to_save so that their gradients are checked too.
+        for fused in (False, True):
+            with self.subTest(fused_norm=fused):
+                saved = ["h.0.ln_2", "h.1.ln_1"] if fused else None
+                self.lm_case(f"gpt2{'-fused' if fused else ''}", "gpt2", make,
+                             dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                  modules_to_save=saved),
+                             dict(r=4, alpha=8, target_modules=["c_attn", "c_proj"], modules_to_save=saved or []),
+                             fused_norm=fused)
 
-    def test_clip_vision_lora(self):
+    def clip_case(self, name, saved, spec):
+        """PEFT's adapter (random A and B, perturbed modules_to_save) on a CLIP vision tower: ablate's features and
+        gradients against PEFT's. Returns the base model, its folder, and the batch."""
         torch.manual_seed(0)
         base = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                 image_size=16, patch_size=8)).train()
-        folder = self.save_base("clip", base)
+        folder = self.save_base(name, base)
         pixels = torch.randn(2, 3, 16, 16)
         probe = torch.randn(2, 5, 32)
         peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                                     target_modules=["q_proj", "v_proj", "fc1"],
-                                                                    modules_to_save=["pre_layrnorm"]))
+                                                                    modules_to_save=saved))
         with torch.no_grad():
             for p in peft_model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.05)
-        peft_model.save_pretrained(self.dir / "clip-peft")
+        peft_model.save_pretrained(self.dir / f"{name}-peft")
         hidden = peft_model(pixel_values=pixels).last_hidden_state
         (hidden * probe).sum().backward()
         ref_grads = {peft_name(n): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
         ours = self.train_probe("encoder", "clip_vit", folder, {"pixels": pixels, "probe": probe},
-                                {"strategy": [{"plugin": "lora", "component": "encoder", "weights": str(self.dir / "clip-peft")}],
-                                 "grads": True, "train": {"gradient_checkpointing": ["encoder"]}})
-        self.assert_close(ours["features"], hidden.detach(), LOGITS_TOLERANCE, "clip: features with PEFT's adapter")
+                                {"strategy": [{"plugin": "lora", "component": "encoder", "weights": str(self.dir / f"{name}-peft")}],
+                                 "grads": True, **spec})
+        self.assert_close(ours["features"], hidden.detach(), LOGITS_TOLERANCE, f"{name}: features with PEFT's adapter")
         ours_grads = {k.removeprefix("grad:"): v for k, v in ours.items() if k.startswith("grad:")}
         self.assertEqual(sorted(ours_grads), sorted(ref_grads))
         worst = max((ours_grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads)
-        print(f"clip: {len(ref_grads)} gradients, max abs difference {worst:.3g}")
+        print(f"{name}: {len(ref_grads)} gradients, max abs difference {worst:.3g}")
         self.assertLessEqual(worst, GRAD_TOLERANCE)
+        return base, folder, pixels, probe
+
+    def test_clip_vision_lora_fused_norm(self):
+        # --fused-norm on, layers chained (no checkpointing): each layer's last add runs inside the next
+        # layer's layer_norm1; two norms among modules_to_save so that their gradients are checked too.
+        self.clip_case("clip-fused", ["pre_layrnorm", "layers.0.layer_norm2", "layers.1.layer_norm1"], {"fused_norm": True})
+
+    def test_clip_vision_lora(self):
+        base, folder, pixels, probe = self.clip_case("clip", ["pre_layrnorm"], {"train": {"gradient_checkpointing": ["encoder"]}})
 
         ours = self.train_probe("encoder", "clip_vit", folder, {"pixels": pixels, "probe": probe},
                                 {"strategy": [{"plugin": "lora", "component": "encoder", "target_modules": ["q_proj", "v_proj"]}],

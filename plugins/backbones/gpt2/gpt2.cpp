@@ -8,6 +8,7 @@
 
 #include "ablate/sdk/checkpoint.hpp"
 #include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/norms.hpp"
 #include "ablate/sdk/plugin.hpp"
 #include "ablate/sdk/weights.hpp"
 
@@ -155,9 +156,16 @@ class Gpt2BlockImpl : public torch::nn::Module {
     ln_2 = register_module("ln_2", ln());
     mlp = register_module("mlp", Gpt2Mlp(c));
   }
+  /// transformers' GPT2Block.forward: the hidden states after this block.
   torch::Tensor forward(torch::Tensor h, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
-    h = h + torch::dropout(attn(ln_1(h), mask, cache), dropout_, is_training());
-    return h + mlp(ln_2(h));
+    return step({std::move(h), {}}, mask, cache).hidden();
+  }
+  /// The same block as a link of the model's chain: its last residual add is left to the next block's ln_1
+  /// (sdk::add_layer_norm: with --fused-norm on, the add and the norm are one pass).
+  sdk::PreLnStream step(const sdk::PreLnStream& in, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
+    return sdk::pre_ln_block(
+        in, *ln_1, [&](const torch::Tensor& x) { return torch::dropout(attn(x, mask, cache), dropout_, is_training()); },
+        *ln_2, [&](const torch::Tensor& x) { return mlp(x); });
   }
   torch::nn::LayerNorm ln_1{nullptr}, ln_2{nullptr};
   Gpt2Attention attn{nullptr};
@@ -243,11 +251,17 @@ class Gpt2 : public sdk::Backbone {
     auto& t = *model_->transformer;
     auto has_pos = (positions >= 0).unsqueeze(-1).to(embeds.dtype());
     auto h = torch::dropout(embeds + t.wpe(positions.clamp_min(0)) * has_pos, dropout_, is_training());
-    for (const auto& block : *t.h) {
-      auto* b = block->as<Gpt2BlockImpl>();
-      h = sdk::maybe_checkpoint(checkpointing_ && !cache, *b, [b, mask, cache](const torch::Tensor& x) { return b->forward(x, mask, cache); }, h);
+    if (checkpointing_ && !cache) {
+      // Each block recomputed in backward from its input alone: blocks as transformers' modules, h to h.
+      for (const auto& block : *t.h) {
+        auto* b = block->as<Gpt2BlockImpl>();
+        h = sdk::maybe_checkpoint(true, *b, [b, mask](const torch::Tensor& x) { return b->forward(x, mask, nullptr); }, h);
+      }
+      return t.ln_f(h);
     }
-    return t.ln_f(h);
+    sdk::PreLnStream s{h, {}};
+    for (const auto& block : *t.h) s = block->as<Gpt2BlockImpl>()->step(s, mask, cache);
+    return t.ln_f(s.hidden());
   }
 
   torch::Tensor logits(const torch::Tensor& hidden) override {

@@ -10,6 +10,7 @@
 
 #include "ablate/sdk/checkpoint.hpp"
 #include "ablate/sdk/linear.hpp"
+#include "ablate/sdk/norms.hpp"
 #include "ablate/sdk/plugin.hpp"
 #include "ablate/sdk/weights.hpp"
 
@@ -103,9 +104,13 @@ class EncoderLayerImpl : public torch::nn::Module {
     mlp = register_module("mlp", Mlp(c));
     layer_norm2 = register_module("layer_norm2", ln());
   }
-  torch::Tensor forward(torch::Tensor h) {
-    h = h + self_attn(layer_norm1(h));
-    return h + mlp(layer_norm2(h));
+  /// transformers' CLIPEncoderLayer.forward (and SiglipEncoderLayer's): the hidden states after this layer.
+  torch::Tensor forward(torch::Tensor h) { return step({std::move(h), {}}).hidden(); }
+  /// The same layer as a link of the encoder's chain: its last residual add is left to the next layer's
+  /// layer_norm1 (sdk::add_layer_norm: with --fused-norm on, the add and the norm are one pass).
+  sdk::PreLnStream step(const sdk::PreLnStream& in) {
+    return sdk::pre_ln_block(in, *layer_norm1, [&](const torch::Tensor& x) { return self_attn(x); }, *layer_norm2,
+                             [&](const torch::Tensor& x) { return mlp(x); });
   }
   Attention self_attn{nullptr};
   torch::nn::LayerNorm layer_norm1{nullptr}, layer_norm2{nullptr};
@@ -121,11 +126,17 @@ class EncoderImpl : public torch::nn::Module {
   }
   /// Runs the first `count` layers.
   torch::Tensor forward(torch::Tensor h, std::int64_t count) {
-    for (std::int64_t i = 0; i < count; ++i) {
-      auto layer = layers->ptr<EncoderLayerImpl>(i);
-      h = sdk::maybe_checkpoint(checkpointing, *layer, [layer](const torch::Tensor& x) { return layer->forward(x); }, h);
+    if (checkpointing) {
+      // Each layer recomputed in backward from its input alone: layers as transformers' modules, h to h.
+      for (std::int64_t i = 0; i < count; ++i) {
+        auto layer = layers->ptr<EncoderLayerImpl>(i);
+        h = sdk::maybe_checkpoint(true, *layer, [layer](const torch::Tensor& x) { return layer->forward(x); }, h);
+      }
+      return h;
     }
-    return h;
+    sdk::PreLnStream s{std::move(h), {}};
+    for (std::int64_t i = 0; i < count; ++i) s = layers->ptr<EncoderLayerImpl>(i)->step(s);
+    return s.hidden();
   }
   torch::nn::ModuleList layers{nullptr};
   bool checkpointing = false;  ///< gradient checkpointing, layer by layer

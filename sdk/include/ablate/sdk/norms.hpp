@@ -41,6 +41,27 @@ struct NormStep {
 NormStep add_layer_norm(const torch::Tensor& residual, const torch::Tensor& branch, torch::nn::LayerNormImpl& ln,
                         bool post);
 
+/// The residual stream between pre-LN blocks (pre_ln_block) when each block's last add runs inside the next
+/// block's first norm: the hidden states are `h + pending`, `pending` being the last block's last branch
+/// (undefined: nothing pending, as before the first block).
+struct PreLnStream {
+  torch::Tensor h, pending;
+  torch::Tensor hidden() const { return pending.defined() ? h + pending : h; }
+};
+
+/// One pre-LN block as GPT-2's and CLIP's and SigLIP's encoder layers compute it, h + attn(ln_1(h)) and then
+/// h + mlp(ln_2(h)), with each residual add inside the norm after it (add_layer_norm): the block's last add is
+/// left pending for the next block's first norm, or for PreLnStream::hidden(). `attn` and `mlp` take the
+/// normed input, in the products' type, and return their branch (dropout included).
+template <class Attn, class Mlp>
+PreLnStream pre_ln_block(const PreLnStream& in, torch::nn::LayerNormImpl& ln_1, Attn&& attn, torch::nn::LayerNormImpl& ln_2,
+                         Mlp&& mlp) {
+  auto n = add_layer_norm(in.h, in.pending, ln_1, /*post=*/false);
+  auto a = attn(n.normed);
+  n = add_layer_norm(n.stream, a, ln_2, /*post=*/false);
+  return {n.stream, mlp(n.normed)};
+}
+
 /// Whether add_layer_norm() takes the fused path (off by default: its CUDA kernels are new and not yet
 /// measured on a GPU; the runner's --fused-norm sets it). Process-wide, as torch's TF32 switch is.
 void set_fused_norm(bool on);
