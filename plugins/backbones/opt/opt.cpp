@@ -162,16 +162,20 @@ class OptDecoderLayerImpl : public torch::nn::Module {
   /// with its norm.
   OptStream step(const OptStream& in, const sdk::AttentionMask& mask, sdk::KvCache* cache) {
     const double p = is_training() ? dropout_ : 0.0;
-    // n: the residual stream, and what the next products read (post-LN: the stream in their type, if handed on).
+    const auto attn = [&](const torch::Tensor& x) { return torch::dropout(self_attn(x, mask, cache), p, is_training()); };
+    const auto mlp = [&](const torch::Tensor& x) {
+      // ReLU inside fc1's step: on CUDA the matrix product's epilogue applies it, no pass of its own.
+      auto y = act_ == "relu" ? sdk::forward_shared({fc1.get()}, x, /*relu=*/true).front() : torch::gelu(fc1(x));
+      return torch::dropout(fc2(y), p, is_training());
+    };
+    if (before_) {
+      auto s = sdk::pre_ln_block({in.h, in.side}, *self_attn_layer_norm, attn, *final_layer_norm, mlp);
+      return {s.h, s.pending};
+    }
+    // Post-LN: the stream is the norm's output, and the products read it in their type (in.side, if handed on).
     sdk::NormStep n{in.h, in.side.defined() ? in.side : in.h};
-    if (before_) n = sdk::add_layer_norm(in.h, in.side, *self_attn_layer_norm, /*post=*/false);
-    auto a = torch::dropout(self_attn(n.normed, mask, cache), p, is_training());
-    n = sdk::add_layer_norm(n.stream, a, before_ ? *final_layer_norm : *self_attn_layer_norm, /*post=*/!before_);
-    // ReLU inside fc1's step: on CUDA the matrix product's epilogue applies it, no pass of its own.
-    auto x = act_ == "relu" ? sdk::forward_shared({fc1.get()}, n.normed, /*relu=*/true).front() : torch::gelu(fc1(n.normed));
-    auto f = torch::dropout(fc2(x), p, is_training());
-    if (before_) return {n.stream, f};
-    n = sdk::add_layer_norm(n.stream, f, *final_layer_norm, /*post=*/true);
+    n = sdk::add_layer_norm(n.stream, attn(n.normed), *self_attn_layer_norm, /*post=*/true);
+    n = sdk::add_layer_norm(n.stream, mlp(n.normed), *final_layer_norm, /*post=*/true);
     return {n.stream, n.normed};
   }
   OptAttention self_attn{nullptr};
