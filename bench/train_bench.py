@@ -538,9 +538,12 @@ def reference_worker(args):
     # device time, the counterpart of the runner's kernel profile.
     kernels = bool(os.environ.get("ABLATE_KERNEL_PROFILE")) and dev.type == "cuda"
     spec = os.environ.get("ABLATE_KERNEL_PROFILE") if kernels else os.environ.get("ABLATE_OP_PROFILE")
-    first, last = (int(x) for x in spec.split(":")) if spec else (0, -1)
+    # FIRST:LAST:detail (operators): rows by input shapes, torch.profiler's nearest to the runner's detail table.
+    parts = spec.split(":") if spec else ["0", "-1"]
+    first, last = int(parts[0]), int(parts[1])
+    detail = parts[2:] == ["detail"]
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if kernels else [])
-    profiler = torch.profiler.profile(activities=activities) if spec else None
+    profiler = torch.profiler.profile(activities=activities, record_shapes=detail) if spec else None
     for step in range(steps):
         if profiler and step + 1 == first:
             profiler.__enter__()
@@ -558,7 +561,7 @@ def reference_worker(args):
         if profiler and step + 1 == last:
             profiler.__exit__(None, None, None)
             print(f"{'kernel' if kernels else 'operator'} profile, steps {first}..{last} (totals over {last - first + 1} steps)")
-            print(profiler.key_averages().table(sort_by="self_device_time_total" if kernels else "self_cpu_time_total",
+            print(profiler.key_averages(group_by_input_shape=detail).table(sort_by="self_device_time_total" if kernels else "self_cpu_time_total",
                                                 row_limit=40, max_name_column_width=90))
         if step < 3 or (step + 1) % 10 == 0:
             print(f"step {step + 1}: loss {losses[-1]:.4f} ({times[-1] * 1e3:.1f} ms)", flush=True)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/rms_norm.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -151,8 +152,21 @@ void backward_cpu(const BackwardArgs& a) {
 }
 
 // One pass of the fused path on `like`'s device: the CUDA kernel on torch's current stream, or the CPU's loop.
+// It is recorded as an operator named `name`, reading `args` and writing `results` (defined or not), as ATen's
+// own are: profilers (the runner's ABLATE_OP_PROFILE, torch.profiler) see it under its name, with its tensors,
+// instead of folding it into its caller.
 template <class Args>
-void run(const torch::Tensor& like, const Args& a, int (*on_cuda)(const Args&, void*), void (*on_cpu)(const Args&)) {
+void run(const char* name, std::vector<c10::IValue> args, std::vector<c10::IValue> results, const torch::Tensor& like,
+         const Args& a, int (*on_cuda)(const Args&, void*), void (*on_cpu)(const Args&)) {
+  at::RecordFunction record(at::RecordScope::FUNCTION);
+  if (record.isActive()) {
+    if (record.needsInputs()) {
+      record.before(name, c10::ArrayRef<const c10::IValue>(args.data(), args.size()));
+    } else {
+      record.before(name);
+    }
+    if (record.needsOutputs()) record.setOutputs(std::move(results));
+  }
   if (!like.is_cuda()) return on_cpu(a);
   const c10::DeviceGuard guard(like.device());
   const int error = on_cuda(a, c10::cuda::getCurrentCUDAStream(like.device().index()).stream());
@@ -180,7 +194,8 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
     ForwardArgs a{f32(residual), add ? raw(branch) : nullptr, add ? *kernel_type(branch.scalar_type()) : DType::f32,
                   f32(weight), f32(bias), add ? f32(sum) : nullptr, raw(y), *kernel_type(low), f32(y32),
                   f32(mean), f32(rstd), rows, h, static_cast<float>(eps)};
-    run(residual, a, cuda::add_layer_norm_forward, forward_cpu);
+    run("ablate::add_layer_norm", {residual, branch, weight, bias}, {add ? sum : torch::Tensor(), y, y32, mean, rstd},
+        residual, a, cuda::add_layer_norm_forward, forward_cpu);
     ctx->set_materialize_grads(false);  // an output nobody read costs nothing in backward
     ctx->save_for_backward({sum, mean, rstd, weight});
     ctx->saved_data["post"] = post;
@@ -224,7 +239,8 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
       BackwardArgs a{f32(sum), raw(dy), *kernel_type(low), f32(dy32), f32(d_sum), f32(mean), f32(rstd), f32(weight),
                      f32(d_residual), raw(d_branch),
                      *kernel_type(branch_type), rows, h};
-      run(sum, a, cuda::add_layer_norm_backward, backward_cpu);
+      run("ablate::add_layer_norm_backward", {sum, dy, dy32, d_sum, mean, rstd, weight}, {d_residual, d_branch}, sum,
+          a, cuda::add_layer_norm_backward, backward_cpu);
     }
     torch::Tensor d_weight, d_bias;
     if ((ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) && (dy.defined() || dy32.defined())) {

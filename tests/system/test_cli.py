@@ -94,6 +94,8 @@ class BadInputTest(TempDirTest):
         f = self.write("ok.toml", tiny_experiment("bad"))
         self.expect_bad([f], "ABLATE_OP_PROFILE=3", "expected FIRST:LAST", env={"ABLATE_OP_PROFILE": "3"})
         self.expect_bad([f], "ABLATE_KERNEL_PROFILE=2:1", env={"ABLATE_KERNEL_PROFILE": "2:1"})
+        self.expect_bad([f], "ABLATE_OP_PROFILE=2:3:all", "FIRST:LAST[:detail]", env={"ABLATE_OP_PROFILE": "2:3:all"})
+        self.expect_bad([f], "ABLATE_KERNEL_PROFILE=2:3:detail", env={"ABLATE_KERNEL_PROFILE": "2:3:detail"})
         self.expect_bad([f], "set one of them, not both", env={"ABLATE_OP_PROFILE": "1:2", "ABLATE_KERNEL_PROFILE": "1:2"})
 
     def test_bad_fused_norm(self):
@@ -211,6 +213,12 @@ class RunOutcomesTest(TempDirTest):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("operator profile, steps 2..3", out.stderr)
         self.assertRegex(out.stderr, r"\n  aten::\w+ +[0-9.]+ +[0-9.]+ +[0-9.]+\n")
+        # detail: name [argument types] < callers, calls, self ms, total ms, MiB (a figure, or - for an operator
+        # whose inner ones moved the bytes)
+        out = run([f, "--db", self.dir / "d.db"], env={"ABLATE_OP_PROFILE": "2:3:detail"})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertRegex(out.stderr, r"\n  aten::\w+ \[[a-z0-9*,]*\]( < [^\n]+)+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+\n")
+        self.assertRegex(out.stderr, r"\n  aten::\w+ \[[a-z0-9*,]*\]( < [^\n]+)+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +-\n")
         out = run([f, "--db", self.dir / "k.db"], env={"ABLATE_KERNEL_PROFILE": "2:3"})
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("kernel profile, steps 2..3", out.stderr)
