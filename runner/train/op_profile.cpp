@@ -165,7 +165,7 @@ void print_table(std::ostream& out, const char* title, const char* about, const 
   double self_sum = 0;
   for (const auto& r : rows) self_sum += r.second.self_s;
   const int width = kernels ? 90 : g_detail ? 160 : 48;
-  const std::size_t max_rows = g_detail ? 200 : 40;
+  const std::size_t max_rows = g_detail ? rows.size() : 40;  // detail: every row, so that columns sum up
   char line[400];
   std::snprintf(line, sizeof line, "%s, steps %lld..%lld (per step; %s)\n", title, static_cast<long long>(first),
                 static_cast<long long>(last), about);

@@ -6,11 +6,13 @@ import json
 import os
 import signal
 import sqlite3
+import re
 import subprocess
+import sys
 import time
 import unittest
 
-from ablate_testing import RUNNER, TEST_PLUGINS, TempDirTest, query, run, tiny_experiment
+from ablate_testing import RUNNER, SOURCE, TEST_PLUGINS, TempDirTest, query, run, tiny_experiment
 
 
 def digest(path):
@@ -223,6 +225,20 @@ class RunOutcomesTest(TempDirTest):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("kernel profile, steps 2..3", out.stderr)
         self.assertIn("no device activity recorded", out.stderr)
+
+    def test_traffic_bench_shows_the_fused_norm_moving_fewer_bytes(self):
+        # bench/traffic.py at the tiny size: the detail profile's bytes, per row, both ways. The fused norm takes
+        # the mixed float32 + bf16 adds (and the casts and gradient sums around them) into its own passes.
+        out = subprocess.run([sys.executable, SOURCE / "bench" / "traffic.py", "--size", "tiny", "--runner", RUNNER,
+                              "--work", self.dir / "bench"], capture_output=True, text=True, timeout=900)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        kib = {m.group(1).strip(): (float(m.group(2)), float(m.group(3)))
+               for m in re.finditer(r"^ +(\S[^\n]*?) +([0-9.]+) +([0-9.]+)$", out.stdout, re.M)}
+        off, on = kib["elementwise"]
+        self.assertLess(on, 0.9 * off, out.stdout)
+        self.assertGreater(kib["float32 + bf16 adds (as one kernel)"][0], 0, out.stdout)
+        self.assertEqual(kib["float32 + bf16 adds (as one kernel)"][1], 0, out.stdout)
+        self.assertRegex(out.stdout, r"\n +[0-9.]+  ablate::add_layer_norm \[")
 
     def test_dry_run_prints_cells_and_records_nothing(self):
         toml = self.write("dry.toml", tiny_experiment("dry", extra='[grid]\n"train.lr" = [1e-3, 2e-3, 3e-3]\n'))
