@@ -101,9 +101,9 @@ int dispatch(int argc, char** argv) {
          "eager steps, as collated; auto = on for CUDA (unless gradient checkpointing, which cannot be captured), off "
          "on the CPU")
         ("fused-norm", po::value<std::string>(&run.fused_norm)->default_value("off"),
-         "on = each block's residual add, LayerNorm and the cast of its output run as one pass each way (OPT, "
-         "GPT-2, the CLIP and SigLIP encoders; our CUDA kernels on CUDA, a loop over rows on the CPU), float32 sums "
-         "in another order; off = torch's ops. Off by default until the kernels are measured on a GPU "
+         "on = each block's residual add, LayerNorm (or LLaMA's RMSNorm) and the cast of its output run as one "
+         "pass each way (OPT, GPT-2, LLaMA, the CLIP and SigLIP encoders; our CUDA kernels on CUDA, a loop over "
+         "rows on the CPU), float32 sums in another order; off = torch's ops. Off by default until the kernels are measured on a GPU "
          "(bench/README.md)");
     positional.add("experiment", -1);
   } else if (command == "compare") {

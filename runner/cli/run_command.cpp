@@ -199,7 +199,7 @@ int run(const Common& common, const RunArgs& args) {
   ctx.train_graph = train_graph;
   sdk::set_fused_norm(args.fused_norm == "on");
   if (sdk::fused_norm()) {
-    std::cerr << "--fused-norm on: residual add + LayerNorm as one pass each way ("
+    std::cerr << "--fused-norm on: residual add + LayerNorm (RMSNorm) as one pass each way ("
               << (device.is_cuda() ? "CUDA kernels" : "the CPU's loop over rows") << ")\n";
   }
 

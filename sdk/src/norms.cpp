@@ -106,16 +106,17 @@ void forward_cpu(const ForwardArgs& a) {
         x[static_cast<std::size_t>(c)] = v;
         total += v;
       }
-      const float mean = total / static_cast<float>(h);
+      const float mean = a.rms ? 0.f : total / static_cast<float>(h);  // RMSNorm: no mean subtracted
       float sq = 0.f;
       for (float v : x) sq += (v - mean) * (v - mean);
       const float rstd = 1.f / std::sqrt(sq / static_cast<float>(h) + a.eps);
       for (std::int64_t c = 0; c < h; ++c) {
-        const float out = (x[static_cast<std::size_t>(c)] - mean) * rstd * a.weight[c] + a.bias[c];
+        const float normed = (x[static_cast<std::size_t>(c)] - mean) * rstd * a.weight[c];
+        const float out = a.bias ? normed + a.bias[c] : normed;
         store<Y>(a.y, base + c, out);
         if (a.y_float) a.y_float[base + c] = out;
       }
-      a.mean[r] = mean;
+      if (a.mean) a.mean[r] = mean;
       a.rstd[r] = rstd;
     }
   });
@@ -129,7 +130,7 @@ void backward_cpu(const BackwardArgs& a) {
     std::vector<float> xhat(static_cast<std::size_t>(h)), g(static_cast<std::size_t>(h));
     for (std::int64_t r = begin; r < end; ++r) {
       const std::int64_t base = r * h;
-      const float mean = a.mean[r], rstd = a.rstd[r];
+      const float mean = a.rms ? 0.f : a.mean[r], rstd = a.rstd[r];
       float sum_g = 0.f, sum_gx = 0.f;
       for (std::int64_t c = 0; c < h; ++c) {
         const auto i = static_cast<std::size_t>(c);
@@ -139,7 +140,7 @@ void backward_cpu(const BackwardArgs& a) {
         sum_g += g[i];
         sum_gx += g[i] * xhat[i];
       }
-      const float n = static_cast<float>(h), mean_g = sum_g / n, mean_gx = sum_gx / n;
+      const float n = static_cast<float>(h), mean_g = a.rms ? 0.f : sum_g / n, mean_gx = sum_gx / n;
       for (std::int64_t c = 0; c < h; ++c) {
         const auto i = static_cast<std::size_t>(c);
         float d = rstd * (g[i] - mean_g - xhat[i] * mean_gx);
@@ -176,29 +177,33 @@ void run(const char* name, std::vector<c10::IValue> args, std::vector<c10::IValu
 float* f32(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 void* raw(const torch::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-// Outputs, in order: pre-LN: the sum (with a branch), then ln's output in the low type; post-LN: ln's output
-// in float32 (when the low type is not float32), then in the low type. A post-LN block's sum is written for
-// the backward pass alone.
+// Outputs, in order: pre-LN: the sum (with a branch), then the norm's output in the low type; post-LN: the
+// norm's output in float32 (when the low type is not float32), then in the low type. A post-LN block's sum is
+// written for the backward pass alone. `rms`: an RMSNorm, whose `bias` is an empty tensor (autograd takes no
+// undefined input), and which keeps no mean.
 class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& residual,
                                                 const torch::Tensor& branch, const torch::Tensor& weight,
-                                                const torch::Tensor& bias, double eps, bool post, at::ScalarType low) {
+                                                const torch::Tensor& bias, double eps, bool post, at::ScalarType low,
+                                                bool rms) {
     NoAutocast no_autocast(c10::autocast_dispatch_keyset);
     const auto h = residual.size(-1), rows = residual.numel() / h;
     const bool add = branch.numel() > 0;  // empty: no branch (autograd takes no undefined input)
     const auto sum = add ? torch::empty_like(residual) : residual;
     const auto y = torch::empty(residual.sizes(), residual.options().dtype(low));
     const auto y32 = post && low != at::kFloat ? torch::empty_like(residual) : torch::Tensor();
-    const auto mean = torch::empty({rows}, residual.options()), rstd = torch::empty({rows}, residual.options());
+    const auto mean = rms ? torch::Tensor() : torch::empty({rows}, residual.options());
+    const auto rstd = torch::empty({rows}, residual.options());
     ForwardArgs a{f32(residual), add ? raw(branch) : nullptr, add ? *kernel_type(branch.scalar_type()) : DType::f32,
-                  f32(weight), f32(bias), add ? f32(sum) : nullptr, raw(y), *kernel_type(low), f32(y32),
-                  f32(mean), f32(rstd), rows, h, static_cast<float>(eps)};
+                  f32(weight), rms ? nullptr : f32(bias), add ? f32(sum) : nullptr, raw(y), *kernel_type(low),
+                  f32(y32), f32(mean), f32(rstd), rows, h, static_cast<float>(eps), rms};
     run("ablate::add_layer_norm", {residual, branch, weight, bias}, {add ? sum : torch::Tensor(), y, y32, mean, rstd},
         residual, a, cuda::add_layer_norm_forward, forward_cpu);
     ctx->set_materialize_grads(false);  // an output nobody read costs nothing in backward
     ctx->save_for_backward({sum, mean, rstd, weight});
     ctx->saved_data["post"] = post;
+    ctx->saved_data["rms"] = rms;
     ctx->saved_data["low"] = static_cast<std::int64_t>(low);
     ctx->saved_data["branch"] = add ? static_cast<std::int64_t>(branch.scalar_type()) : std::int64_t{-1};
     if (post) return y32.defined() ? torch::autograd::variable_list{y32, y} : torch::autograd::variable_list{y};
@@ -214,6 +219,7 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
     const auto& rstd = saved[2];
     const auto& weight = saved[3];
     const bool post = ctx->saved_data["post"].toBool();
+    const bool rms = ctx->saved_data["rms"].toBool();
     const auto low = static_cast<at::ScalarType>(ctx->saved_data["low"].toInt());
     const auto branch_code = ctx->saved_data["branch"].toInt();
     const bool add = branch_code >= 0;
@@ -237,8 +243,7 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
       d_residual = torch::empty_like(sum);
       if (want_branch) d_branch = torch::empty(sum.sizes(), sum.options().dtype(branch_type));
       BackwardArgs a{f32(sum), raw(dy), *kernel_type(low), f32(dy32), f32(d_sum), f32(mean), f32(rstd), f32(weight),
-                     f32(d_residual), raw(d_branch),
-                     *kernel_type(branch_type), rows, h};
+                     f32(d_residual), raw(d_branch), *kernel_type(branch_type), rows, h, rms};
       run("ablate::add_layer_norm_backward", {sum, dy, dy32, d_sum, mean, rstd, weight}, {d_residual, d_branch}, sum,
           a, cuda::add_layer_norm_backward, backward_cpu);
     }
@@ -248,23 +253,26 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
       auto d = dy.defined() ? dy.to(at::kFloat) : torch::zeros_like(sum);
       if (dy32.defined()) d = d + dy32;
       d = d.reshape({rows, h});
-      const auto xhat = (sum.reshape({rows, h}) - mean.unsqueeze(1)) * rstd.unsqueeze(1);
+      const auto centred = rms ? sum.reshape({rows, h}) : sum.reshape({rows, h}) - mean.unsqueeze(1);
+      const auto xhat = centred * rstd.unsqueeze(1);
       if (ctx->needs_input_grad(2)) d_weight = (d * xhat).sum(0);
-      if (ctx->needs_input_grad(3)) d_bias = d.sum(0);
+      if (ctx->needs_input_grad(3) && !rms) d_bias = d.sum(0);
     }
     return {ctx->needs_input_grad(0) ? d_residual : torch::Tensor(), d_branch, d_weight, d_bias,
-            torch::Tensor(), torch::Tensor(), torch::Tensor()};
+            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
-// Whether the fused path can take these tensors; otherwise torch's ops do.
-bool fusable(const torch::Tensor& residual, const torch::Tensor& branch, const torch::nn::LayerNormImpl& ln,
-             at::ScalarType low) {
+// Whether the fused path can take these tensors (bias undefined: an RMSNorm's); otherwise torch's ops do.
+bool fusable(const torch::Tensor& residual, const torch::Tensor& branch, const torch::Tensor& weight,
+             const torch::Tensor& bias, at::ScalarType low) {
   if (residual.scalar_type() != at::kFloat || residual.dim() == 0 || residual.numel() == 0) return false;
   const auto h = residual.size(-1);
-  if (ln.options.normalized_shape().size() != 1 || !ln.weight.defined() || !ln.bias.defined()) return false;
-  for (const auto* p : {&ln.weight, &ln.bias}) {
-    if (p->scalar_type() != at::kFloat || p->numel() != h || p->device() != residual.device()) return false;
+  for (const auto* p : {&weight, &bias}) {
+    if (p == &bias && !bias.defined()) continue;
+    if (!p->defined() || p->scalar_type() != at::kFloat || p->numel() != h || p->device() != residual.device()) {
+      return false;
+    }
   }
   if (branch.defined() && (branch.sizes() != residual.sizes() || branch.device() != residual.device() ||
                            !kernel_type(branch.scalar_type()))) {
@@ -275,6 +283,26 @@ bool fusable(const torch::Tensor& residual, const torch::Tensor& branch, const t
   return residual.is_cpu();
 }
 
+// add_layer_norm for either norm: the fused pass when `norm` is one the kernels compute and they can take the
+// tensors, else the add, `norm`'s own forward and autocast's cast. `bias` undefined: an RMSNorm.
+template <class Norm>
+NormStep add_norm(const torch::Tensor& residual, const torch::Tensor& branch, Norm& norm, const torch::Tensor& bias,
+                  double eps, bool post, bool kernels_fit) {
+  const auto low = compute_type(residual);
+  const bool rms = !bias.defined();
+  if (kernels_fit && fused_norm() && fusable(residual, branch, norm.weight, bias, low)) {
+    const auto b = branch.defined() ? branch.contiguous() : torch::empty({0}, residual.options());
+    auto out = FusedAddLayerNorm::apply(residual.contiguous(), b, norm.weight.contiguous(),
+                                        rms ? torch::empty({0}, residual.options()) : bias.contiguous(), eps, post,
+                                        low, rms);
+    if (post) return {out.front(), out.back()};
+    return {branch.defined() ? out.front() : residual, out.back()};
+  }
+  auto stream = branch.defined() ? residual + branch : residual;
+  auto y = norm.forward(stream);
+  return {post ? y : stream, y.to(low)};
+}
+
 }  // namespace
 
 void set_fused_norm(bool on) { g_fused = on; }
@@ -282,17 +310,13 @@ bool fused_norm() { return g_fused; }
 
 NormStep add_layer_norm(const torch::Tensor& residual, const torch::Tensor& branch, torch::nn::LayerNormImpl& ln,
                         bool post) {
-  const auto low = compute_type(residual);
-  if (fused_norm() && fusable(residual, branch, ln, low)) {
-    const auto b = branch.defined() ? branch.contiguous() : torch::empty({0}, residual.options());
-    auto out = FusedAddLayerNorm::apply(residual.contiguous(), b, ln.weight.contiguous(), ln.bias.contiguous(),
-                                        ln.options.eps(), post, low);
-    if (post) return {out.front(), out.back()};
-    return {branch.defined() ? out.front() : residual, out.back()};
-  }
-  auto stream = branch.defined() ? residual + branch : residual;
-  auto y = ln.forward(stream);
-  return {post ? y : stream, y.to(low)};
+  // The LayerNorm the kernels compute: over the last dimension, with a weight and a bias.
+  const bool kernels_fit = ln.options.normalized_shape().size() == 1 && ln.weight.defined() && ln.bias.defined();
+  return add_norm(residual, branch, ln, ln.bias, ln.options.eps(), post, kernels_fit);
+}
+
+NormStep add_layer_norm(const torch::Tensor& residual, const torch::Tensor& branch, RMSNormImpl& norm, bool post) {
+  return add_norm(residual, branch, norm, torch::Tensor(), norm.eps, post, /*kernels_fit=*/true);
 }
 
 }  // namespace ablate::sdk

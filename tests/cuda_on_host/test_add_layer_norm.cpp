@@ -1,6 +1,6 @@
 // sdk/src/cuda/add_layer_norm_kernels.cuh run on the host (simt.hpp) against a float64 reference: the
 // kernels' arithmetic and indexing for every row width class (one to 32 columns per thread, rows that do not
-// fill the last one), each type the arguments take, and each optional pointer left out. The GPU run of the
+// fill the last one), each type the arguments take, each optional pointer left out, LayerNorm and RMSNorm. The GPU run of the
 // same kernels is tests/gpu/test_cuda_lora_parity.py; this one needs no GPU and runs in CI.
 
 // clang-format off
@@ -67,11 +67,13 @@ struct Case {
   bool branch;
   DType branch_type, y_type;
   bool y_float;
+  bool rms = false;  ///< RMSNorm (LLaMA's): no mean, no bias
 };
 
 std::string describe(const Case& c) {
   return "rows " + std::to_string(c.rows) + ", hidden " + std::to_string(c.hidden) + ", branch " +
-         (c.branch ? name(c.branch_type) : "none") + ", y " + name(c.y_type) + (c.y_float ? " + f32" : "");
+         (c.branch ? name(c.branch_type) : "none") + ", y " + name(c.y_type) + (c.y_float ? " + f32" : "") +
+         (c.rms ? ", RMSNorm" : "");
 }
 
 }  // namespace
@@ -79,13 +81,16 @@ std::string describe(const Case& c) {
 TEST_CASE("add_layer_norm's CUDA kernels, run on the host, compute LayerNorm(residual + branch) and its gradient",
           "[cuda_on_host]") {
   // hidden: V = 1 with idle threads (64), V = 2 not filled (300), V = 4 with a ragged tail (1000) and full
-  // (1024, OPT-350m), the widest (8192, V = 32).
+  // (1024, OPT-350m), the widest (8192, V = 32); RMSNorm at LLaMA widths (2048, 4096) and a ragged one.
   const std::vector<Case> cases{
       {3, 1024, true, DType::bf16, DType::bf16, true},  // post-LN: the stream in f32 and the products' bf16 copy
       {2, 1000, false, DType::bf16, DType::bf16, false},
       {4, 64, true, DType::f32, DType::f32, false},
       {2, 300, true, DType::f16, DType::f16, true},
       {1, 8192, true, DType::bf16, DType::bf16, false},
+      {3, 4096, true, DType::bf16, DType::bf16, false, true},
+      {2, 2048, false, DType::f32, DType::f32, false, true},
+      {2, 300, true, DType::f16, DType::f16, true, true},
   };
   std::mt19937 gen(7);
   std::normal_distribution<float> unit(0.f, 1.f);
@@ -101,9 +106,10 @@ TEST_CASE("add_layer_norm's CUDA kernels, run on the host, compute LayerNorm(res
 
     std::vector<float> sum(n, -1.f), y_float(n, -1.f), mean(rows), rstd(rows);
     Buffer y(c.y_type, n);
-    ForwardArgs f{residual.data(), c.branch ? branch.data() : nullptr, c.branch_type, weight.data(), bias.data(),
-                  sum.data(), y.data(), c.y_type, c.y_float ? y_float.data() : nullptr, mean.data(), rstd.data(),
-                  c.rows, c.hidden, eps};
+    // An RMSNorm takes no bias and keeps no mean: null pointers, which the kernels must not touch.
+    ForwardArgs f{residual.data(), c.branch ? branch.data() : nullptr, c.branch_type, weight.data(),
+                  c.rms ? nullptr : bias.data(), sum.data(), y.data(), c.y_type, c.y_float ? y_float.data() : nullptr,
+                  c.rms ? nullptr : mean.data(), rstd.data(), c.rows, c.hidden, eps, c.rms};
     REQUIRE(kernels::launch_forward(f, [](auto... a) { return ablate::simt::launch(a...); }) == cudaSuccess);
 
     // The float64 reference, from the same float32 sum the kernel forms (one float add per element).
@@ -116,7 +122,7 @@ TEST_CASE("add_layer_norm's CUDA kernels, run on the host, compute LayerNorm(res
         if (c.branch) REQUIRE(sum[i] == s);
         m += s;
       }
-      m /= static_cast<double>(hidden);
+      m = c.rms ? 0.0 : m / static_cast<double>(hidden);  // RMSNorm: the mean of the squares around zero
       for (std::size_t j = 0; j < hidden; ++j) {
         const auto i = r * hidden + j;
         const double d = (c.branch ? residual[i] + branch.get(i) : residual[i]) - m;
@@ -124,12 +130,12 @@ TEST_CASE("add_layer_norm's CUDA kernels, run on the host, compute LayerNorm(res
       }
       ref_mean[r] = m;
       ref_rstd[r] = 1.0 / std::sqrt(v / static_cast<double>(hidden) + eps);
-      CHECK(mean[r] == Approx(m).epsilon(1e-6));
+      if (!c.rms) CHECK(mean[r] == Approx(m).epsilon(1e-6));
       CHECK(rstd[r] == Approx(ref_rstd[r]).epsilon(1e-5));
       for (std::size_t j = 0; j < hidden; ++j) {
         const auto i = r * hidden + j;
         xhat[i] = ((c.branch ? residual[i] + branch.get(i) : residual[i]) - m) * ref_rstd[r];
-        ref_y[i] = xhat[i] * weight[j] + bias[j];
+        ref_y[i] = xhat[i] * weight[j] + (c.rms ? 0.0 : bias[j]);
       }
     }
     if (!c.branch) CHECK(sum[0] == -1.f);  // no branch: the sum is the residual and is not written
@@ -156,9 +162,9 @@ TEST_CASE("add_layer_norm's CUDA kernels, run on the host, compute LayerNorm(res
       std::vector<float> d_residual(n, -1.f);
       Buffer d_branch(c.branch_type, n);
       BackwardArgs b{c.branch ? sum.data() : residual.data(), with_dy ? dy.data() : nullptr, c.y_type,
-                     with_dy_float ? dy_float.data() : nullptr, with_ds ? ds.data() : nullptr, mean.data(), rstd.data(),
-                     weight.data(), d_residual.data(), with_d_branch ? d_branch.data() : nullptr, c.branch_type,
-                     c.rows, c.hidden};
+                     with_dy_float ? dy_float.data() : nullptr, with_ds ? ds.data() : nullptr,
+                     c.rms ? nullptr : mean.data(), rstd.data(), weight.data(), d_residual.data(),
+                     with_d_branch ? d_branch.data() : nullptr, c.branch_type, c.rows, c.hidden, c.rms};
       REQUIRE(kernels::launch_backward(b, [](auto... a) { return ablate::simt::launch(a...); }) == cudaSuccess);
       std::size_t wrong = 0, wrong_branch = 0;
       for (std::size_t r = 0; r < rows; ++r) {
@@ -170,7 +176,7 @@ TEST_CASE("add_layer_norm's CUDA kernels, run on the host, compute LayerNorm(res
           mg += g[j];
           mgx += g[j] * xhat[i];
         }
-        mg /= static_cast<double>(hidden);
+        mg = c.rms ? 0.0 : mg / static_cast<double>(hidden);  // RMSNorm's gradient has no mean term
         mgx /= static_cast<double>(hidden);
         for (std::size_t j = 0; j < hidden; ++j) {
           const auto i = r * hidden + j;
@@ -189,14 +195,14 @@ TEST_CASE("add_layer_norm's CUDA launchers: nothing to do for no rows, an error 
           "[cuda_on_host]") {
   std::vector<float> row(kernels::kThreads * 33, 1.f), stats(1);
   ForwardArgs f{row.data(), nullptr, DType::bf16, row.data(), row.data(), row.data(), row.data(), DType::f32, nullptr,
-                stats.data(), stats.data(), 0, 1024, 1e-5f};
+                stats.data(), stats.data(), 0, 1024, 1e-5f, false};
   auto never = [](auto...) { return cudaErrorUnknown; };  // a launch that must not happen
   CHECK(kernels::launch_forward(f, never) == cudaSuccess);
   f.rows = 1;
   f.hidden = static_cast<std::int64_t>(row.size());  // 33 columns per thread: beyond the widest template
   CHECK(kernels::launch_forward(f, never) == cudaErrorInvalidValue);
   BackwardArgs b{row.data(), nullptr, DType::f32, row.data(), nullptr, stats.data(), stats.data(), row.data(),
-                 row.data(), nullptr, DType::f32, 0, 1024};
+                 row.data(), nullptr, DType::f32, 0, 1024, false};
   CHECK(kernels::launch_backward(b, never) == cudaSuccess);
   b.rows = 1;
   b.hidden = f.hidden;

@@ -1,7 +1,8 @@
 """LoRA training in bf16 on CUDA against PEFT in bf16 on CUDA (label `gpu`). The CPU parity tests hold ablate's
 layers to PEFT's in float32; this one covers what only the GPU runs: cuBLAS's products with the adapter's
 product summed in (sdk::forward_shared), the bias + ReLU epilogue of OPT's fc1, our residual add + LayerNorm
-kernels (--fused-norm on; OPT and GPT-2), autocast's types, frozen weights held in bf16. bf16 keeps 8 bits, so the bar is relative: ablate's logits and gradients must be as close to
+kernels (--fused-norm on; OPT, GPT-2, and LLaMA's RMSNorm form), autocast's types, frozen weights held in bf16.
+bf16 keeps 8 bits, so the bar is relative: ablate's logits and gradients must be as close to
 PEFT's bf16 ones as PEFT's bf16 ones are to its own float32 ones (with a factor of 2 of slack and a floor).
 
 ABLATE_TEST_DEVICE=cpu runs the same comparison on the CPU under CPU autocast, to check the test itself on a
@@ -101,11 +102,18 @@ class CudaLoraParityTest(TrainingParityCase):
                                modules_to_save=["h.0.ln_2"]), fused_norm=fused)
 
     def test_llama_lora_on_every_projection_in_bf16(self):
-        torch.manual_seed(1)
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-        self.case("llama", "llama", base, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                                   "gate_proj", "up_proj", "down_proj"]))
+        # LLaMA's layers chained through sdk::pre_ln_block, with --fused-norm off and on (the kernels' RMSNorm
+        # form; an RMSNorm trained too).
+        for fused in (False, True):
+            with self.subTest(fused_norm=fused):
+                torch.manual_seed(1)
+                base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    max_position_embeddings=64))
+                targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                saved = ["layers.1.input_layernorm"] if fused else None
+                self.case(f"llama{'-fused' if fused else ''}", "llama", base,
+                          dict(r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved), fused_norm=fused)
 
 
 if __name__ == "__main__":

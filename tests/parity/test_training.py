@@ -142,6 +142,17 @@ class PeftParityTest(TrainingParityCase):
         self.lm_case("llama", "llama", make, dict(r=8, lora_alpha=16, use_rslora=True, target_modules=pattern),
                      dict(r=8, alpha=16, rslora=True, target_modules=pattern), checkpointing=True)
 
+    def test_llama_lora_fused_norm(self):
+        # --fused-norm on, layers chained (no checkpointing): each layer's last residual add runs inside the next
+        # layer's input_layernorm (sdk::pre_ln_block with RMSNorms), with RMSNorms among modules_to_save so that
+        # their weights' gradients are checked too.
+        make = lambda: LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+        saved = ["layers.0.post_attention_layernorm", "layers.1.input_layernorm"]
+        targets = ["q_proj", "v_proj", "gate_proj"]
+        self.lm_case("llama-fused", "llama", make, dict(r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved),
+                     dict(r=4, alpha=8, target_modules=targets, modules_to_save=saved), fused_norm=True)
+
     def test_gpt2_lora_on_conv1d(self):
         make = lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                                   embd_pdrop=0.0, attn_pdrop=0.0))

@@ -158,10 +158,18 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
     input_layernorm = register_module("input_layernorm", sdk::RMSNorm(c.hidden_size, c.rms_norm_eps));
     post_attention_layernorm = register_module("post_attention_layernorm", sdk::RMSNorm(c.hidden_size, c.rms_norm_eps));
   }
+  /// transformers' LlamaDecoderLayer.forward: h + attn(norm(h)), then h + mlp(norm(h)).
   torch::Tensor forward(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin, const sdk::AttentionMask& mask,
                         sdk::KvCache* cache) {
-    h = h + self_attn(input_layernorm(h), cos, sin, mask, cache);
-    return h + mlp(post_attention_layernorm(h));
+    return step({std::move(h), {}}, cos, sin, mask, cache).hidden();
+  }
+  /// The same layer as a link of the model's chain: its last residual add is left to the next layer's
+  /// input_layernorm (sdk::add_layer_norm: with --fused-norm on, the add and the RMSNorm are one pass).
+  sdk::PreLnStream step(const sdk::PreLnStream& in, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const sdk::AttentionMask& mask, sdk::KvCache* cache) {
+    return sdk::pre_ln_block(
+        in, *input_layernorm, [&](const torch::Tensor& x) { return self_attn(x, cos, sin, mask, cache); },
+        *post_attention_layernorm, [&](const torch::Tensor& x) { return mlp(x); });
   }
   LlamaAttention self_attn{nullptr};
   LlamaMlp mlp{nullptr};
@@ -238,12 +246,19 @@ class Llama : public sdk::Backbone {
     cos = cos.to(embeds.dtype());
     sin = sin.to(embeds.dtype());
     auto h = embeds;
-    for (const auto& layer : *model_->model->layers) {
-      auto* l = layer->as<LlamaDecoderLayerImpl>();
-      h = sdk::maybe_checkpoint(checkpointing_ && !cache, *l,
-                                [l, cos, sin, mask, cache](const torch::Tensor& x) { return l->forward(x, cos, sin, mask, cache); }, h);
+    if (checkpointing_ && !cache) {
+      // Each layer recomputed in backward from its input alone: layers as transformers' modules, h to h.
+      for (const auto& layer : *model_->model->layers) {
+        auto* l = layer->as<LlamaDecoderLayerImpl>();
+        h = sdk::maybe_checkpoint(true, *l, [l, cos, sin, mask](const torch::Tensor& x) {
+          return l->forward(x, cos, sin, mask, nullptr);
+        }, h);
+      }
+      return model_->model->norm(h);
     }
-    return model_->model->norm(h);
+    sdk::PreLnStream s{h, {}};
+    for (const auto& layer : *model_->model->layers) s = layer->as<LlamaDecoderLayerImpl>()->step(s, cos, sin, mask, cache);
+    return model_->model->norm(s.hidden());
   }
 
   torch::Tensor logits(const torch::Tensor& hidden) override {

@@ -1,7 +1,8 @@
 #pragma once
 // The boundary between norms.cpp (torch) and add_layer_norm.cu (CUDA): raw pointers, sizes and a stream,
 // so that neither side includes the other's headers. Every tensor is contiguous, [rows, hidden] or [hidden]
-// (weight, bias) or [rows] (mean, rstd); float pointers are float32.
+// (weight, bias) or [rows] (mean, rstd); float pointers are float32. With `rms` the norm is an RMSNorm
+// (LLaMA's): no mean is subtracted (mean is neither written nor read and may be null) and there is no bias.
 
 #include <cstdint>
 
@@ -14,7 +15,7 @@ struct ForwardArgs {
   const void* branch;  ///< null: no add; sum is then not written
   DType branch_type;
   const float* weight;
-  const float* bias;
+  const float* bias;  ///< null with rms
   float* sum;  ///< residual + branch
   void* y;     ///< LayerNorm(sum)
   DType y_type;
@@ -23,6 +24,7 @@ struct ForwardArgs {
   float* rstd;
   std::int64_t rows, hidden;
   float eps;
+  bool rms;
 };
 
 struct BackwardArgs {
@@ -38,6 +40,7 @@ struct BackwardArgs {
   void* d_branch;  ///< null: not wanted
   DType branch_type;
   std::int64_t rows, hidden;
+  bool rms;
 };
 
 /// The widest row the kernels take (columns held in registers); wider rows go through torch's ops.

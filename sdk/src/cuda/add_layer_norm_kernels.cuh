@@ -5,7 +5,8 @@
 //
 // One block of kThreads threads per row; each thread keeps its columns (c = thread + i * kThreads) in registers,
 // so the mean and the variance take two reductions over values already loaded, the variance around the mean as
-// torch's layer norm computes it (biased, eps inside the square root).
+// torch's layer norm computes it (biased, eps inside the square root). An RMSNorm (`rms`) skips the mean: its
+// variance is the mean of the squares, as transformers' LlamaRMSNorm computes it, and it has no bias.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -54,15 +55,16 @@ __device__ __forceinline__ void block_sum(float (&v)[N], float (*shared)[kWarps]
   }
 }
 
-/// s = residual + branch (branch may be null: s is residual and is not written), y = LayerNorm(s) in Y and,
-/// when y_float is not null, in float32 too; mean and rstd per row for the backward pass. V: columns per
-/// thread, at least ceil(hidden / kThreads).
+/// s = residual + branch (branch may be null: s is residual and is not written), y = LayerNorm(s) (or RMSNorm)
+/// in Y and, when y_float is not null, in float32 too; mean (not with rms) and rstd per row for the backward
+/// pass. V: columns per thread, at least ceil(hidden / kThreads).
 template <class B, class Y, int V>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restrict__ residual, const B* __restrict__ branch,
                                                           const float* __restrict__ weight, const float* __restrict__ bias,
                                                           float* __restrict__ sum, Y* __restrict__ y,
                                                           float* __restrict__ y_float, float* __restrict__ mean_out,
-                                                          float* __restrict__ rstd_out, std::int64_t hidden, float eps) {
+                                                          float* __restrict__ rstd_out, std::int64_t hidden, float eps,
+                                                          bool rms) {
   __shared__ float shared[1][kWarps];
   const std::int64_t base = static_cast<std::int64_t>(blockIdx.x) * hidden;
   float x[V];
@@ -80,8 +82,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restri
       acc[0] += x[i];
     }
   }
-  block_sum(acc, shared);
-  const float mean = acc[0] / static_cast<float>(hidden);
+  float mean = 0.f;
+  if (!rms) {  // the same for every thread of the block: block_sum's barriers are met by all or none
+    block_sum(acc, shared);
+    mean = acc[0] / static_cast<float>(hidden);
+  }
   acc[0] = 0.f;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
@@ -94,18 +99,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restri
   for (int i = 0; i < V; ++i) {
     const std::int64_t c = threadIdx.x + static_cast<std::int64_t>(i) * kThreads;
     if (c < hidden) {
-      const float out = (x[i] - mean) * rstd * weight[c] + bias[c];
+      const float normed = (x[i] - mean) * rstd * weight[c];
+      const float out = bias ? normed + bias[c] : normed;
       store(y, base + c, out);
       if (y_float) y_float[base + c] = out;
     }
   }
   if (threadIdx.x == 0) {
-    mean_out[blockIdx.x] = mean;
+    if (mean_out) mean_out[blockIdx.x] = mean;
     rstd_out[blockIdx.x] = rstd;
   }
 }
 
-/// The gradient of s: LayerNorm's backward (with the saved mean and rstd) of y's gradient, dy + dy_float
+/// The gradient of s: LayerNorm's (or RMSNorm's) backward, with the saved mean and rstd, of y's gradient, dy + dy_float
 /// (either may be null: no gradient), plus s's own gradient ds (null: none); written as float32 (d_residual)
 /// and, when d_branch is not null, in the branch's type too. The weight's and bias's gradients are not
 /// computed here (norms.cpp does them when they are needed).
@@ -115,10 +121,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const float* __restr
                                                            const float* __restrict__ ds, const float* __restrict__ mean_in,
                                                            const float* __restrict__ rstd_in, const float* __restrict__ weight,
                                                            float* __restrict__ d_residual, B* __restrict__ d_branch,
-                                                           std::int64_t hidden) {
+                                                           std::int64_t hidden, bool rms) {
   __shared__ float shared[2][kWarps];
   const std::int64_t base = static_cast<std::int64_t>(blockIdx.x) * hidden;
-  const float mean = mean_in[blockIdx.x], rstd = rstd_in[blockIdx.x];
+  const float mean = rms ? 0.f : mean_in[blockIdx.x], rstd = rstd_in[blockIdx.x];
   float xhat[V], g[V];
   float acc[2] = {0.f, 0.f};  // sum of g, sum of g * xhat
 #pragma unroll
@@ -135,7 +141,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const float* __restr
   }
   block_sum(acc, shared);
   const float n = static_cast<float>(hidden);
-  const float mean_g = acc[0] / n, mean_gx = acc[1] / n;
+  // RMSNorm subtracted no mean, so its gradient has no mean term: rstd * (g - xhat * mean(g * xhat)).
+  const float mean_g = rms ? 0.f : acc[0] / n, mean_gx = acc[1] / n;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const std::int64_t c = threadIdx.x + static_cast<std::int64_t>(i) * kThreads;
@@ -187,7 +194,7 @@ cudaError_t launch_forward(const ForwardArgs& a, Launch&& launch) {
     using Y = decltype(y);
     return launch(forward_kernel<B, Y, decltype(v)::value>, static_cast<unsigned>(a.rows), kThreads, a.residual,
                   static_cast<const B*>(a.branch), a.weight, a.bias, a.sum, static_cast<Y*>(a.y), a.y_float, a.mean,
-                  a.rstd, a.hidden, a.eps);
+                  a.rstd, a.hidden, a.eps, a.rms);
   });
 }
 
@@ -200,7 +207,7 @@ cudaError_t launch_backward(const BackwardArgs& a, Launch&& launch) {
     using Y = decltype(y);
     return launch(backward_kernel<B, Y, decltype(v)::value>, static_cast<unsigned>(a.rows), kThreads, a.sum,
                   static_cast<const Y*>(a.dy), a.dy_float, a.d_sum, a.mean, a.rstd, a.weight, a.d_residual,
-                  static_cast<B*>(a.d_branch), a.hidden);
+                  static_cast<B*>(a.d_branch), a.hidden, a.rms);
   });
 }
 

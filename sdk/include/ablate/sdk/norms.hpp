@@ -34,12 +34,15 @@ struct NormStep {
 ///  - post-LN (`post` true; OPT-350m): stream = ln(residual + branch), and normed is the same values.
 /// `branch` may be undefined (no add: the first block's input). The numbers are those of `residual + branch`,
 /// `ln(...)` and autocast's cast of ln's output to the products' type, as the modules compute them.
-/// With set_fused_norm(true) and float32 residual and LayerNorm parameters, it runs as one pass each way
+/// With set_fused_norm(true) and float32 residual and norm parameters, it runs as one pass each way
 /// (on CUDA our own kernels, sdk/src/cuda/add_layer_norm.cu; on the CPU a loop over rows) instead of the
 /// add, the norm, the cast and, in backward, the conversions and sums of the gradients around them. The
 /// mean and variance are then summed in another order: float32 rounding differences, no more.
 NormStep add_layer_norm(const torch::Tensor& residual, const torch::Tensor& branch, torch::nn::LayerNormImpl& ln,
                         bool post);
+/// The same with an RMSNorm (LLaMA's pre-norm blocks): the numbers of `residual + branch`, `norm(...)` and the
+/// cast, or with set_fused_norm(true) one pass each way (the kernels' RMSNorm form: no mean, no bias).
+NormStep add_layer_norm(const torch::Tensor& residual, const torch::Tensor& branch, RMSNormImpl& norm, bool post);
 
 /// The residual stream between pre-LN blocks (pre_ln_block) when each block's last add runs inside the next
 /// block's first norm: the hidden states are `h + pending`, `pending` being the last block's last branch
@@ -49,13 +52,13 @@ struct PreLnStream {
   torch::Tensor hidden() const { return pending.defined() ? h + pending : h; }
 };
 
-/// One pre-LN block as GPT-2's and CLIP's and SigLIP's encoder layers compute it, h + attn(ln_1(h)) and then
-/// h + mlp(ln_2(h)), with each residual add inside the norm after it (add_layer_norm): the block's last add is
-/// left pending for the next block's first norm, or for PreLnStream::hidden(). `attn` and `mlp` take the
-/// normed input, in the products' type, and return their branch (dropout included).
-template <class Attn, class Mlp>
-PreLnStream pre_ln_block(const PreLnStream& in, torch::nn::LayerNormImpl& ln_1, Attn&& attn, torch::nn::LayerNormImpl& ln_2,
-                         Mlp&& mlp) {
+/// One pre-LN block as GPT-2's, LLaMA's and CLIP's and SigLIP's encoder layers compute it, h + attn(ln_1(h))
+/// and then h + mlp(ln_2(h)), with each residual add inside the norm after it (add_layer_norm; `Norm` a
+/// LayerNormImpl or an RMSNormImpl): the block's last add is left pending for the next block's first norm, or
+/// for PreLnStream::hidden(). `attn` and `mlp` take the normed input, in the products' type, and return their
+/// branch (dropout included).
+template <class Norm, class Attn, class Mlp>
+PreLnStream pre_ln_block(const PreLnStream& in, Norm& ln_1, Attn&& attn, Norm& ln_2, Mlp&& mlp) {
   auto n = add_layer_norm(in.h, in.pending, ln_1, /*post=*/false);
   auto a = attn(n.normed);
   n = add_layer_norm(n.stream, a, ln_2, /*post=*/false);
