@@ -94,12 +94,17 @@ void each_tensor(c10::ArrayRef<c10::IValue> values, Fn&& fn) {
 
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   Frame f;
+  if (!g_detail) {  // the plain table: times alone, keyed by fn.name() at the end, as before detail existed
+    f.start = Clock::now();
+    t_stack.push_back(std::move(f));
+    return nullptr;
+  }
   f.name = fn.name();
   f.in_place = !f.name.empty() && f.name.back() == '_';
   std::string types;
   // Arguments are readable only here: the dispatcher boxes them for the start callbacks and destroys them
   // before the end ones. Autograd's nodes (another scope) have none.
-  if (g_detail && fn.scope() == at::RecordScope::FUNCTION) {
+  if (fn.scope() == at::RecordScope::FUNCTION) {
     each_tensor(fn.inputs(), [&](const at::Tensor& t) {
       if (!t.defined()) return;
       count(f, t);
@@ -108,14 +113,11 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
       if (!t.is_contiguous()) types += "*";
     });
   }
-  f.key = f.name;
-  if (g_detail) {
-    // Three callers: enough to tell, say, autocast's cast of a product's input from autograd's of a gradient.
-    f.key += " [" + types + "]";
-    const std::size_t callers = std::min<std::size_t>(t_stack.size(), 3);
-    for (std::size_t i = 0; i < callers; ++i) f.key += " < " + t_stack[t_stack.size() - 1 - i].name;
-    if (callers < 3) f.key += " < step";
-  }
+  // Three callers: enough to tell, say, autocast's cast of a product's input from autograd's of a gradient.
+  f.key = f.name + " [" + types + "]";
+  const std::size_t callers = std::min<std::size_t>(t_stack.size(), 3);
+  for (std::size_t i = 0; i < callers; ++i) f.key += " < " + t_stack[t_stack.size() - 1 - i].name;
+  if (callers < 3) f.key += " < step";
   f.start = Clock::now();
   t_stack.push_back(std::move(f));
   return nullptr;
@@ -136,10 +138,9 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
   } else {
     // An out-of-place operator whose results all lie in its arguments' storage is a view: it moved nothing.
     // One that recorded no results (an internal record such as autograd's "detach") cannot be told from a view.
-    bool views = true, any = false;
+    bool views = true;
     each_tensor(fn.outputs(), [&](const at::Tensor& t) {
       if (!t.defined()) return;
-      any = true;
       views = views && in_storage_of_argument(frame, t);
       count(frame, t);
     });
@@ -147,7 +148,7 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
   }
   if (!t_stack.empty() && (frame.bytes > 0 || frame.inner_traffic)) t_stack.back().inner_traffic = true;
   std::lock_guard<std::mutex> lock(g_mu);
-  auto& t = g_totals[frame.key];
+  auto& t = g_totals[g_detail ? frame.key : std::string(fn.name())];
   t.calls += 1;
   t.total_s += total;
   t.self_s += total - frame.children_s;

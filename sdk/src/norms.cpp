@@ -5,6 +5,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -152,15 +153,18 @@ void backward_cpu(const BackwardArgs& a) {
   });
 }
 
+using Values = std::vector<c10::IValue>;
+
 // One pass of the fused path on `like`'s device: the CUDA kernel on torch's current stream, or the CPU's loop.
-// It is recorded as an operator named `name`, reading `args` and writing `results` (defined or not), as ATen's
-// own are: profilers (the runner's ABLATE_OP_PROFILE, torch.profiler) see it under its name, with its tensors,
-// instead of folding it into its caller.
-template <class Args>
-void run(const char* name, std::vector<c10::IValue> args, std::vector<c10::IValue> results, const torch::Tensor& like,
-         const Args& a, int (*on_cuda)(const Args&, void*), void (*on_cpu)(const Args&)) {
+// It is recorded as an operator named `name`, as ATen's own are: profilers (the runner's ABLATE_OP_PROFILE,
+// torch.profiler) see it under its name, with the tensors it reads and writes (`tensors()`: a pair of Values,
+// defined or not; called only while a profiler listens), instead of folding it into its caller.
+template <class Args, class Tensors>
+void run(const char* name, Tensors&& tensors, const torch::Tensor& like, const Args& a,
+         int (*on_cuda)(const Args&, void*), void (*on_cpu)(const Args&)) {
   at::RecordFunction record(at::RecordScope::FUNCTION);
   if (record.isActive()) {
+    auto [args, results] = tensors();
     if (record.needsInputs()) {
       record.before(name, c10::ArrayRef<const c10::IValue>(args.data(), args.size()));
     } else {
@@ -198,8 +202,10 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
     ForwardArgs a{f32(residual), add ? raw(branch) : nullptr, add ? *kernel_type(branch.scalar_type()) : DType::f32,
                   f32(weight), rms ? nullptr : f32(bias), add ? f32(sum) : nullptr, raw(y), *kernel_type(low),
                   f32(y32), f32(mean), f32(rstd), rows, h, static_cast<float>(eps), rms};
-    run("ablate::add_layer_norm", {residual, branch, weight, bias}, {add ? sum : torch::Tensor(), y, y32, mean, rstd},
-        residual, a, cuda::add_layer_norm_forward, forward_cpu);
+    const auto tensors = [&] {
+      return std::pair{Values{residual, branch, weight, bias}, Values{add ? sum : torch::Tensor(), y, y32, mean, rstd}};
+    };
+    run("ablate::add_layer_norm", tensors, residual, a, cuda::add_layer_norm_forward, forward_cpu);
     ctx->set_materialize_grads(false);  // an output nobody read costs nothing in backward
     ctx->save_for_backward({sum, mean, rstd, weight});
     ctx->saved_data["post"] = post;
@@ -244,8 +250,10 @@ class FusedAddLayerNorm : public torch::autograd::Function<FusedAddLayerNorm> {
       if (want_branch) d_branch = torch::empty(sum.sizes(), sum.options().dtype(branch_type));
       BackwardArgs a{f32(sum), raw(dy), *kernel_type(low), f32(dy32), f32(d_sum), f32(mean), f32(rstd), f32(weight),
                      f32(d_residual), raw(d_branch), *kernel_type(branch_type), rows, h, rms};
-      run("ablate::add_layer_norm_backward", {sum, dy, dy32, d_sum, mean, rstd, weight}, {d_residual, d_branch}, sum,
-          a, cuda::add_layer_norm_backward, backward_cpu);
+      const auto tensors = [&] {
+        return std::pair{Values{sum, dy, dy32, d_sum, mean, rstd, weight}, Values{d_residual, d_branch}};
+      };
+      run("ablate::add_layer_norm_backward", tensors, sum, a, cuda::add_layer_norm_backward, backward_cpu);
     }
     torch::Tensor d_weight, d_bias;
     if ((ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) && (dy.defined() || dy32.defined())) {
