@@ -117,9 +117,8 @@ def main():
             runs.append((positions(rows, spec), rows))
             print(f"fused-norm {fused}, batch {batch}: {runs[-1][0]:.1f} rows per step", flush=True)
         (ra, a), (rb, b) = runs
-        per_row = {}
-        for k in set(per_kind(a)) | set(per_kind(b)):
-            per_row[k] = (per_kind(b)[k] - per_kind(a)[k]) / (rb - ra)
+        ka, kb = per_kind(a), per_kind(b)
+        per_row = {k: (kb[k] - ka[k]) / (rb - ra) for k in set(ka) | set(kb)}
         ops = {}
         for name in set(a) | set(b):
             if kind(name) == "elementwise":
