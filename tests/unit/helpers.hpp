@@ -30,6 +30,20 @@ const PluginHost& builtin_plugins();
 /// Folder of the test fixture plugins (build/test-plugins/<name>).
 std::filesystem::path fixture_plugin(const std::string& name);
 
+/// Sets one of the SDK's process-wide switches (sdk::set_fused_norm, set_fused_relu) for a scope, then puts
+/// back what it was.
+class ScopedSwitch {
+ public:
+  ScopedSwitch(bool (*get)(), void (*set)(bool), bool on) : set_(set), was_(get()) { set_(on); }
+  ~ScopedSwitch() { set_(was_); }
+  ScopedSwitch(const ScopedSwitch&) = delete;
+  ScopedSwitch& operator=(const ScopedSwitch&) = delete;
+
+ private:
+  void (*set_)(bool);
+  bool was_;
+};
+
 /// A complete experiment on tiny models built from scratch: `steps` steps, evaluated and checkpointed
 /// every `every` steps. `extra` is appended (a [grid] table, say).
 std::string tiny_experiment(const std::string& name, int steps = 8, int every = 4, const std::string& extra = "");

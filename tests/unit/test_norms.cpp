@@ -8,18 +8,12 @@
 
 #include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/norms.hpp"
+#include "helpers.hpp"
 #include "train/precision.hpp"
 
 using namespace ablate;
 
 namespace {
-
-// Sets the switch for one scope.
-struct FusedNorm {
-  explicit FusedNorm(bool on) : was(sdk::fused_norm()) { sdk::set_fused_norm(on); }
-  ~FusedNorm() { sdk::set_fused_norm(was); }
-  bool was;
-};
 
 struct Result {
   torch::Tensor stream, normed;
@@ -48,7 +42,7 @@ Result run(bool fused, bool post, bool with_branch, torch::ScalarType branch_typ
   auto branch = with_branch ? torch::randn({2, rows, hidden}).to(branch_type).requires_grad_() : torch::Tensor();
   const auto w_stream = torch::randn({2, rows, hidden}), w_normed = torch::randn({2, rows, hidden});
 
-  FusedNorm switch_(fused);
+  test::ScopedSwitch switch_(sdk::fused_norm, sdk::set_fused_norm, fused);
   Result r;
   {
     AutocastGuard autocast(torch::kCPU, precision);
@@ -148,7 +142,7 @@ TEST_CASE("add_layer_norm with the switch off is the modules themselves, bit for
   torch::manual_seed(3);
   torch::nn::LayerNorm ln(torch::nn::LayerNormOptions({16}));
   auto r = torch::randn({4, 16}), b = torch::randn({4, 16});
-  FusedNorm off(false);
+  test::ScopedSwitch off(sdk::fused_norm, sdk::set_fused_norm, false);
   auto pre = sdk::add_layer_norm(r, b, *ln, false);
   CHECK(torch::equal(pre.stream, r + b));
   CHECK(torch::equal(pre.normed, ln(r + b)));
@@ -163,7 +157,7 @@ TEST_CASE("add_layer_norm with the switch off is the modules themselves, bit for
 
 TEST_CASE("add_layer_norm leaves to torch what its fused path does not take", "[norms]") {
   // float64, and a LayerNorm over two dimensions: the composite path, with the same results as the modules.
-  FusedNorm on(true);
+  test::ScopedSwitch on(sdk::fused_norm, sdk::set_fused_norm, true);
   torch::nn::LayerNorm ln(torch::nn::LayerNormOptions({16}));
   auto r = torch::randn({4, 16}, torch::kFloat64), b = torch::randn({4, 16}, torch::kFloat64);
   ln->to(torch::kFloat64);

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -13,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "ablate/sdk/norms.hpp"
+#include "helpers.hpp"
 #include "train/op_profile.hpp"
 
 using namespace ablate;
@@ -85,8 +87,7 @@ TEST_CASE("op profile: the plain table has no bytes column", "[profile]") {
 }
 
 TEST_CASE("op profile: the fused residual add + LayerNorm is an operator of its own, both ways", "[profile][norm]") {
-  const bool was = sdk::fused_norm();
-  sdk::set_fused_norm(true);
+  std::optional<test::ScopedSwitch> fused(std::in_place, sdk::fused_norm, sdk::set_fused_norm, true);
   torch::nn::LayerNorm ln(torch::nn::LayerNormOptions({1024}));
   const auto residual = torch::rand({256, 1024}, torch::requires_grad());  // 1 MiB each
   const auto branch = torch::rand({256, 1024}, torch::requires_grad());
@@ -94,7 +95,7 @@ TEST_CASE("op profile: the fused residual add + LayerNorm is an operator of its 
     const auto step = sdk::add_layer_norm(residual, branch, *ln, /*post=*/false);
     (step.stream.sum() + step.normed.sum()).backward();
   });
-  sdk::set_fused_norm(was);
+  fused.reset();
   // Forward: residual, branch, the sum and the norm's output (1 MiB each), the norm's parameters and per-row
   // statistics (10 KiB). Backward: the sum, the two incoming gradients and the two outgoing ones (5 MiB) and
   // the same statistics and weight.
