@@ -39,6 +39,7 @@ struct RunArgs {
   std::string decode_graph = "auto";   ///< decode steps: auto, on (fixed-size KV cache, CUDA graph), off
   std::string train_graph = "auto";    ///< training steps: auto (graphs on CUDA, else eager), on (fixed shapes, CUDA graphs), off
   std::string fused_norm = "off";      ///< sdk::add_layer_norm's fused path: on, off
+  std::string fused_relu = "off";      ///< sdk::relu_mlp's fused node: on, off
 };
 
 int run(const Common& common, const RunArgs& args);

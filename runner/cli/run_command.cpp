@@ -16,6 +16,7 @@
 
 #include "ablate/sdk/error.hpp"
 #include "ablate/sdk/hash.hpp"
+#include "ablate/sdk/linear.hpp"
 #include "ablate/sdk/norms.hpp"
 #include "cli/commands.hpp"
 #include "grid/experiment.hpp"
@@ -167,8 +168,8 @@ int run(const Common& common, const RunArgs& args) {
   const auto cache_mode = parse_auto_on_off<FeatureCacheMode>("--feature-cache", args.feature_cache);
   const auto decode_graph = parse_auto_on_off<DecodeGraphMode>("--decode-graph", args.decode_graph);
   const auto train_graph = parse_auto_on_off<TrainGraphMode>("--train-graph", args.train_graph);
-  if (args.fused_norm != "on" && args.fused_norm != "off") {
-    throw sdk::InputError("--fused-norm " + args.fused_norm + ": expected on or off");
+  for (const auto& [flag, value] : {std::pair{"--fused-norm", args.fused_norm}, std::pair{"--fused-relu", args.fused_relu}}) {
+    if (value != "on" && value != "off") throw sdk::InputError(std::string(flag) + " " + value + ": expected on or off");
   }
   OpProfile::from_env();  // a malformed ABLATE_OP_PROFILE or ABLATE_KERNEL_PROFILE: refused before anything is recorded
   if (args.threads > 0) torch::set_num_threads(args.threads);
@@ -201,6 +202,11 @@ int run(const Common& common, const RunArgs& args) {
   if (sdk::fused_norm()) {
     std::cerr << "--fused-norm on: residual add + LayerNorm (RMSNorm) as one pass each way ("
               << (device.is_cuda() ? "CUDA kernels" : "the CPU's loop over rows") << ")\n";
+  }
+  sdk::set_fused_relu(args.fused_relu == "on");
+  if (sdk::fused_relu()) {
+    std::cerr << "--fused-relu on: OPT's fc1 -> ReLU -> fc2 as one step each way ("
+              << (device.is_cuda() ? "cuBLASLt's ReLU-mask epilogues in bf16 and f16" : "torch's ops on the CPU") << ")\n";
   }
 
   int failed = 0, done = 0, skipped = 0;

@@ -34,6 +34,7 @@ class TrainingParityCase(TempDirTest):
         out = subprocess.run([str(PROBE), "train", kind, plugin, str(folder), str(self.dir / "in.safetensors"),
                               str(self.dir / "out.safetensors"), str(self.dir / "spec.json")], capture_output=True, text=True)
         self.assertEqual(out.returncode, 0, out.stderr)
+        self.probe_stderr = out.stderr  # what the runner would log: which fused paths ran
         return load_file(str(self.dir / "out.safetensors"))
 
     def assert_close(self, ours, ref, tolerance, what):
@@ -61,7 +62,7 @@ class TrainingParityCase(TempDirTest):
 class PeftParityTest(TrainingParityCase):
     """The same LoRA configuration and A/B weights give PEFT's logits and gradients; adapters travel both ways."""
 
-    def lm_case(self, name, plugin, make_model, lora, ablate_lora, checkpointing=False, fused_norm=False):
+    def lm_case(self, name, plugin, make_model, lora, ablate_lora, checkpointing=False, fused_norm=False, fused_relu=False):
         torch.manual_seed(0)
         base = make_model().train()
         folder = self.save_base(name, base)
@@ -83,6 +84,7 @@ class PeftParityTest(TrainingParityCase):
         if checkpointing:
             spec["train"] = {"gradient_checkpointing": ["backbone"]}
         spec["fused_norm"] = fused_norm
+        spec["fused_relu"] = fused_relu
         ours = self.train_probe("backbone", plugin, folder, batch, spec)
         valid = mask.bool()
         self.assert_close(ours["logits"][valid], out.logits.detach()[valid], LOGITS_TOLERANCE,
@@ -99,7 +101,7 @@ class PeftParityTest(TrainingParityCase):
         spec = {"strategy": [{"plugin": "lora", **ablate_lora}], "steps": 3,
                 "train": {"lr": 1e-2, "schedule": {"kind": "constant"}, "steps": 3},
                 "save_adapter": str(self.dir / f"{name}-ours"), "export": str(self.dir / f"{name}-merged"),
-                "fused_norm": fused_norm}
+                "fused_norm": fused_norm, "fused_relu": fused_relu}
         ours = self.train_probe("backbone", plugin, folder, batch, spec)
         loaded = PeftModel.from_pretrained(copy.deepcopy(base).eval(), self.dir / f"{name}-ours")
         with torch.no_grad():
@@ -134,6 +136,21 @@ class PeftParityTest(TrainingParityCase):
                 self.lm_case(f"opt-fused-{'pre' if before else 'post'}", "opt", make,
                              dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=saved),
                              dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=saved), fused_norm=True)
+
+    def test_opt_lora_fused_relu(self):
+        # --fused-relu on (sdk::relu_mlp: fc1 -> ReLU -> fc2 as one node; on the CPU torch's ops inside it): frozen
+        # MLPs, an fc1 and an fc2 trained whole (their weights' and biases' gradients), with gradient
+        # checkpointing (the node run again in backward) and without.
+        for checkpointing in (False, True):
+            with self.subTest(checkpointing=checkpointing):
+                make = lambda: OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, max_position_embeddings=64,
+                                                        word_embed_proj_dim=32, dropout=0.0))
+                saved = ["layers.0.fc1", "layers.1.fc2"]
+                self.lm_case(f"opt-relu{'-ckpt' if checkpointing else ''}", "opt", make,
+                             dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=saved),
+                             dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=saved),
+                             checkpointing=checkpointing, fused_relu=True)
 
     def test_llama_lora_rslora_regex_targets(self):
         make = lambda: LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -121,6 +121,23 @@ class BadInputTest(TempDirTest):
             self.assertAlmostEqual(a, b, delta=1e-5 * abs(b))
         self.assertNotEqual(losses["on"][0], losses["on"][-1], "the run trained")
 
+    def test_fused_relu(self):
+        # --fused-relu on runs OPT's fc1 -> ReLU -> fc2 as one autograd node (sdk::relu_mlp). On the CPU it runs
+        # torch's ops inside it, so full finetuning (fc1 and fc2 train) gives the very same losses.
+        f = self.write("fr.toml", tiny_experiment("fr", steps=6, every=6))
+        self.expect_bad([f, "--fused-relu", "yes"], "--fused-relu yes", "expected on or off")
+        losses = {}
+        for mode in ("off", "on"):
+            out = run([f, "--db", self.dir / f"relu-{mode}.db", "--fused-relu", mode])
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertEqual("--fused-relu on:" in out.stderr, mode == "on", out.stderr)
+            con = sqlite3.connect(self.dir / f"relu-{mode}.db")
+            losses[mode] = [r[0] for r in con.execute("SELECT loss FROM steps WHERE split = 'train' ORDER BY step")]
+            con.close()
+        self.assertEqual(len(losses["on"]), 6)
+        self.assertEqual(losses["on"], losses["off"])
+        self.assertNotEqual(losses["on"][0], losses["on"][-1], "the run trained")
+
     def test_unknown_option(self):
         out = run(["--frobnicate"])
         self.assertEqual(out.returncode, 2)

@@ -34,7 +34,7 @@
 //                                                                   "device": "cpu"|"cuda", "precision":
 //                                                                   fp32|bf16|fp16 (autocast, frozen linears held
 //                                                                   low, as the runner trains), "fused_norm":
-//                                                                   bool (the runner's --fused-norm)}
+//                                                                   bool (the runner's --fused-norm), "fused_relu": bool (its --fused-relu)}
 //                                                                   IN: input_ids, attention_mask, labels
 //                                                                   (-100: no loss; the loss is transformers'
 //                                                                   causal-LM mean) or pixels + probe (loss =
@@ -150,6 +150,7 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
   const torch::Device device(spec.value("device", std::string("cpu")));
   const auto precision = spec.value("precision", std::string("fp32"));
   sdk::set_fused_norm(spec.value("fused_norm", false));
+  sdk::set_fused_relu(spec.value("fused_relu", false));
   root->to(device);
   FrozenInLowPrecision frozen_low(*root, precision);
   for (const auto& p : tc.gradient_checkpointing) {

@@ -164,9 +164,10 @@ class OptDecoderLayerImpl : public torch::nn::Module {
     const double p = is_training() ? dropout_ : 0.0;
     const auto attn = [&](const torch::Tensor& x) { return torch::dropout(self_attn(x, mask, cache), p, is_training()); };
     const auto mlp = [&](const torch::Tensor& x) {
-      // ReLU inside fc1's step: on CUDA the matrix product's epilogue applies it, no pass of its own.
-      auto y = act_ == "relu" ? sdk::forward_shared({fc1.get()}, x, /*relu=*/true).front() : torch::gelu(fc1(x));
-      return torch::dropout(fc2(y), p, is_training());
+      // ReLU inside the products (sdk::relu_mlp): on CUDA fc1's epilogue applies it, and with --fused-relu
+      // fc2's backward product applies its mask.
+      auto y = act_ == "relu" ? sdk::relu_mlp(*fc1, *fc2, x) : fc2(torch::gelu(fc1(x)));
+      return torch::dropout(y, p, is_training());
     };
     if (before_) {
       auto s = sdk::pre_ln_block({in.h, in.side}, *self_attn_layer_norm, attn, *final_layer_norm, mlp);

@@ -86,4 +86,16 @@ at::ScalarType compute_type(const torch::Tensor& x);
 std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers, const torch::Tensor& x,
                                           bool relu = false);
 
+/// fc2(relu(fc1(x))): an MLP whose activation is ReLU (OPT's). With set_fused_relu(false), the default, exactly
+/// `fc2(forward_shared({&fc1}, x, true)[0])`. With set_fused_relu(true), where neither layer has an active
+/// adapter, the two products and the ReLU are one autograd node:
+///  - on CUDA in bf16 or f16, fc1's product writes the ReLU's mask as bits (cuBLASLt's RELU_AUX epilogue) and
+///    fc2's input-gradient product applies it (DRELU): no ReLU backward pass, and the mask kept until backward
+///    is 1 bit per element rather than fc1's output (which is then kept only if fc2's weight trains);
+///  - elsewhere (the CPU, float32, no cuBLASLt kernel for the sizes): torch's ops, the same as with it off.
+/// The numbers are those of the products and the ReLU either way; only the passes between them go.
+torch::Tensor relu_mlp(LinearImpl& fc1, LinearImpl& fc2, const torch::Tensor& x);
+void set_fused_relu(bool on);
+bool fused_relu();
+
 }  // namespace ablate::sdk
