@@ -39,7 +39,9 @@ auto, train/train_steps.hpp; its log says whether each capture was accepted); `a
 default on CUDA) is the same runner with eager steps (--train-graph off). `ablate-graph` (--refs graph) forces
 --train-graph on, which on the CPU pads the steps without a graph to pay for it. `ablate-fused` (in --refs by
 default on CUDA) runs with --fused-norm on: OPT's residual adds, LayerNorms and the casts of their outputs in
-one pass each way (our kernels, sdk/src/cuda/add_layer_norm.cu), off in the runner until measured here.
+one pass each way (our kernels, sdk/src/cuda/add_layer_norm.cu); `ablate-relu` runs with --fused-relu on: OPT's
+fc1 writes its ReLU's mask as bits and fc2's backward product applies it (cuBLASLt epilogues,
+sdk/src/cuda/relu_gemm.cpp); `ablate-fusedall` with both. Both switches are off in the runner until measured here.
 
 Differences that favour the reference: its images are decoded and preprocessed once before timing (ablate
 decodes and preprocesses every step on its data threads), and its batches are pre-built on the host.
@@ -350,16 +352,26 @@ def run_child(cmd, log, env=None, gpu=False):
     return p.returncode, wall, usage.ru_maxrss / 1024, mem.mib()
 
 
-ABLATE_SYSTEMS = {"ablate": (True, None, False), "nocache": (False, None, False), "graph": (True, "on", False),
-                  "nograph": (True, "off", False), "fused": (True, None, True)}
+# system: (feature cache, --train-graph, --fused-norm, --fused-relu)
+ABLATE_SYSTEMS = {"ablate": (True, None, False, False), "nocache": (False, None, False, False),
+                  "graph": (True, "on", False, False), "nograph": (True, "off", False, False),
+                  "fused": (True, None, True, False), "relu": (True, None, False, True),
+                  "fusedall": (True, None, True, True)}
+
+
+def ablate_cached(system):
+    """Whether an ablate system's steps read the frozen-encoder feature cache (its name as printed)."""
+    key = "ablate" if system == "ablate" else system.removeprefix("ablate-")
+    return key in ABLATE_SYSTEMS and ABLATE_SYSTEMS[key][0]
 
 
 def run_ablate(work, args, k, system="ablate"):
     """One ablate run, as the runner runs by default ("ablate"), with its frozen-encoder feature cache off
     ("nocache": --feature-cache off), with --train-graph on ("graph": the CPU's default is off) or off
-    ("nograph": eager steps; CUDA's default is on), or with --fused-norm on ("fused": the residual add +
-    LayerNorm kernels, off by default until measured here)."""
-    cache, graph, fused = ABLATE_SYSTEMS[system]
+    ("nograph": eager steps; CUDA's default is on), with --fused-norm on ("fused": the residual add +
+    LayerNorm kernels), --fused-relu on ("relu": cuBLASLt's ReLU-mask epilogues in OPT's MLPs) or both
+    ("fusedall"); both switches are off by default until measured here."""
+    cache, graph, fused, relu = ABLATE_SYSTEMS[system]
     system = "ablate" if system == "ablate" else f"ablate-{system}"
     d = work / "runs" / f"{system}-{k}"
     if d.exists():
@@ -377,6 +389,8 @@ def run_ablate(work, args, k, system="ablate"):
         cmd += ["--train-graph", graph]
     if fused:
         cmd += ["--fused-norm", "on"]
+    if relu:
+        cmd += ["--fused-relu", "on"]
     rc, wall, rss, gpu = run_child(cmd, d / "log.txt", gpu=args.device.startswith("cuda"))
     if rc != 0:
         raise Failed(f"ablate run {k} failed (exit {rc}); see {d / 'log.txt'}:\n" + (d / "log.txt").read_text()[-3000:])
@@ -698,8 +712,8 @@ def main():
                     help="what runs beside ablate: eager, compile (transformers + PEFT), nocache (ablate with its "
                          "feature cache off), graph (ablate with --train-graph on: on the CPU, the padded steps "
                          "without a graph), nograph (ablate with --train-graph off: eager steps on CUDA), fused "
-                         "(ablate with --fused-norm on); comma-separated (default: eager,compile,nocache, and "
-                         "nograph,fused on CUDA)")
+                         "(ablate with --fused-norm on), relu (with --fused-relu on), fusedall (with both); "
+                         "comma-separated (default: eager,compile,nocache, and nograph,fused,relu,fusedall on CUDA)")
     ap.add_argument("--compile-rounds", type=int, default=1, help="rounds that include the torch.compile reference")
     ap.add_argument("--child-timeout", type=int, default=0, help="seconds after which a run is killed (0: none)")
     ap.add_argument("--workers", type=int, default=0, help="the runner's data threads (0: its default)")
@@ -722,7 +736,7 @@ def main():
 
     resolve_common(args)
     if args.refs is None:
-        args.refs = "eager,compile,nocache" + (",nograph,fused" if args.device.startswith("cuda") else "")
+        args.refs = "eager,compile,nocache" + (",nograph,fused,relu,fusedall" if args.device.startswith("cuda") else "")
     refs = [r for r in args.refs.split(",") if r]
     if args.warmup + args.measure < 50:
         sys.exit("the loss check needs at least 50 steps (warmup + measure)")
@@ -795,7 +809,7 @@ def main():
                f"{args.batch / m:10.1f} {args.batch * seq / m:10.0f}"
         if gpu:
             # With the feature cache the encoder does not run in the step: its FLOPs are not counted for it.
-            done = flops - enc_flops if system in ("ablate", "ablate-graph") else flops
+            done = flops - enc_flops if ablate_cached(system) else flops
             line += f" {done / m / H100_BF16_DENSE:6.1%}"
         mem = max((r["peak_gpu_mib"] if gpu else r["peak_rss_mib"]) or 0 for r in mine)
         line += f" {mem:12.0f} {statistics.mean(r['wall_s'] for r in mine):7.1f}"
@@ -812,9 +826,9 @@ def main():
     if builds:
         print(f"ablate: frozen-encoder feature cache built before step 1 in {statistics.mean(builds):.2f}s on average "
               f"({SIZES[args.size]['images']} images; in wall s, not in step times); ablate-nocache encodes every step")
-    for mine in ("ablate", "ablate-nocache", "ablate-graph", "ablate-fused"):
+    for mine in [m for m in med if m.startswith("ablate")]:
         for system in med:
-            if mine in med and system.startswith("hf-"):
+            if system.startswith("hf-"):
                 print(f"speed-up {mine} vs {system}: {med[system] / med[mine]:.2f}x (median step time ratio)")
     if failures:
         sys.exit("failed: " + ", ".join(failures))
