@@ -2,6 +2,7 @@
 // (cuda/relu_gemm.hpp).
 #include <atomic>
 #include <iostream>
+#include <optional>
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceGuard.h>
@@ -45,11 +46,12 @@ void say_once(std::atomic<bool>& said, const std::string& line) {
 
 // Whether the products go through cuBLASLt's epilogues: CUDA, a 16-bit compute type, rows of whole 16-byte
 // vectors, and a kernel for the backward product (asked first: the forward one writes a mask only it reads).
+// On x's device, current: cuBLASLt's handle and heuristic take the current device's properties.
 bool lt_case(const torch::Tensor& x, at::ScalarType c, std::int64_t rows, std::int64_t in, std::int64_t features,
-             std::int64_t out) {
+             std::int64_t out, bool bias) {
   if (!x.is_cuda() || (c != at::kBFloat16 && c != at::kHalf) || !cuda::relu_gemm_available()) return false;
   if (in % 8 || features % 8 || out % 8 || rows == 0) return false;
-  const int s = cuda::relu_grad_check(rows, out, features, gemm_type(c), kWorkspaceBytes, x.device().index());
+  const int s = cuda::relu_grad_check(rows, out, features, bias, gemm_type(c), kWorkspaceBytes, x.device().index());
   if (s == 0) return true;
   static std::atomic<bool> said{false};
   say_once(said, std::string("relu_mlp: no cuBLASLt ReLU-gradient kernel (") + cuda::relu_gemm_error(s) +
@@ -73,8 +75,8 @@ Forward mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch
   const auto rows = f.x2.size(0);
   const auto w1c = w1.to(c), w2c = w2.to(c);
   const auto b1c = b1.numel() ? b1.to(c) : torch::Tensor();
-  if (want_mask && lt_case(x, c, rows, in, features, out)) {
-    const c10::DeviceGuard guard(x.device());
+  const c10::OptionalDeviceGuard guard(x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt);
+  if (want_mask && lt_case(x, c, rows, in, features, out, b1c.defined())) {
     f.x2 = aligned(f.x2);
     const auto w1a = aligned(w1c);
     const auto b1a = b1c.defined() ? aligned(b1c) : b1c;
@@ -113,6 +115,8 @@ Forward mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch
   return f;
 }
 
+// Differentiable once: the backward pass's cuBLASLt product records no autograd graph of its own (nothing in
+// the runner differentiates twice, as SharedLinears and the fused norm's node).
 class ReluMlp : public torch::autograd::Function<ReluMlp> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w1,
@@ -122,6 +126,7 @@ class ReluMlp : public torch::autograd::Function<ReluMlp> {
     auto f = mlp_forward(x, w1, b1, w2, b2, c, /*want_mask=*/true);
     ctx->saved_data["c"] = static_cast<std::int64_t>(c);
     ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["bias1"] = b1.numel() > 0;
     // Kept until backward: x2 for fc1's weight gradient only; h for fc2's weight gradient, or as the mask when
     // torch's ops ran (with cuBLASLt's bits, a frozen fc2 lets h go as soon as fc2 has read it).
     const bool keep_h = w2.requires_grad() || !f.mask.defined();
@@ -142,15 +147,18 @@ class ReluMlp : public torch::autograd::Function<ReluMlp> {
     const auto features = w1c.size(0), width = w2c.size(0);
     const auto dy = grads[0].reshape({-1, width}).to(c);
     const auto rows = dy.size(0);
-    torch::Tensor dpre;
+    torch::Tensor dpre, db1;
     if (mask.defined()) {
       const c10::DeviceGuard guard(dy.device());
       const auto dya = aligned(dy), w2a = aligned(w2c);
       dpre = torch::empty({rows, features}, dya.options());
+      // With a bias on fc1 the product sums dpre into its gradient too (DRELU_BGRAD), wanted or not: the form
+      // relu_grad_check asked for, at the cost of a reduction inside the product's epilogue.
+      if (ctx->saved_data["bias1"].toBool()) db1 = torch::empty({features}, dya.options());
       auto ws = workspace(dya);
-      const int s = cuda::relu_grad_backward({dya.data_ptr(), w2a.data_ptr(), mask.data_ptr(), dpre.data_ptr(), rows,
-                                              width, features, gemm_type(c), ws.data_ptr(), kWorkspaceBytes,
-                                              dy.device().index()},
+      const int s = cuda::relu_grad_backward({dya.data_ptr(), w2a.data_ptr(), mask.data_ptr(), dpre.data_ptr(),
+                                              db1.defined() ? db1.data_ptr() : nullptr, rows, width, features,
+                                              gemm_type(c), ws.data_ptr(), kWorkspaceBytes, dy.device().index()},
                                              stream_of(dy));
       if (s != 0) throw std::runtime_error(std::string("relu_mlp: cuBLASLt backward product: ") + cuda::relu_gemm_error(s));
     } else {
@@ -158,7 +166,7 @@ class ReluMlp : public torch::autograd::Function<ReluMlp> {
     }
     if (ctx->needs_input_grad(0)) out[0] = torch::mm(dpre, w1c).view(x_sizes);
     if (ctx->needs_input_grad(1)) out[1] = torch::mm(dpre.t(), x2);
-    if (ctx->needs_input_grad(2)) out[2] = dpre.sum(0);
+    if (ctx->needs_input_grad(2)) out[2] = db1.defined() ? db1 : dpre.sum(0);
     if (ctx->needs_input_grad(3)) out[3] = torch::mm(dy.t(), h);
     if (ctx->needs_input_grad(4)) out[4] = dy.sum(0);
     return out;

@@ -14,7 +14,7 @@ std::int64_t relu_mask_bytes(std::int64_t rows, std::int64_t features) { return 
 bool relu_gemm_available() { return false; }
 int relu_linear_forward(const ReluForwardArgs&, void*) { return kNoLibrary; }
 int relu_grad_backward(const ReluBackwardArgs&, void*) { return kNoLibrary; }
-int relu_grad_check(std::int64_t, std::int64_t, std::int64_t, GemmType, std::int64_t, int) { return kNoLibrary; }
+int relu_grad_check(std::int64_t, std::int64_t, std::int64_t, bool, GemmType, std::int64_t, int) { return kNoLibrary; }
 int relu_gemm_describe(std::int64_t, std::int64_t, std::int64_t, GemmType) { return kNoLibrary; }
 const char* relu_gemm_error(int) { return "built without CUDA"; }
 

@@ -9,8 +9,11 @@
 //  - forward:  A = w1 ([features, in] row-major: in x features), transposed; B = x (in x rows);
 //              epilogue RELU_AUX(_BIAS): D = relu(A B + b1), and the mask of D > 0 as bits;
 //  - backward: A = w2 ([out, features] row-major: features x out); B = dy (out x rows);
-//              epilogue DRELU: D = (A B) * mask.
+//              epilogue DRELU: D = (A B) * mask; DRELU_BGRAD also writes D summed over its columns (the rows
+//              of dpre) to the bias pointer, which is then an output.
 // The mask is D's shape in bits, each of D's columns (a row of h) at a stride of features rounded up to 128 bits.
+// A NaN before the ReLU comes out as 0 with its bit clear (torch's relu keeps it), as with the RELU_BIAS
+// epilogue torch's _addmm_activation already runs for fc1; x's NaN still reaches the loss by the residual.
 #include "relu_gemm.hpp"
 
 #include <cublasLt.h>
@@ -93,7 +96,7 @@ struct Product {
   std::int64_t m, n, k;  // D is m x n; A is m x k after transa; B is k x n
   std::int64_t lda, ldb;
   cublasLtEpilogue_t epilogue;
-  const void* bias;  // null: none
+  const void* bias;  // null: none (in backward, the bias gradient's output)
   const void* aux;
   cudaDataType_t type;
 };
@@ -108,8 +111,8 @@ Product forward_product(const ReluForwardArgs& a) {
 }
 
 Product backward_product(const ReluBackwardArgs& a) {
-  return {CUBLAS_OP_N, a.features, a.rows, a.out, a.features, a.out, CUBLASLT_EPILOGUE_DRELU, nullptr, a.mask,
-          data_type(a.type)};
+  return {CUBLAS_OP_N, a.features, a.rows, a.out, a.features, a.out,
+          a.db1 ? CUBLASLT_EPILOGUE_DRELU_BGRAD : CUBLASLT_EPILOGUE_DRELU, a.db1, a.mask, data_type(a.type)};
 }
 
 // Every attribute of the product, or the status of the first that cuBLASLt refused.
@@ -127,7 +130,8 @@ int describe(const Product& p, Described& out) {
   if (int s = set(CUBLASLT_MATMUL_DESC_TRANSB, transb)) return s;
   if (int s = set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue)) return s;
   if (p.bias) {
-    const std::int32_t bias_type = p.type;  // the bias is in the products' type, as torch casts it
+    // The bias (and in backward its gradient) is in the products' type, as torch casts it.
+    const std::int32_t bias_type = p.type;
     if (int s = set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, p.bias)) return s;
     if (int s = set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, bias_type)) return s;
   }
@@ -238,11 +242,11 @@ int relu_grad_backward(const ReluBackwardArgs& a, void* stream) {
   return run(backward_product(a), a.w2, a.dy, a.dpre, a.workspace, a.workspace_bytes, a.device, stream);
 }
 
-int relu_grad_check(std::int64_t rows, std::int64_t out, std::int64_t features, GemmType type,
+int relu_grad_check(std::int64_t rows, std::int64_t out, std::int64_t features, bool bias, GemmType type,
                     std::int64_t workspace_bytes, int device) {
   if (!lt().ok) return kNoLibrary;
   auto* fake = reinterpret_cast<void*>(std::uintptr_t{1} << 20);  // only its alignment is read
-  const auto p = backward_product({fake, fake, fake, fake, rows, out, features, type, nullptr, 0, 0});
+  const auto p = backward_product({fake, fake, fake, fake, bias ? fake : nullptr, rows, out, features, type, nullptr, 0, 0});
   Described desc;
   if (int s = describe(p, desc)) return s;
   cublasLtHandle_t handle = nullptr;
@@ -263,8 +267,12 @@ int relu_gemm_describe(std::int64_t rows, std::int64_t in, std::int64_t features
       return s;
     }
   }
-  Described d;
-  return describe(backward_product({fake, fake, fake, fake, rows, in, features, type, nullptr, 0, 0}), d);
+  for (const bool bias : {true, false}) {
+    Described d;
+    const auto p = backward_product({fake, fake, fake, fake, bias ? fake : nullptr, rows, in, features, type, nullptr, 0, 0});
+    if (int s = describe(p, d)) return s;
+  }
+  return 0;
 }
 
 const char* relu_gemm_error(int status) {

@@ -3,7 +3,9 @@
 // add_layer_norm.hpp. Two matrix products of an MLP whose activation is ReLU (OPT's fc1 -> ReLU -> fc2), with
 // cuBLASLt's epilogues doing the ReLU's work:
 //  - forward:  h = relu(x @ w1^T + b1), and the ReLU's mask as bits (h > 0), written by the same product;
-//  - backward: dpre = (dy @ w2) * mask, the mask applied by fc2's input-gradient product itself.
+//  - backward: dpre = (dy @ w2) * mask, the mask applied by fc2's input-gradient product itself, and with a
+//    bias on fc1 its gradient, dpre summed over rows, from the same product (DRELU_BGRAD: the form of the
+//    epilogue that fused-MLP code (Apex, OneFlow, flash-attention) uses, so the one cuBLASLt covers best).
 // That spares the ReLU backward's pass (read the gradient and h, write the gradient: 3 bytes of traffic per
 // element and per byte of the type), and the mask held until backward is 1 bit per element instead of h.
 // Every matrix is row-major and contiguous, of type `type` (bf16 or f16; products accumulate in float32).
@@ -32,6 +34,7 @@ struct ReluBackwardArgs {
   const void* w2;    ///< [out, features]: fc2's weight
   const void* mask;  ///< from relu_linear_forward with the same rows and features
   void* dpre;        ///< [rows, features]: the gradient of fc1's output before the ReLU
+  void* db1;         ///< [features]: dpre summed over rows (fc1's bias gradient), or null without a bias
   std::int64_t rows, out, features;
   GemmType type;
   void* workspace;
@@ -49,8 +52,8 @@ bool relu_gemm_available();
 int relu_linear_forward(const ReluForwardArgs& args, void* stream);
 int relu_grad_backward(const ReluBackwardArgs& args, void* stream);
 /// Whether relu_grad_backward will find a kernel for these sizes (0), asked before the forward product writes
-/// a mask that only it can read. Matrices at least 16-byte aligned.
-int relu_grad_check(std::int64_t rows, std::int64_t out, std::int64_t features, GemmType type,
+/// a mask that only it can read. Matrices at least 16-byte aligned; `bias`: with db1. On the current device.
+int relu_grad_check(std::int64_t rows, std::int64_t out, std::int64_t features, bool bias, GemmType type,
                     std::int64_t workspace_bytes, int device);
 /// The descriptors of both products, built and dropped without a GPU (no handle, no launch): every attribute
 /// cuBLASLt accepts, or the status of the first it refused. For tests on machines without a GPU.
