@@ -210,21 +210,34 @@ int algorithm(cublasLtHandle_t handle, int device, const Product& p, const Descr
   return 0;
 }
 
+// A product ready to launch: its descriptors, the device's handle and the heuristic's algorithm, for matrices
+// aligned as given.
+struct Ready {
+  Described desc;
+  cublasLtHandle_t handle = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+int prepare(const Product& p, int device, std::uint32_t align_a, std::uint32_t align_b, std::uint32_t align_d,
+            std::int64_t workspace_bytes, Ready& r) {
+  if (!lt().ok) return kNoLibrary;
+  if (int s = describe(p, r.desc)) return s;
+  if (int s = handle_for(device, &r.handle)) return s;
+  return algorithm(r.handle, device, p, r.desc, align_a, align_b, align_d, workspace_bytes, &r.algo);
+}
+
 int run(const Product& p, const void* a, const void* b, void* d, void* workspace, std::int64_t workspace_bytes,
         int device, void* stream) {
-  if (!lt().ok) return kNoLibrary;
-  Described desc;
-  if (int s = describe(p, desc)) return s;
-  cublasLtHandle_t handle = nullptr;
-  if (int s = handle_for(device, &handle)) return s;
-  cublasLtMatmulAlgo_t algo{};
-  if (int s = algorithm(handle, device, p, desc, alignment(a), alignment(b), alignment(d), workspace_bytes, &algo)) {
-    return s;
-  }
+  Ready r;
+  if (int s = prepare(p, device, alignment(a), alignment(b), alignment(d), workspace_bytes, r)) return s;
   const float alpha = 1.0f, beta = 0.0f;  // beta 0: C (given as D) is not read
-  return lt().matmul(handle, desc.op, &alpha, a, desc.a, b, desc.b, &beta, d, desc.d, d, desc.d, &algo, workspace,
-                     static_cast<std::size_t>(workspace_bytes), static_cast<cudaStream_t>(stream));
+  return lt().matmul(r.handle, r.desc.op, &alpha, a, r.desc.a, b, r.desc.b, &beta, d, r.desc.d, d, r.desc.d, &r.algo,
+                     workspace, static_cast<std::size_t>(workspace_bytes), static_cast<cudaStream_t>(stream));
 }
+
+// An address that is only stored in descriptors, never read: describing and the heuristic dereference no
+// pointer (the heuristic reads the bias's and mask's alignment from theirs: 256 here).
+void* const kFake = reinterpret_cast<void*>(std::uintptr_t{1} << 20);
 
 }  // namespace
 
@@ -244,33 +257,21 @@ int relu_grad_backward(const ReluBackwardArgs& a, void* stream) {
 
 int relu_grad_check(std::int64_t rows, std::int64_t out, std::int64_t features, bool bias, GemmType type,
                     std::int64_t workspace_bytes, int device) {
-  if (!lt().ok) return kNoLibrary;
-  auto* fake = reinterpret_cast<void*>(std::uintptr_t{1} << 20);  // only its alignment is read
-  const auto p = backward_product({fake, fake, fake, fake, bias ? fake : nullptr, rows, out, features, type, nullptr, 0, 0});
-  Described desc;
-  if (int s = describe(p, desc)) return s;
-  cublasLtHandle_t handle = nullptr;
-  if (int s = handle_for(device, &handle)) return s;
-  cublasLtMatmulAlgo_t algo{};
-  return algorithm(handle, device, p, desc, 16, 16, 16, workspace_bytes, &algo);
+  const auto p = backward_product({kFake, kFake, kFake, kFake, bias ? kFake : nullptr, rows, out, features, type,
+                                   nullptr, 0, 0});
+  Ready r;
+  return prepare(p, device, 16, 16, 16, workspace_bytes, r);
 }
 
 int relu_gemm_describe(std::int64_t rows, std::int64_t in, std::int64_t features, GemmType type) {
   if (!lt().ok) return kNoLibrary;
-  // Addresses that are only stored, never read: describing dereferences no pointer.
-  auto* fake = reinterpret_cast<void*>(std::uintptr_t{1} << 20);
   for (const bool bias : {true, false}) {
-    Described d;
-    if (int s = describe(forward_product({fake, fake, bias ? fake : nullptr, fake, fake, rows, in, features, type,
-                                          nullptr, 0, 0}),
-                         d)) {
-      return s;
+    void* const b = bias ? kFake : nullptr;
+    for (const auto& p : {forward_product({kFake, kFake, b, kFake, kFake, rows, in, features, type, nullptr, 0, 0}),
+                          backward_product({kFake, kFake, kFake, kFake, b, rows, in, features, type, nullptr, 0, 0})}) {
+      Described d;
+      if (int s = describe(p, d)) return s;
     }
-  }
-  for (const bool bias : {true, false}) {
-    Described d;
-    const auto p = backward_product({fake, fake, fake, fake, bias ? fake : nullptr, rows, in, features, type, nullptr, 0, 0});
-    if (int s = describe(p, d)) return s;
   }
   return 0;
 }
