@@ -398,10 +398,19 @@ def run_ablate(work, args, k, system="ablate"):
     rows = db.execute("SELECT step, loss, samples_per_s, tokens, loss_tokens FROM steps WHERE split = 'train' "
                       "ORDER BY step").fetchall()
     # Building the feature cache happens before the first step: not in any step time, but in the wall time.
-    cache_s = sum(float(m) for m in re.findall(r"feature cache: data\.train.*encoded in ([0-9.]+)s", (d / "log.txt").read_text()))
-    return {"system": system, "losses": [r[1] for r in rows], "step_s": [args.batch / r[2] for r in rows],
+    log = (d / "log.txt").read_text()
+    cache_s = sum(float(m) for m in re.findall(r"feature cache: data\.train.*encoded in ([0-9.]+)s", log))
+    return {"system": system, "paths": paths_taken(log), "losses": [r[1] for r in rows], "step_s": [args.batch / r[2] for r in rows],
             "text_tokens": [r[3] for r in rows], "loss_tokens": [r[4] for r in rows], "wall_s": wall,
             "peak_rss_mib": rss, "peak_gpu_mib": gpu, "log": str(d / "log.txt"), "cache_build_s": cache_s}
+
+
+def paths_taken(log):
+    """The runner's lines saying which step path ran: CUDA graphs or why not, and whether --fused-relu's cuBLASLt
+    epilogues ran or were refused for these sizes (the fallback is torch's ops, so a timing means little
+    without them)."""
+    keep = re.compile(r"^\s*(relu_mlp: .*|training steps?: .*(graph|padded).*)$")
+    return list(dict.fromkeys(m.group(1).strip() for m in map(keep.match, log.splitlines()) if m))
 
 
 def run_reference(work, args, k, compiled, strategy="projector+lora"):
@@ -763,6 +772,8 @@ def main():
                 continue
             print(f"  {r['system']}: {len(r['losses'])} steps, wall {r['wall_s']:.1f}s, loss {r['losses'][0]:.4f} -> "
                   f"{r['losses'][-1]:.4f}", flush=True)
+            for line in r.get("paths", []):
+                print(f"    {line}", flush=True)
             runs.append(r)
     if not runs:
         sys.exit("every run failed")

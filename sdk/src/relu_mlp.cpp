@@ -44,25 +44,44 @@ void say_once(std::atomic<bool>& said, const std::string& line) {
   if (!said.exchange(true)) std::cerr << line << "\n";
 }
 
-// Whether the products go through cuBLASLt's epilogues: CUDA, a 16-bit compute type, rows of whole 16-byte
-// vectors, and a kernel for the backward product (asked first: the forward one writes a mask only it reads).
-// On x's device, current: cuBLASLt's handle and heuristic take the current device's properties.
-bool lt_case(const torch::Tensor& x, at::ScalarType c, std::int64_t rows, std::int64_t in, std::int64_t features,
-             std::int64_t out, bool bias) {
-  if (!x.is_cuda() || (c != at::kBFloat16 && c != at::kHalf) || !cuda::relu_gemm_available()) return false;
-  if (in % 8 || features % 8 || out % 8 || rows == 0) return false;
-  const int s = cuda::relu_grad_check(rows, out, features, bias, gemm_type(c), kWorkspaceBytes, x.device().index());
-  if (s == 0) return true;
+// How fc2's input-gradient product applies the ReLU's mask (none: torch's ops, and no mask is written).
+enum class MaskProduct { none, drelu_bgrad, drelu };
+
+// Whether the products go through cuBLASLt's epilogues, and which backward form: CUDA, a 16-bit compute type,
+// rows of whole 16-byte vectors, and a kernel for the backward product (asked first: the forward one writes a
+// mask only it reads). With a bias on fc1, DRELU_BGRAD (the product also sums fc1's bias gradient) is asked
+// first; where cuBLASLt has no kernel for it at these sizes (its bias reduction needs workspace that grows with
+// the rows), plain DRELU, the bias gradient then summed by torch. On x's device, current: cuBLASLt's handle and
+// heuristic take the current device's properties.
+MaskProduct lt_case(const torch::Tensor& x, at::ScalarType c, std::int64_t rows, std::int64_t in, std::int64_t features,
+                    std::int64_t out, bool bias) {
+  if (!x.is_cuda() || (c != at::kBFloat16 && c != at::kHalf) || !cuda::relu_gemm_available()) return MaskProduct::none;
+  if (in % 8 || features % 8 || out % 8 || rows == 0) return MaskProduct::none;
+  const auto check = [&](bool with_bias) {
+    return cuda::relu_grad_check(rows, out, features, with_bias, gemm_type(c), kWorkspaceBytes, x.device().index());
+  };
+  const auto sizes = std::to_string(rows) + " rows x " + std::to_string(features) + " features";
+  int s = 0;
+  if (bias) {
+    s = check(true);
+    if (s == 0) return MaskProduct::drelu_bgrad;
+    static std::atomic<bool> said{false};
+    say_once(said, "relu_mlp: no cuBLASLt DRELU_BGRAD kernel for " + sizes + " (" + cuda::relu_gemm_error(s) +
+                       "): trying DRELU, fc1's bias gradient summed separately");
+  }
+  s = check(false);
+  if (s == 0) return MaskProduct::drelu;
   static std::atomic<bool> said{false};
-  say_once(said, std::string("relu_mlp: no cuBLASLt ReLU-gradient kernel (") + cuda::relu_gemm_error(s) +
+  say_once(said, "relu_mlp: no cuBLASLt ReLU-gradient kernel for " + sizes + " (" + cuda::relu_gemm_error(s) +
                      "): the MLP's ReLU takes torch's ops");
-  return false;
+  return MaskProduct::none;
 }
 
 struct Forward {
   torch::Tensor x2;    ///< x as [rows, in] in the compute type
   torch::Tensor h;     ///< relu(fc1(x)) [rows, features]
   torch::Tensor mask;  ///< cuBLASLt's bits of h > 0, or undefined (torch's ops: h is the mask)
+  MaskProduct backward = MaskProduct::none;  ///< the product backward applies the mask with
   torch::Tensor y;     ///< fc2(h), shaped as x with fc2's width
 };
 
@@ -76,7 +95,8 @@ Forward mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch
   const auto w1c = w1.to(c), w2c = w2.to(c);
   const auto b1c = b1.numel() ? b1.to(c) : torch::Tensor();
   const c10::OptionalDeviceGuard guard(x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt);
-  if (want_mask && lt_case(x, c, rows, in, features, out, b1c.defined())) {
+  const auto form = want_mask ? lt_case(x, c, rows, in, features, out, b1c.defined()) : MaskProduct::none;
+  if (form != MaskProduct::none) {
     f.x2 = aligned(f.x2);
     const auto w1a = aligned(w1c);
     const auto b1a = b1c.defined() ? aligned(b1c) : b1c;
@@ -89,12 +109,14 @@ Forward mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch
                                             stream_of(x));
     if (s == cuda::kNoAlgorithm) {
       static std::atomic<bool> said{false};
-      say_once(said, "relu_mlp: no cuBLASLt ReLU-mask kernel for fc1's product: the MLP's ReLU takes torch's ops");
+      say_once(said, "relu_mlp: no cuBLASLt ReLU-mask kernel for fc1's product at " + std::to_string(rows) + " rows x " +
+                         std::to_string(features) + " features: the MLP's ReLU takes torch's ops");
       f.h = torch::Tensor();
       f.mask = torch::Tensor();
     } else if (s != 0) {
       throw std::runtime_error(std::string("relu_mlp: cuBLASLt forward product: ") + cuda::relu_gemm_error(s));
     } else {
+      f.backward = form;
       static std::atomic<bool> said{false};  // once, so that a log (and the GPU test) shows which path ran
       say_once(said, "relu_mlp: cuBLASLt epilogues: fc1's product writes the ReLU's mask as bits, fc2's backward "
                      "product applies it");
@@ -126,7 +148,7 @@ class ReluMlp : public torch::autograd::Function<ReluMlp> {
     auto f = mlp_forward(x, w1, b1, w2, b2, c, /*want_mask=*/true);
     ctx->saved_data["c"] = static_cast<std::int64_t>(c);
     ctx->saved_data["x_sizes"] = x.sizes().vec();
-    ctx->saved_data["bias1"] = b1.numel() > 0;
+    ctx->saved_data["bgrad"] = f.backward == MaskProduct::drelu_bgrad;
     // Kept until backward: x2 for fc1's weight gradient only; h for fc2's weight gradient, or as the mask when
     // torch's ops ran (with cuBLASLt's bits, a frozen fc2 lets h go as soon as fc2 has read it).
     const bool keep_h = w2.requires_grad() || !f.mask.defined();
@@ -152,9 +174,9 @@ class ReluMlp : public torch::autograd::Function<ReluMlp> {
       const c10::DeviceGuard guard(dy.device());
       const auto dya = aligned(dy), w2a = aligned(w2c);
       dpre = torch::empty({rows, features}, dya.options());
-      // With a bias on fc1 the product sums dpre into its gradient too (DRELU_BGRAD), wanted or not: the form
-      // relu_grad_check asked for, at the cost of a reduction inside the product's epilogue.
-      if (ctx->saved_data["bias1"].toBool()) db1 = torch::empty({features}, dya.options());
+      // DRELU_BGRAD also sums dpre into fc1's bias gradient, wanted or not: the form lt_case found a kernel for,
+      // at the cost of a reduction inside the product's epilogue.
+      if (ctx->saved_data["bgrad"].toBool()) db1 = torch::empty({features}, dya.options());
       auto ws = workspace(dya);
       const int s = cuda::relu_grad_backward({dya.data_ptr(), w2a.data_ptr(), mask.data_ptr(), dpre.data_ptr(),
                                               db1.defined() ? db1.data_ptr() : nullptr, rows, width, features,

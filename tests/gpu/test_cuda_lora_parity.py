@@ -102,11 +102,11 @@ class CudaLoraParityTest(TrainingParityCase):
         # --fused-relu on: fc1's product writes the ReLU's mask as bits and fc2's backward product applies it
         # (sdk/src/cuda/relu_gemm.cpp; torch's ops inside the same node with ABLATE_TEST_DEVICE=cpu), with the
         # MLPs frozen (the benchmark's case) and with an fc2 trained whole (fc1's output then kept for its weight).
-        def opt():
+        def opt(enable_bias=True):
             torch.manual_seed(4)
             return OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                             num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
-                                            dropout=0.0, do_layer_norm_before=False))
+                                            dropout=0.0, do_layer_norm_before=False, enable_bias=enable_bias))
 
         def masks_ran():
             # The masks' path ran, not torch's ops in its place (which would pass the comparisons too).
@@ -118,6 +118,12 @@ class CudaLoraParityTest(TrainingParityCase):
                           dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=saved),
                           fused_relu=True)
                 masks_ran()
+        with self.subTest(enable_bias=False):
+            # Without biases: RELU_AUX forward and DRELU backward (with a bias, RELU_AUX_BIAS and DRELU_BGRAD).
+            self.case("opt-relu-nobias", "opt", opt(enable_bias=False),
+                      dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["layers.1.fc2"]),
+                      fused_relu=True)
+            masks_ran()
         # An fc1 trained whole too: its bias's gradient sums every row's bf16 gradient, whose cancellations put
         # ablate and PEFT further apart in bf16 than PEFT's bf16 and float32 are (with --fused-relu off as well),
         # so this one is held to ablate with --fused-relu off: the same products, the mask applied inside one.

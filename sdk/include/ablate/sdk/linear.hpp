@@ -91,7 +91,8 @@ std::vector<torch::Tensor> forward_shared(const std::vector<LinearImpl*>& layers
 /// adapter, the two products and the ReLU are one autograd node:
 ///  - on CUDA in bf16 or f16, fc1's product writes the ReLU's mask as bits (cuBLASLt's RELU_AUX epilogue) and
 ///    fc2's input-gradient product applies it (DRELU_BGRAD, which also gives fc1's bias gradient; DRELU without
-///    a bias): no ReLU backward pass, and the mask kept until backward
+///    a bias, or where cuBLASLt has no DRELU_BGRAD kernel for the sizes, the bias gradient then summed by
+///    torch): no ReLU backward pass, and the mask kept until backward
 ///    is 1 bit per element rather than fc1's output (which is then kept only if fc2's weight trains);
 ///  - elsewhere (the CPU, float32, no cuBLASLt kernel for the sizes): torch's ops, the same as with it off.
 /// The numbers are those of the products and the ReLU either way; only the passes between them go.
