@@ -194,12 +194,21 @@ SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
     torch::Tensor y;
     if (plan.relu && !l.rank && l.bias >= 0 && x.is_cuda()) {
       y = at::_addmm_activation(tensors[l.bias].to(c), r.x2, right);  // cuBLASLt's bias + ReLU epilogue
+    } else if (l.rank) {
+      // PEFT's base(x) + lora_B(lora_A(x)) * scaling, the adapter's rank-r product first: it only writes its
+      // output (bias + scaling * a_l @ B^T), and the layer's own product then adds into it, reading it in its
+      // epilogue. Adding the adapter second would be a pass of its own that reads and writes the output.
+      const auto b = tensors[l.lora_B].to(c).t();
+      const auto a = r.a.narrow(1, l.a_offset, l.rank);
+      if (l.bias >= 0) {
+        y = torch::addmm(tensors[l.bias].to(c), a, b, 1.0, l.scaling);
+      } else {
+        y = torch::empty({a.size(0), b.size(1)}, a.options()).addmm_(a, b, 0.0, l.scaling);  // beta 0: not read
+      }
+      y.addmm_(r.x2, right);
+      if (plan.relu) y.relu_();
     } else {
       y = l.bias >= 0 ? torch::addmm(tensors[l.bias].to(c), r.x2, right) : torch::mm(r.x2, right);
-      if (l.rank) {
-        // + scaling * (a_l @ B^T): PEFT's lora_B(lora_A(x)) * scaling, summed by the product itself.
-        y.addmm_(r.a.narrow(1, l.a_offset, l.rank), tensors[l.lora_B].to(c).t(), 1.0, l.scaling);
-      }
       if (plan.relu) y.relu_();
     }
     shape.back() = y.size(1);
@@ -249,20 +258,16 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
     const auto n = std::accumulate(x_sizes.begin(), x_sizes.end() - 1, std::int64_t{1}, std::multiplies<>());  // x2's rows
 
     torch::autograd::variable_list out(tensors.size() + 1);  // x, every parameter, then the plan: no gradient
-    torch::Tensor dx;
-    const auto add_dx = [&](const torch::Tensor& g, const torch::Tensor& w_out_in) {
-      if (dx.defined()) dx.addmm_(g, w_out_in);
-      else dx = torch::mm(g, w_out_in);
-    };
     const bool want_dx = ctx->needs_input_grad(0);
     torch::Tensor ga;  // gradient of the joint A product, [N, total_rank]
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> dx_terms;  // x's gradient: the sum of g @ W over layers
     for (std::size_t i = 0; i < plan.layers.size(); ++i) {
       const auto& l = plan.layers[i];
       if (!grads[i].defined()) continue;
       auto g = grads[i].reshape({n, -1}).to(c);
       if (plan.relu) g = torch::threshold_backward(g, outputs[static_cast<std::ptrdiff_t>(i)].reshape({n, -1}), 0);
       const auto w = tensors[l.weight].to(c);
-      if (want_dx) add_dx(g, l.fan_in_fan_out ? w.t() : w);
+      if (want_dx) dx_terms.emplace_back(g, l.fan_in_fan_out ? w.t() : w);
       if (ctx->needs_input_grad(l.weight)) {
         auto dw = torch::mm(g.t(), x2);  // [out, in]
         out[l.weight] = l.fan_in_fan_out ? dw.t() : dw;
@@ -277,13 +282,22 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
         ga.narrow(1, l.a_offset, l.rank).addmm_(g, b, 0.0, l.scaling);
       }
     }
+    torch::Tensor dx;
     if (ga.defined()) {
+      std::vector<torch::Tensor> as;  // the adapters' A matrices in the joint product's column order
       for (const auto& l : plan.layers) {
         if (!l.rank) continue;
-        const auto g_a = ga.narrow(1, l.a_offset, l.rank);
-        if (ctx->needs_input_grad(l.lora_A)) out[l.lora_A] = torch::mm(g_a.t(), x2);
-        if (want_dx) add_dx(g_a, tensors[l.lora_A].to(c));
+        as.push_back(tensors[l.lora_A]);
+        if (ctx->needs_input_grad(l.lora_A)) out[l.lora_A] = torch::mm(ga.narrow(1, l.a_offset, l.rank).t(), x2);
       }
+      // Every adapter's share of x's gradient in one rank-sum product, first: it only writes dx, and each layer's
+      // product below adds into dx in its epilogue. (Per adapter, and after them, each would be a pass that reads
+      // and writes all of dx.)
+      if (want_dx) dx = torch::mm(ga, (as.size() == 1 ? as.front() : torch::cat(as)).to(c));
+    }
+    for (const auto& [g, w] : dx_terms) {
+      if (dx.defined()) dx.addmm_(g, w);
+      else dx = torch::mm(g, w);
     }
     if (want_dx && dx.defined()) out[0] = dx.view(x_sizes);
     return out;
