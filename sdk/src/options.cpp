@@ -179,6 +179,18 @@ std::optional<T> Options::maybe(std::string_view key) {
   return out;
 }
 
+std::int64_t Options::size(std::string_view key, std::int64_t fallback, std::int64_t min) {
+  const auto v = get(key, fallback);
+  if (v < min) fail(key, "must be at least " + std::to_string(min) + ", got " + std::to_string(v));
+  return v;
+}
+
+double Options::probability(std::string_view key, double fallback) {
+  const auto p = get(key, fallback);
+  if (!(p >= 0.0 && p < 1.0)) fail(key, "must be a probability in [0, 1), got " + Json(p).dump());
+  return p;
+}
+
 Options Options::table(std::string_view key) {
   static const Json kEmpty = Json::object();
   const Json* v = find(key);

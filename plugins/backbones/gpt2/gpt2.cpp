@@ -36,17 +36,17 @@ struct Gpt2Config {
 
   static Gpt2Config from(sdk::Options& o) {
     Gpt2Config c;
-    c.vocab_size = o.get("vocab_size", c.vocab_size);
-    c.n_positions = o.get("n_positions", c.n_positions);
-    c.n_embd = o.get("n_embd", c.n_embd);
-    c.n_layer = o.get("n_layer", c.n_layer);
-    c.n_head = o.get("n_head", c.n_head);
+    c.vocab_size = o.size("vocab_size", c.vocab_size);
+    c.n_positions = o.size("n_positions", c.n_positions);
+    c.n_embd = o.size("n_embd", c.n_embd);
+    c.n_layer = o.size("n_layer", c.n_layer, 0);
+    c.n_head = o.size("n_head", c.n_head);
     const auto& inner = o.raw("n_inner");
     c.n_inner = inner.is_number_integer() ? inner.get<std::int64_t>() : 0;
     c.activation_function = o.get("activation_function", c.activation_function);
-    c.resid_pdrop = o.get("resid_pdrop", c.resid_pdrop);
-    c.embd_pdrop = o.get("embd_pdrop", c.embd_pdrop);
-    c.attn_pdrop = o.get("attn_pdrop", c.attn_pdrop);
+    c.resid_pdrop = o.probability("resid_pdrop", c.resid_pdrop);
+    c.embd_pdrop = o.probability("embd_pdrop", c.embd_pdrop);
+    c.attn_pdrop = o.probability("attn_pdrop", c.attn_pdrop);
     c.layer_norm_epsilon = o.get("layer_norm_epsilon", c.layer_norm_epsilon);
     c.initializer_range = o.get("initializer_range", c.initializer_range);
     c.scale_attn_weights = o.get("scale_attn_weights", c.scale_attn_weights);

@@ -39,17 +39,17 @@ struct OptConfig {
 
   static OptConfig from(sdk::Options& o) {
     OptConfig c;
-    c.vocab_size = o.get("vocab_size", c.vocab_size);
-    c.hidden_size = o.get("hidden_size", c.hidden_size);
-    c.num_hidden_layers = o.get("num_hidden_layers", c.num_hidden_layers);
-    c.ffn_dim = o.get("ffn_dim", c.ffn_dim);
-    c.max_position_embeddings = o.get("max_position_embeddings", c.max_position_embeddings);
+    c.vocab_size = o.size("vocab_size", c.vocab_size);
+    c.hidden_size = o.size("hidden_size", c.hidden_size);
+    c.num_hidden_layers = o.size("num_hidden_layers", c.num_hidden_layers, 0);
+    c.ffn_dim = o.size("ffn_dim", c.ffn_dim);
+    c.max_position_embeddings = o.size("max_position_embeddings", c.max_position_embeddings);
     c.do_layer_norm_before = o.get("do_layer_norm_before", c.do_layer_norm_before);
     c.remove_final_layer_norm = o.get("_remove_final_layer_norm", c.remove_final_layer_norm);
-    c.word_embed_proj_dim = o.get("word_embed_proj_dim", c.hidden_size);
-    c.dropout = o.get("dropout", c.dropout);
-    c.attention_dropout = o.get("attention_dropout", c.attention_dropout);
-    c.num_attention_heads = o.get("num_attention_heads", c.num_attention_heads);
+    c.word_embed_proj_dim = o.size("word_embed_proj_dim", c.hidden_size);
+    c.dropout = o.probability("dropout", c.dropout);
+    c.attention_dropout = o.probability("attention_dropout", c.attention_dropout);
+    c.num_attention_heads = o.size("num_attention_heads", c.num_attention_heads);
     c.activation_function = o.get("activation_function", c.activation_function);
     c.init_std = o.get("init_std", c.init_std);
     c.enable_bias = o.get("enable_bias", c.enable_bias);

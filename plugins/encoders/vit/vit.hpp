@@ -25,16 +25,16 @@ struct VitConfig {
   double layer_norm_eps, attention_dropout;
 
   void read(sdk::Options& o) {
-    hidden_size = o.get("hidden_size", hidden_size);
-    intermediate_size = o.get("intermediate_size", intermediate_size);
-    num_hidden_layers = o.get("num_hidden_layers", num_hidden_layers);
-    num_attention_heads = o.get("num_attention_heads", num_attention_heads);
-    num_channels = o.get("num_channels", num_channels);
-    image_size = o.get("image_size", image_size);
-    patch_size = o.get("patch_size", patch_size);
+    hidden_size = o.size("hidden_size", hidden_size);
+    intermediate_size = o.size("intermediate_size", intermediate_size);
+    num_hidden_layers = o.size("num_hidden_layers", num_hidden_layers, 0);
+    num_attention_heads = o.size("num_attention_heads", num_attention_heads);
+    num_channels = o.size("num_channels", num_channels);
+    image_size = o.size("image_size", image_size);
+    patch_size = o.size("patch_size", patch_size);
     hidden_act = o.get("hidden_act", hidden_act);
     layer_norm_eps = o.get("layer_norm_eps", layer_norm_eps);
-    attention_dropout = o.get("attention_dropout", attention_dropout);
+    attention_dropout = o.probability("attention_dropout", attention_dropout);
     if (hidden_size % num_attention_heads != 0) o.fail("num_attention_heads", "must divide hidden_size");
     if (image_size % patch_size != 0) o.fail("patch_size", "must divide image_size");
     if (hidden_act != "quick_gelu" && hidden_act != "gelu" && hidden_act != "gelu_pytorch_tanh") {

@@ -53,6 +53,11 @@ class Options {
   template <class T>
   T get(std::string_view key, T fallback);
   std::string get(std::string_view key, const char* fallback) { return get<std::string>(key, fallback); }
+  /// get() for a size or a count (a width, a number of heads or layers): OptionError unless it is at least
+  /// `min`, so that a zero or negative one is reported with its file instead of reaching a division or a shape.
+  std::int64_t size(std::string_view key, std::int64_t fallback, std::int64_t min = 1);
+  /// get() for a dropout probability: OptionError unless 0 <= p < 1.
+  double probability(std::string_view key, double fallback);
   /// The value of `key`; throws OptionError if absent.
   template <class T>
   T require(std::string_view key);
