@@ -2,6 +2,7 @@
 // become a one-line message and a status (0 ok, 1 failure, 2 bad input, 130 interrupted).
 
 #include <iostream>
+#include <sstream>
 
 #include <boost/program_options.hpp>
 
@@ -67,6 +68,7 @@ int dispatch(int argc, char** argv) {
   cli::ReportArgs rpt;
   cli::ServeArgs srv;
   std::string out_path;
+  std::int64_t report_samples = 24;
   // Which runs: the same options for compare, curves and report.
   auto add_filter = [&](cli::RunFilter& f) {
     specific.add_options()
@@ -83,8 +85,8 @@ int dispatch(int argc, char** argv) {
         ("dry-run", po::bool_switch(&run.dry_run), "print the grid's cells and their keys; run nothing")
         ("device", po::value<std::string>(&run.device)->default_value("auto"), "cpu, cuda, cuda:N or auto")
         ("workers", po::value<int>(&run.workers)->default_value(0),
-         "data worker threads (0: half the machine's cores, at most 8; the batch order is the same for any count)")
-        ("threads", po::value<int>(&run.threads)->default_value(0), "libtorch intra-op threads (0: its default)")
+         "data worker threads, 0 to 256 (0: half the machine's cores, at most 8; the batch order is the same for any count)")
+        ("threads", po::value<int>(&run.threads)->default_value(0), "libtorch intra-op threads, 0 to 1024 (0: its default)")
         ("feature-cache", po::value<std::string>(&run.feature_cache)->default_value("auto"),
          "with a frozen encoder, encode each image once and reuse its features across epochs, evaluations and "
          "cells: auto (evaluation sets, and training sets the run passes over at least once), on, off")
@@ -148,7 +150,7 @@ int dispatch(int argc, char** argv) {
     specific.add_options()
         ("experiment", po::value<std::string>(&rpt.experiment), "experiment name or TOML file")
         ("out,o", po::value<std::string>(&out_path)->default_value("report.html"), "the HTML file to write")
-        ("samples", po::value<std::size_t>(&rpt.samples)->default_value(24), "sample ids in the gallery");
+        ("samples", po::value<std::int64_t>(&report_samples)->default_value(24), "sample ids in the gallery");
     add_filter(rpt.filter);
     positional.add("experiment", 1);
   } else if (command == "serve") {
@@ -185,6 +187,27 @@ int dispatch(int argc, char** argv) {
     std::cout << "runner " << kVersion << " (" << kSourceRevision << ")\n";
     return 0;
   }
+  // Numbers that parse but cannot be meant: refused like any other bad input, before anything runs. (Tens of
+  // thousands of threads do not fail; they stall the machine.)
+  const auto within = [](const char* flag, auto value, auto lo, auto hi) {
+    if (!(value >= lo && value <= hi)) {
+      std::ostringstream m;
+      m << "--" << flag << " " << value << ": expected " << lo << " to " << hi;
+      throw sdk::InputError(m.str());
+    }
+  };
+  if (command == "run") {
+    within("threads", run.threads, 0, 1024);
+    within("workers", run.workers, 0, 256);
+    // -1, the default, is the device's quarter.
+    if (run.feature_cache_gib != -1.0) within("feature-cache-gib", run.feature_cache_gib, 0.0, 1e6);
+  }
+  if (command == "report") within("samples", report_samples, std::int64_t{0}, std::int64_t{100000});
+  rpt.samples = static_cast<std::size_t>(report_samples);
+  if (command == "serve") {
+    within("port", srv.port, 0, 65535);
+    within("refresh", srv.refresh, 0, 86400);
+  }
   common.db = vm["db"].as<std::string>();
   if (vm.count("plugins")) common.plugin_dirs = vm["plugins"].as<std::vector<std::string>>();
   rep.images = images;
@@ -220,7 +243,7 @@ int dispatch(int argc, char** argv) {
   }
   if (command == "serve") return cli::serve(common, srv);
   if (!vm.count("experiment")) {
-    std::cout << kUsage << "\n" << opts << "\n";
+    std::cerr << "runner: name an experiment TOML file (runner --help for the commands and options)\n";
     return 2;
   }
   for (const auto& e : vm["experiment"].as<std::vector<std::string>>()) run.experiments.emplace_back(e);

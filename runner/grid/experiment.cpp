@@ -137,11 +137,16 @@ TrainConfig parse_train_config(sdk::Options& t) {
   } else {
     t.fail("gradient_checkpointing", "must be true, false or a list of components ([\"encoder\", \"backbone\"])");
   }
-  if (c.steps <= 0) t.fail("steps", "must be positive");
-  if (c.batch_size <= 0) t.fail("batch_size", "must be positive");
-  if (c.grad_accum <= 0) t.fail("grad_accum", "must be positive");
-  if (!(c.lr > 0)) t.fail("lr", "must be positive");
-  if (c.weight_decay < 0) t.fail("weight_decay", "must not be negative");
+  // Upper bounds: far beyond any run, and what keeps a typo from a step loop or a batch that cannot be held.
+  if (c.steps <= 0 || c.steps > 1'000'000'000) t.fail("steps", "must be from 1 to 1000000000");
+  if (c.batch_size <= 0 || c.batch_size > 65536) t.fail("batch_size", "must be from 1 to 65536");
+  if (c.grad_accum <= 0 || c.grad_accum > 65536) t.fail("grad_accum", "must be from 1 to 65536");
+  if (!(c.lr > 0) || !std::isfinite(c.lr)) t.fail("lr", "must be positive and finite");
+  if (!(c.weight_decay >= 0) || !std::isfinite(c.weight_decay)) t.fail("weight_decay", "must be finite and not negative");
+  if (!(c.beta1 >= 0 && c.beta1 < 1 && c.beta2 >= 0 && c.beta2 < 1)) t.fail("betas", "each must be in [0, 1)");
+  if (!(c.eps >= 0) || !std::isfinite(c.eps)) t.fail("eps", "must be finite and not negative");
+  if (std::isnan(c.max_grad_norm)) t.fail("max_grad_norm", "must be a number (0 or less: no clipping)");
+  if (c.schedule.warmup_steps < -1) s.fail("warmup_steps", "must not be negative");
   if (c.schedule.kind != "constant" && c.schedule.kind != "linear" && c.schedule.kind != "cosine") {
     s.fail("kind", "must be \"constant\", \"linear\" or \"cosine\"");
   }
@@ -261,7 +266,7 @@ EvalConfig eval_config(sdk::Options& e, const PluginHost& host) {
   }
   if (c.every < 0) e.fail("every", "must be 0 (only at the end) or positive");
   if (c.samples < -1) e.fail("samples", "must not be negative (or \"all\")");
-  if (c.batch_size <= 0) e.fail("batch_size", "must be positive");
+  if (c.batch_size <= 0 || c.batch_size > 65536) e.fail("batch_size", "must be from 1 to 65536");
   if (c.generate.max_new_tokens <= 0) g.fail("max_new_tokens", "must be positive");
   if (!(c.generate.temperature > 0)) g.fail("temperature", "must be positive");
   if (!(c.generate.top_p > 0 && c.generate.top_p <= 1)) g.fail("top_p", "must be in (0, 1]");

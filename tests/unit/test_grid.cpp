@@ -165,7 +165,7 @@ TEST_CASE("bad values fail with file, line and key", "[grid][errors]") {
     t.replace(t.find(from), from.size(), to);
     return error_of(dir, t);
   };
-  CHECK_THAT(with("steps = 8", "steps = -1"), Catch::EndsWith("train.steps: must be positive"));
+  CHECK_THAT(with("steps = 8", "steps = -1"), Catch::EndsWith("train.steps: must be from 1 to 1000000000"));
   CHECK_THAT(with("lr = 1e-3", "lr = \"fast\""), Catch::EndsWith("train.lr: expected a number, got a string"));
   CHECK_THAT(with("plugin = \"git\"", "plugin = \"gti\""), Catch::Contains("no projector plugin 'gti'"));
   CHECK_THAT(with("layout = \"prefix\"", "layout = \"sideways\""), Catch::Contains("model.layout"));
