@@ -8,7 +8,14 @@ namespace ablate::store {
 
 namespace {
 [[noreturn]] void fail(sqlite3* db, const std::string& what) {
-  throw SqlError(what + ": " + (db ? sqlite3_errmsg(db) : "out of memory"));
+  if (!db) throw SqlError(what + ": out of memory");
+  const int code = sqlite3_errcode(db) & 0xff;
+  if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB) {
+    // The file is damaged, not the program: bad input, named (a copy from a backup, or `sqlite3 FILE .recover`).
+    const char* file = sqlite3_db_filename(db, "main");
+    throw sdk::InputError(std::string(file && *file ? file : "results database") + ": damaged (" + sqlite3_errmsg(db) + ")");
+  }
+  throw SqlError(what + ": " + sqlite3_errmsg(db));
 }
 }  // namespace
 
@@ -94,19 +101,26 @@ Database::Database(const std::filesystem::path& file, bool create) : file_(file)
   }
   sqlite3_extended_result_codes(db_, 1);
   sqlite3_busy_timeout(db_, 10000);
-  // Reading a file that is not SQLite fails here, with a clear message rather than at the first query.
+  // Reading a file that is not SQLite fails here, with a clear message rather than at the first query. Only
+  // read: whether the file is ours is the caller's question, and a file that is not must be left as it was.
   try {
     exec("PRAGMA foreign_keys = ON");
-    Statement probe(db_, "PRAGMA journal_mode = WAL");
+    Statement probe(db_, "SELECT count(*) FROM sqlite_master");
     probe.step();
-    // NORMAL is durable in WAL mode up to the last checkpoint and loses no committed data on a process
-    // crash; only a power loss can drop the last transactions.
-    exec("PRAGMA synchronous = NORMAL");
-  } catch (const SqlError& e) {
+  } catch (const std::runtime_error&) {  // SqlError, or fail()'s InputError for a damaged file
+    const std::string msg = sqlite3_errmsg(db_);
     sqlite3_close(db_);
     db_ = nullptr;
-    throw sdk::InputError(file.string() + ": not a usable SQLite database (" + e.what() + ")");
+    throw sdk::InputError(file.string() + ": not a usable SQLite database (" + msg + ")");
   }
+}
+
+void Database::use_wal() {
+  Statement mode(db_, "PRAGMA journal_mode = WAL");
+  mode.step();
+  // NORMAL is durable in WAL mode up to the last checkpoint and loses no committed data on a process crash;
+  // only a power loss can drop the last transactions.
+  exec("PRAGMA synchronous = NORMAL");
 }
 
 Database::~Database() {
@@ -118,6 +132,8 @@ void Database::exec(const std::string& sql) {
   if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : "unknown error";
     sqlite3_free(err);
+    const int code = sqlite3_errcode(db_) & 0xff;
+    if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB) fail(db_, "executing SQL");
     throw SqlError(msg + " (in: " + sql.substr(0, 80) + ")");
   }
 }

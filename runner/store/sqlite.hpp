@@ -67,6 +67,10 @@ class Database {
   Database(const Database&) = delete;
   Database& operator=(const Database&) = delete;
 
+  /// Write-ahead logging (readers never wait for the writer). It changes the file's header: only for a file
+  /// known to be ours.
+  void use_wal();
+
   Statement prepare(const std::string& sql) { return Statement(db_, sql); }
   void exec(const std::string& sql);
   std::int64_t last_insert_id() const;

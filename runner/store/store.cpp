@@ -221,6 +221,7 @@ void Store::migrate() {
     throw sdk::InputError(db_.file().string() + ": schema version " + std::to_string(version) +
                           " is newer than this runner knows (" + std::to_string(kSchemaVersion) + "); update the runner");
   }
+  db_.use_wal();
   for (auto v = version; v < kSchemaVersion; ++v) {
     Transaction tx(db_);
     db_.exec(kMigrations[v]);
