@@ -1,6 +1,7 @@
 // runner curves: PNG and SVG of the curves of chosen runs (see curves.hpp), into a folder.
 
 #include "report/curves.hpp"
+#include "report/text.hpp"
 
 #include <fstream>
 #include <iostream>
@@ -78,7 +79,7 @@ int curves(const Common& common, const CurvesArgs& args) {
   }
   if (chosen.empty()) throw sdk::InputError("no run of '" + view.name + "' matches (see runner compare)");
   const auto charts = report::curves(db, view, chosen, args.metrics);
-  std::filesystem::create_directories(args.out);
+  report::make_output_folder(args.out);
   for (const auto& c : charts) {
     const auto stem = args.out / file_stem(c.stem);
     std::ofstream(stem.string() + ".svg", std::ios::binary) << report::render_svg(c.chart);

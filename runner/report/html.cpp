@@ -229,6 +229,7 @@ int report(const Common& common, const ReportArgs& args) {
   report::PageOptions o;
   o.samples = args.samples;
   o.database = common.db.string();
+  if (std::filesystem::is_directory(args.out)) throw sdk::InputError(args.out.string() + ": is a folder (give a file name)");
   const auto page = report::experiment_page(db, view, o);
   // Written beside the target and renamed over it: a reader never sees half a report.
   const auto tmp = args.out.string() + ".tmp";
@@ -236,8 +237,17 @@ int report(const Common& common, const ReportArgs& args) {
     std::ofstream f(tmp, std::ios::binary);
     if (!f) throw sdk::InputError(args.out.string() + ": cannot write here");
     f << page;
+    if (!f.flush()) {
+      std::filesystem::remove(tmp);
+      throw sdk::InputError(tmp + ": cannot write (disk full?)");
+    }
   }
-  std::filesystem::rename(tmp, args.out);
+  std::error_code renamed;
+  std::filesystem::rename(tmp, args.out, renamed);
+  if (renamed) {
+    std::filesystem::remove(tmp);
+    throw sdk::InputError(args.out.string() + ": cannot write (" + renamed.message() + ")");
+  }
   std::cout << args.out.string() << ": " << view.runs.size() << " runs of " << report::printable(view.name) << ", "
             << page.size() / 1024 << " KiB, self-contained\n";
   return 0;

@@ -55,7 +55,7 @@ int replay(const Common& common, const ReplayArgs& args) {
     shown.push_back({*run, step, db.samples(run->id, step)});
   }
   if (shown.empty()) return 0;
-  if (!args.images.empty()) std::filesystem::create_directories(args.images);
+  if (!args.images.empty()) report::make_output_folder(args.images);
   const bool side_by_side = shown.size() > 1;
   for (const auto& r : shown) {
     std::cout << "run " << r.run.id << " of " << report::printable(r.run.experiment) << " [" << report::printable(r.run.label)

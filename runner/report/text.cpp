@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <system_error>
+
+#include "ablate/sdk/error.hpp"
 
 namespace ablate::report {
 
@@ -108,6 +111,14 @@ std::string exact(double v) {
     if (std::strtod(buf, nullptr) == v) break;
   }
   return buf;
+}
+
+void make_output_folder(const std::filesystem::path& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec || !std::filesystem::is_directory(dir)) {
+    throw sdk::InputError(dir.string() + ": cannot be made a folder (" + (ec ? ec.message() : "a file is there") + ")");
+  }
 }
 
 }  // namespace ablate::report

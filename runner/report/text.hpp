@@ -2,6 +2,7 @@
 // Plain-text output for terminals: aligned tables and escaping of strings that came from models or
 // datasets, so that a generated escape sequence can never drive the user's terminal.
 
+#include <filesystem>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -15,6 +16,10 @@ std::string printable(const std::string& s);
 void print_table(std::ostream& out, const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
 
 std::string fixed(double v, int digits = 4);
+
+/// Creates the folder a command writes into (--images, curves' -o); sdk::InputError naming it if it cannot
+/// be one (a file of that name, no permission).
+void make_output_folder(const std::filesystem::path& dir);
 
 }  // namespace ablate::report
 

@@ -4,9 +4,9 @@ one runner per database; outputs are escaped when shown."""
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
-import re
 import subprocess
 import sys
 import time
@@ -138,6 +138,63 @@ class BadInputTest(TempDirTest):
         self.assertEqual(losses["on"], losses["off"])
         self.assertNotEqual(losses["on"][0], losses["on"][-1], "the run trained")
 
+    def test_sizes_that_would_divide_by_zero(self):
+        # Inline configs are read before anything runs: zero heads or a zero patch used to end in SIGFPE.
+        f = self.experiment("heads.toml", "num_hidden_layers = 1, num_attention_heads = 2, max_position_embeddings",
+                            "num_hidden_layers = 1, num_attention_heads = 0, max_position_embeddings")
+        self.expect_bad([f], "heads.toml:", "num_attention_heads: must be at least 1, got 0")
+        f = self.experiment("patch.toml", "patch_size = 8", "patch_size = 0")
+        self.expect_bad([f], "patch.toml:", "patch_size: must be at least 1, got 0")
+        f = self.experiment("dropout.toml", "dropout = 0.0", "dropout = 2.0")
+        self.expect_bad([f], "dropout.toml:", "dropout: must be a probability in [0, 1), got 2.0")
+
+    def test_training_values_out_of_range(self):
+        for name, before, after, message in [
+                ("steps", "steps = 8", "steps = 9223372036854775807", "train.steps: must be from 1 to 1000000000"),
+                ("batch", "batch_size = 4", "batch_size = 9223372036854775807", "train.batch_size: must be from 1 to 65536"),
+                ("lr", "lr = 1e-3", "lr = inf", "train.lr: must be positive and finite"),
+                ("betas", "lr = 1e-3", "lr = 1e-3\nbetas = [1.5, 0.999]", "train.betas: each must be in [0, 1)"),
+                ("eps", "lr = 1e-3", "lr = 1e-3\neps = -1e-8", "train.eps: must be finite and not negative"),
+                ("warmup", "lr = 1e-3", 'lr = 1e-3\nschedule = { kind = "linear", warmup_steps = -3 }',
+                 "train.schedule.warmup_steps: must not be negative")]:
+            with self.subTest(name):
+                self.expect_bad([self.experiment(f"{name}.toml", before, after)], f"{name}.toml:", message)
+
+    def test_command_line_numbers_out_of_range(self):
+        f = self.write("ok.toml", tiny_experiment("bad"))
+        self.expect_bad([f, "--threads", "20000"], "--threads 20000: expected 0 to 1024")
+        self.expect_bad([f, "--workers", "-3"], "--workers -3: expected 0 to 256")
+        self.expect_bad([f, "--feature-cache-gib", "nan"], "--feature-cache-gib nan")
+        self.expect_bad(["report", "good", "--samples", "-1"], "--samples -1: expected 0 to 100000")
+        self.expect_bad(["serve", "--port", "99999"], "--port 99999: expected 0 to 65535")
+
+    def test_no_arguments(self):
+        out = run([])
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(out.stderr.strip().splitlines(), ["runner: name an experiment TOML file (runner --help for the "
+                                                           "commands and options)"])
+
+    def test_output_paths_that_cannot_be_written(self):
+        (self.dir / "folder").mkdir()
+        self.expect_bad(["report", "good", "-o", self.dir / "folder"], "folder: is a folder")
+        self.assertEqual(sorted(p.name for p in (self.dir).iterdir() if p.name.startswith("folder")), ["folder"])
+        a_file = self.write("a_file.txt", "x")
+        self.expect_bad(["curves", "good", "-o", a_file], "a_file.txt: cannot be made a folder")
+        self.expect_bad(["replay", "1", "--images", a_file], "a_file.txt: cannot be made a folder")
+
+    def test_damaged_database(self):
+        damaged = self.dir / "damaged.db"
+        data = bytearray(self.db.read_bytes())
+        self.assertGreater(len(data), 8192 + 16)
+        data[8192:8192 + 16] = b"\xff" * 16  # inside the second page: the schema reads, a table does not
+        damaged.write_bytes(bytes(data))
+        for args in (["compare", "good"], [self.write("ok.toml", tiny_experiment("good", steps=2, every=2))]):
+            out = run([*args, "--db", damaged])
+            self.assertEqual(out.returncode, 2, out.stderr)
+            lines = out.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, out.stderr)
+            self.assertIn("damaged.db: damaged (database disk image is malformed)", lines[0])
+
     def test_unknown_option(self):
         out = run(["--frobnicate"])
         self.assertEqual(out.returncode, 2)
@@ -151,6 +208,20 @@ class BadInputTest(TempDirTest):
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertIn("notes.db", out.stderr)
         self.assertEqual(digest(other), before)
+
+    def test_another_programs_sqlite_file_is_left_as_it_was(self):
+        # Refused before its journal mode is switched to WAL (which rewrites the header).
+        other = self.dir / "theirs.db"
+        with sqlite3.connect(other) as c:
+            c.execute("CREATE TABLE x(a)")
+            c.execute("INSERT INTO x VALUES (1)")
+        c.close()
+        before = digest(other)
+        for args in ([self.write("ok.toml", tiny_experiment("bad"))], ["compare", "good"]):
+            out = run([*args, "--db", other])
+            self.assertEqual(out.returncode, 2, out.stderr)
+            self.assertIn("theirs.db: not an ablate results database", out.stderr)
+            self.assertEqual(digest(other), before)
 
     def test_compare_and_replay_of_unknown_things(self):
         self.expect_bad(["compare", "nope"], "no experiment named 'nope'", "good")
