@@ -60,19 +60,20 @@ MaskProduct lt_case(const torch::Tensor& x, at::ScalarType c, std::int64_t rows,
   const auto check = [&](bool with_bias) {
     return cuda::relu_grad_check(rows, out, features, with_bias, gemm_type(c), kWorkspaceBytes, x.device().index());
   };
-  const auto sizes = std::to_string(rows) + " rows x " + std::to_string(features) + " features";
+  // Only for the fallback lines: this runs in every training step's forward pass.
+  const auto sizes = [&] { return std::to_string(rows) + " rows x " + std::to_string(features) + " features"; };
   int s = 0;
   if (bias) {
     s = check(true);
     if (s == 0) return MaskProduct::drelu_bgrad;
     static std::atomic<bool> said{false};
-    say_once(said, "relu_mlp: no cuBLASLt DRELU_BGRAD kernel for " + sizes + " (" + cuda::relu_gemm_error(s) +
+    say_once(said, "relu_mlp: no cuBLASLt DRELU_BGRAD kernel for " + sizes() + " (" + cuda::relu_gemm_error(s) +
                        "): trying DRELU, fc1's bias gradient summed separately");
   }
   s = check(false);
   if (s == 0) return MaskProduct::drelu;
   static std::atomic<bool> said{false};
-  say_once(said, "relu_mlp: no cuBLASLt ReLU-gradient kernel for " + sizes + " (" + cuda::relu_gemm_error(s) +
+  say_once(said, "relu_mlp: no cuBLASLt ReLU-gradient kernel for " + sizes() + " (" + cuda::relu_gemm_error(s) +
                      "): the MLP's ReLU takes torch's ops");
   return MaskProduct::none;
 }
