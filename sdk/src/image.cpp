@@ -61,22 +61,37 @@ void png_error_to_jump(png_structp png, png_const_charp message) {
 
 void png_ignore_warning(png_structp, png_const_charp) {}
 
-bool decode_png_into(const std::vector<std::uint8_t>& bytes, Image& out, std::string& error) {
+// Pillow refuses an image of more than twice its MAX_IMAGE_PIXELS (1024^3 / 4 / 3 = 89,478,485) as a possible
+// decompression bomb. The same limit here keeps a forged header (a few bytes that claim 100000 x 100000) from
+// asking for 40 GB, and keeps the samples we cannot read the ones the Python references cannot read either.
+constexpr std::uint64_t kMaxPixels = 2 * (std::uint64_t{1024} * 1024 * 1024 / 4 / 3);
+
+// Empty when the size is readable, else the problem, for the caller to prefix with the image's origin.
+std::string too_many_pixels(std::uint64_t width, std::uint64_t height) {
+  if (width * height <= kMaxPixels) return {};
+  return "image of " + std::to_string(width) + " x " + std::to_string(height) + " pixels, over the " +
+         std::to_string(kMaxPixels) + " that Pillow refuses as a possible decompression bomb";
+}
+
+// Each decoder returns the problem (empty on success).
+std::string decode_png_into(const std::vector<std::uint8_t>& bytes, Image& out) {
   PngSource src{bytes.data(), bytes.size(), 0};
+  std::string error;
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &error, png_error_to_jump, png_ignore_warning);
-  if (!png) {
-    error = "out of memory";
-    return false;
-  }
+  if (!png) return "corrupt PNG (out of memory)";
   png_infop info = png_create_info_struct(png);
   std::vector<png_bytep> rows;
   std::vector<std::uint8_t> rgba;
   if (!info || setjmp(png_jmpbuf(png))) {
     png_destroy_read_struct(&png, info ? &info : nullptr, nullptr);
-    return false;
+    return "corrupt PNG (" + error + ")";
   }
   png_set_read_fn(png, &src, png_read_from_memory);
   png_read_info(png, info);
+  if (auto problem = too_many_pixels(png_get_image_width(png, info), png_get_image_height(png, info)); !problem.empty()) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    return problem;
+  }
   const auto type = png_get_color_type(png, info);
   if (type == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
   if (type == PNG_COLOR_TYPE_GRAY || type == PNG_COLOR_TYPE_GRAY_ALPHA) {
@@ -99,7 +114,7 @@ bool decode_png_into(const std::vector<std::uint8_t>& bytes, Image& out, std::st
   for (std::size_t i = 0, n = static_cast<std::size_t>(width) * height; i < n; ++i) {
     for (std::size_t c = 0; c < 3; ++c) out.data()[i * 3 + c] = rgba[i * 4 + c];
   }
-  return true;
+  return {};
 }
 
 struct JpegError {
@@ -116,19 +131,23 @@ void jpeg_error_exit(j_common_ptr cinfo) {
 
 // libjpeg reports errors through longjmp: nothing with a destructor is created between setjmp and the end
 // of decoding in this function, so the jump skips no C++ clean-up.
-bool decode_jpeg_into(const std::vector<std::uint8_t>& bytes, Image& out, std::string& error) {
+std::string decode_jpeg_into(const std::vector<std::uint8_t>& bytes, Image& out) {
   jpeg_decompress_struct cinfo{};
   JpegError err{};
   cinfo.err = jpeg_std_error(&err.mgr);
   err.mgr.error_exit = jpeg_error_exit;
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
-    error = err.message;
-    return false;
+    return std::string("corrupt JPEG (") + err.message + ")";
   }
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, bytes.data(), static_cast<unsigned long>(bytes.size()));
   jpeg_read_header(&cinfo, TRUE);
+  const std::uint64_t width = cinfo.image_width, height = cinfo.image_height;
+  if (width * height > kMaxPixels) {
+    jpeg_destroy_decompress(&cinfo);
+    return too_many_pixels(width, height);
+  }
   cinfo.out_color_space = JCS_RGB;  // grey and YCbCr both come out as RGB, as PIL's convert("RGB") gives
   jpeg_start_decompress(&cinfo);
   out.resize({static_cast<std::size_t>(cinfo.output_height), static_cast<std::size_t>(cinfo.output_width), std::size_t{3}});
@@ -138,7 +157,7 @@ bool decode_jpeg_into(const std::vector<std::uint8_t>& bytes, Image& out, std::s
   }
   jpeg_finish_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
-  return true;
+  return {};
 }
 
 }  // namespace
@@ -147,14 +166,12 @@ Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& or
   static const std::uint8_t kPng[] = {0x89, 'P', 'N', 'G'};
   if (bytes.size() >= 4 && std::equal(kPng, kPng + 4, bytes.begin())) {
     Image out;
-    std::string error;
-    if (!decode_png_into(bytes, out, error)) throw InputError(origin + ": corrupt PNG (" + error + ")");
+    if (auto problem = decode_png_into(bytes, out); !problem.empty()) throw InputError(origin + ": " + problem);
     return out;
   }
   if (bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) {
     Image out;
-    std::string error;
-    if (!decode_jpeg_into(bytes, out, error)) throw InputError(origin + ": corrupt JPEG (" + error + ")");
+    if (auto problem = decode_jpeg_into(bytes, out); !problem.empty()) throw InputError(origin + ": " + problem);
     return out;
   }
   throw InputError(origin + ": not a PNG or JPEG image");

@@ -34,7 +34,7 @@ def pillow_image(source):
     try:
         with Image.open(source if isinstance(source, (str, pathlib.Path)) else io.BytesIO(source)) as im:
             pixels = np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     return list(pixels.shape), hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
@@ -279,8 +279,11 @@ class DatasetPluginsTest(unittest.TestCase):
         samples, report = m3it_reference(self.root, self.cases["ok"]["m3it"]["options"], ["coco/train", "vqa-v2/train"])
         got, errors = self.check("m3it", samples, report)
         self.assertEqual([s["id"] for s in samples], ["coco/train:1", "coco/train:2", "coco/train:4", "coco/train:5",
-                                                       "coco/train:6", "vqa-v2/train:1", "vqa-v2/train:2"])
-        self.assertEqual(errors, 1)  # base64 of bytes that are no image
+                                                       "coco/train:6", "coco/train:7", "coco/train:8", "vqa-v2/train:1",
+                                                       "vqa-v2/train:2"])
+        self.assertEqual(errors, 3)  # base64 of bytes that are no image; two headers claiming too many pixels
+        for k, size in ((5, "100000 x 100000"), (6, "65000 x 65000")):
+            self.assertIn(f"image of {size} pixels, over the 178956970 that Pillow refuses", got["samples"][k]["error"]["message"])
         self.assertGreaterEqual(report["png"], 2)
         self.assertGreaterEqual(report["jpeg"], 2)
         samples, report = m3it_reference(self.root, self.cases["ok"]["m3it_prompt"]["options"], ["train"])
