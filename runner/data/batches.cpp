@@ -3,13 +3,19 @@
 #include <algorithm>
 #include <random>
 
+#include "ablate/sdk/error.hpp"
 #include "ablate/sdk/image.hpp"
 
 namespace ablate {
 
 Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens,
-                   bool loss_on_text)
-    : tokenizer_(tokenizer), spec_(spec), max_text_tokens_(max_text_tokens), loss_on_text_(loss_on_text) {}
+                   bool loss_on_text, std::int64_t vocab_size, std::string vocab_origin)
+    : tokenizer_(tokenizer),
+      spec_(spec),
+      max_text_tokens_(max_text_tokens),
+      loss_on_text_(loss_on_text),
+      vocab_size_(vocab_size),
+      vocab_origin_(std::move(vocab_origin)) {}
 
 torch::Tensor to_device_async(const torch::Tensor& t, const torch::Device& device) {
   if (t.device() == device) return t;
@@ -28,6 +34,16 @@ Example Collator::prepare(sdk::Sample sample, bool with_pixels) const {
   ex.prompt_ids = tokenizer_.encode(sample.prompt, /*add_special_tokens=*/true);
   ex.target_ids = tokenizer_.encode(sample.target, false);
   if (tokenizer_.eos_id() >= 0) ex.target_ids.push_back(tokenizer_.eos_id());
+  // transformers would stop here with an IndexError from the embedding; this says which token and why.
+  for (const auto* ids : {&ex.prompt_ids, &ex.target_ids}) {
+    for (const auto id : *ids) {
+      if (id < 0 || id >= vocab_size_) {
+        throw sdk::InputError(vocab_origin_ + ": sample '" + sample.id + "': the tokenizer gives '" + tokenizer_.token(id) +
+                              "' id " + std::to_string(id) + ", past the backbone's vocab_size " +
+                              std::to_string(vocab_size_) + " (the tokenizer and config.json disagree)");
+      }
+    }
+  }
   ex.sample = std::move(sample);
   return ex;
 }

@@ -66,7 +66,10 @@ struct GenerationBatch {
 
 class Collator {
  public:
-  Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens, bool loss_on_text);
+  /// `vocab_size`: the backbone's embedding rows; an id the tokenizer gives past them is bad input, named
+  /// after `vocab_origin` (the backbone's weights folder, or the experiment file), not an indexing error.
+  Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens, bool loss_on_text,
+           std::int64_t vocab_size, std::string vocab_origin);
   /// `with_pixels` false: the encoder's features come from the feature cache, the image is not prepared.
   Example prepare(sdk::Sample sample, bool with_pixels = true) const;
   /// An image resized, cropped and normalised for the encoder: [3, H, W] float32.
@@ -79,6 +82,8 @@ class Collator {
   sdk::ImageSpec spec_;
   std::int64_t max_text_tokens_;
   bool loss_on_text_;
+  std::int64_t vocab_size_;
+  std::string vocab_origin_;
 };
 
 /// A host tensor on `device`. On CUDA it is pinned first, so that the copy is queued behind the device's work

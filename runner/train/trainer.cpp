@@ -433,14 +433,17 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                             ": export." + part + "_adapter: the " + part + " carries no LoRA adapter in this cell");
     }
   }
+  // The folder a component's weights were read from (empty when it was built from a config).
+  auto weights_folder = [&](const PluginRef& ref) {
+    const auto& table = cell.resolved.at(sdk::Json::json_pointer(ref.pointer));
+    if (!table.contains("weights") || !table["weights"].is_string() || table["weights"].get<std::string>().empty()) return std::string();
+    return sdk::resolve_path(experiment.base_dir, table["weights"].get<std::string>()).string();
+  };
   // adapter_config.json's task_type and base_model_name_or_path, as PEFT writes them.
   auto adapter_extra = [&](const std::string& part) {
     sdk::Json extra = {{"task_type", part == "backbone" ? sdk::Json("CAUSAL_LM") : sdk::Json(nullptr)}};
-    const PluginRef& ref = part == "encoder" ? cell.encoder : part == "projector" ? cell.projector : cell.backbone;
-    const auto& table = cell.resolved.at(sdk::Json::json_pointer(ref.pointer));
-    if (table.contains("weights") && table["weights"].is_string() && !table["weights"].get<std::string>().empty()) {
-      extra["base_model_name_or_path"] = sdk::resolve_path(experiment.base_dir, table["weights"].get<std::string>()).string();
-    }
+    const auto folder = weights_folder(part == "encoder" ? cell.encoder : part == "projector" ? cell.projector : cell.backbone);
+    if (!folder.empty()) extra["base_model_name_or_path"] = folder;
     return extra;
   };
   if (!cell.decode_only) {
@@ -450,7 +453,9 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
 
   TrainOptimizer optimizer(params, settings, tc);
   const bool loss_on_text = tc.loss_on == "text";
-  Collator collator(backbone->tokenizer(), encoder->image_spec(), tc.max_text_tokens, loss_on_text);
+  const auto backbone_weights = weights_folder(cell.backbone);
+  Collator collator(backbone->tokenizer(), encoder->image_spec(), tc.max_text_tokens, loss_on_text, backbone->vocab_size(),
+                    backbone_weights.empty() ? experiment.file.string() : backbone_weights);
 
   // ---- resume from the last checkpoint whose files are intact
   std::int64_t start = 0;

@@ -514,9 +514,21 @@ class PreTokenizerSequence : public PreTokenizer {
 
 // ---------------------------------------------------------------- models
 
+// Ids are u32 in tokenizers, which refuses a file with any other: so does this (a negative id would reach the
+// embedding as an index).
 std::unordered_map<std::string, std::int64_t> read_vocab(const Json& j) {
+  if (!j.is_object()) throw std::runtime_error("model.vocab: expected an object of token: id");
   std::unordered_map<std::string, std::int64_t> vocab;
-  for (auto it = j.begin(); it != j.end(); ++it) vocab[it.key()] = it.value().get<std::int64_t>();
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const auto& id = it.value();
+    // Parsed files hold non-negative integers as unsigned; tokenizers made in memory hold them signed.
+    const bool u32 = id.is_number_unsigned() ? id.get<std::uint64_t>() <= 0xFFFFFFFFull
+                     : id.is_number_integer() && id.get<std::int64_t>() >= 0 && id.get<std::int64_t>() <= 0xFFFFFFFFll;
+    if (!u32) {
+      throw std::runtime_error("model.vocab[" + Json(it.key()).dump() + "]: id must be an integer from 0 to 4294967295, got " + id.dump());
+    }
+    vocab[it.key()] = id.get<std::int64_t>();
+  }
   return vocab;
 }
 

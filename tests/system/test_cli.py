@@ -83,6 +83,38 @@ class BadInputTest(TempDirTest):
         (self.dir / "w" / "model.safetensors").write_bytes(b"\xff" * 16)
         self.expect_bad([self.weights_experiment("st.toml")], "model.safetensors: header length")
 
+    def test_tokenizer_ids_the_backbone_has_no_row_for(self):
+        # An exported backbone (config.json, model.safetensors, tokenizer.json) whose tokenizer.json is edited: a
+        # negative id is refused when read (tokenizers refuses it too: ids are u32); an id past config.json's
+        # vocab_size is named with the sample and the token, where torch would stop with an indexing error.
+        extra = '\n[export]\nbackbone = "export"\n'
+        done = run([self.write("export.toml", tiny_experiment("export", steps=2, every=2, extra=extra)),
+                    "--db", self.dir / "export.db"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        folder = self.dir / "export"
+        vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+        original = json.loads((folder / "tokenizer.json").read_text())
+        self.assertIn("</s>", original["model"]["vocab"])
+        toml = self.write("weights.toml", "\n".join(('backbone = { plugin = "opt", weights = "export" }' if l.startswith("backbone =")
+                                                     else l) for l in tiny_experiment("bad").splitlines()))
+        for eos, message in ((-4, 'tokenizer.json: model.vocab["</s>"]: id must be an integer from 0 to 4294967295, got -4'),
+                             (vocab_size + 7, f"export: sample 'val-0': the tokenizer gives '</s>' id {vocab_size + 7}, "
+                                              f"past the backbone's vocab_size {vocab_size}")):
+            with self.subTest(eos=eos):
+                edited = json.loads(json.dumps(original))
+                edited["model"]["vocab"]["</s>"] = eos
+                (folder / "tokenizer.json").write_text(json.dumps(edited))
+                # Found once the run has started (the backbone is built, then the samples encoded): the progress
+                # lines come first, the error is the last line, and the run is kept as failed with the reason.
+                db = self.dir / f"tok{eos}.db"
+                out = run([toml, "--db", db])
+                self.assertEqual(out.returncode, 2, out.stderr)
+                last = out.stderr.strip().splitlines()[-1]
+                self.assertTrue(last.startswith("runner: "), last)
+                self.assertIn(message, last)
+                self.assertEqual(query(db, "SELECT status FROM runs"), [("failed",)])
+                self.assertIn(message, query(db, "SELECT error FROM runs")[0][0])
+
     def test_requires_cycle(self):
         a = self.experiment("a.toml", 'name = "bad"', 'name = "a"\nrequires = ["b.toml"]')
         self.experiment("b.toml", 'name = "bad"', 'name = "b"\nrequires = ["a.toml"]')

@@ -109,6 +109,12 @@ TEST_CASE("the word-level tokenizer encodes, decodes and round-trips through its
   CHECK(again.encode("where is the red circle ?", true) == tok.encode("where is the red circle ?", true));
   write_file(dir / "bpe.json", R"({"model": {"type": "Unigram", "vocab": []}})");
   CHECK_THROWS_WITH(sdk::Tokenizer::from_file(dir / "bpe.json"), Catch::Contains("tokenizer model \"Unigram\" is not supported (supported: BPE, WordLevel)"));
+  // Ids are u32 in tokenizers: a negative or non-integer id is refused when the file is read.
+  for (const char* id : {"-1", "4294967296", "1.5", "\"7\""}) {
+    write_file(dir / "ids.json", std::string(R"({"model": {"type": "WordLevel", "unk_token": "a", "vocab": {"a": 0, "b": )") + id + "}}}");
+    CHECK_THROWS_WITH(sdk::Tokenizer::from_file(dir / "ids.json"),
+                      Catch::Contains(std::string(R"(ids.json: model.vocab["b"]: id must be an integer from 0 to 4294967295, got )") + id));
+  }
 }
 
 TEST_CASE("images: PNG round-trips, corrupt files are named, resize keeps size-preserving calls exact", "[sdk][image]") {
