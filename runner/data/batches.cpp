@@ -9,13 +9,14 @@
 namespace ablate {
 
 Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens,
-                   bool loss_on_text, std::int64_t vocab_size, std::string vocab_origin)
+                   bool loss_on_text, std::int64_t vocab_size, std::string vocab_origin, std::int64_t image_token)
     : tokenizer_(tokenizer),
       spec_(spec),
       max_text_tokens_(max_text_tokens),
       loss_on_text_(loss_on_text),
       vocab_size_(vocab_size),
-      vocab_origin_(std::move(vocab_origin)) {}
+      vocab_origin_(std::move(vocab_origin)),
+      image_token_(image_token) {}
 
 torch::Tensor to_device_async(const torch::Tensor& t, const torch::Device& device) {
   if (t.device() == device) return t;
@@ -37,7 +38,7 @@ Example Collator::prepare(sdk::Sample sample, bool with_pixels) const {
   // transformers would stop here with an IndexError from the embedding; this says which token and why.
   for (const auto* ids : {&ex.prompt_ids, &ex.target_ids}) {
     for (const auto id : *ids) {
-      if (id < 0 || id >= vocab_size_) {
+      if ((id < 0 || id >= vocab_size_) && id != image_token_) {
         throw sdk::InputError(vocab_origin_ + ": sample '" + sample.id + "': the tokenizer gives '" + tokenizer_.token(id) +
                               "' id " + std::to_string(id) + ", past the backbone's vocab_size " +
                               std::to_string(vocab_size_) + " (the tokenizer and config.json disagree)");

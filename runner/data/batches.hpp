@@ -68,8 +68,10 @@ class Collator {
  public:
   /// `vocab_size`: the backbone's embedding rows; an id the tokenizer gives past them is bad input, named
   /// after `vocab_origin` (the backbone's weights folder, or the experiment file), not an indexing error.
+  /// `image_token`: the inline layout's placeholder id (-1 if none), replaced by the image before embedding, so
+  /// it may lie past them (a tokenizer's added "<image>").
   Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens, bool loss_on_text,
-           std::int64_t vocab_size, std::string vocab_origin);
+           std::int64_t vocab_size, std::string vocab_origin, std::int64_t image_token);
   /// `with_pixels` false: the encoder's features come from the feature cache, the image is not prepared.
   Example prepare(sdk::Sample sample, bool with_pixels = true) const;
   /// An image resized, cropped and normalised for the encoder: [3, H, W] float32.
@@ -84,6 +86,7 @@ class Collator {
   bool loss_on_text_;
   std::int64_t vocab_size_;
   std::string vocab_origin_;
+  std::int64_t image_token_;
 };
 
 /// A host tensor on `device`. On CUDA it is pinned first, so that the copy is queued behind the device's work

@@ -455,7 +455,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   const bool loss_on_text = tc.loss_on == "text";
   const auto backbone_weights = weights_folder(cell.backbone);
   Collator collator(backbone->tokenizer(), encoder->image_spec(), tc.max_text_tokens, loss_on_text, backbone->vocab_size(),
-                    backbone_weights.empty() ? experiment.file.string() : backbone_weights);
+                    backbone_weights.empty() ? experiment.file.string() : backbone_weights, image_token);
 
   // ---- resume from the last checkpoint whose files are intact
   std::int64_t start = 0;

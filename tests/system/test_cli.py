@@ -12,6 +12,8 @@ import sys
 import time
 import unittest
 
+from PIL import Image
+
 from ablate_testing import RUNNER, SOURCE, TEST_PLUGINS, TempDirTest, query, run, tiny_experiment
 
 
@@ -114,6 +116,22 @@ class BadInputTest(TempDirTest):
                 self.assertIn(message, last)
                 self.assertEqual(query(db, "SELECT status FROM runs"), [("failed",)])
                 self.assertIn(message, query(db, "SELECT error FROM runs")[0][0])
+        # The inline layout's "<image>" is replaced by the image before the embedding, so its id may lie past
+        # vocab_size (transformers' LLaVA zeroes such ids before embedding): an added token the vocab lacks.
+        edited = json.loads(json.dumps(original))
+        edited["added_tokens"].append({"id": vocab_size + 3, "content": "<image>", "special": True})
+        (folder / "tokenizer.json").write_text(json.dumps(edited))
+        Image.new("RGB", (20, 20), (200, 30, 30)).save(self.dir / "red.png")
+        (self.dir / "llava.json").write_text(json.dumps([
+            {"id": f"s{k}", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                                  {"from": "gpt", "value": "red"}]} for k in range(6)]))
+        inline = tiny_experiment("inline", steps=2, every=2).replace('layout = "prefix"', 'layout = "inline"')
+        llava = '{ plugin = "llava_json", file = "llava.json", image_folder = "." }'
+        inline = re.sub(r"^(train|eval) = .*$", lambda m: f"{m.group(1)} = {llava}", inline, flags=re.M)
+        inline = "\n".join(('backbone = { plugin = "opt", weights = "export" }' if l.startswith("backbone =") else l)
+                           for l in inline.splitlines())
+        out = run([self.write("inline.toml", inline), "--db", self.dir / "inline.db"])
+        self.assertEqual(out.returncode, 0, out.stderr)
 
     def test_requires_cycle(self):
         a = self.experiment("a.toml", 'name = "bad"', 'name = "a"\nrequires = ["b.toml"]')
