@@ -11,8 +11,14 @@
 #include <torch/nn/init.h>
 
 #include "ablate/sdk/error.hpp"
+#include "relu_product.hpp"
 
 namespace ablate::sdk {
+
+torch::Tensor detail::relu_product(const torch::Tensor& bias, const torch::Tensor& x2, const torch::Tensor& right) {
+  if (bias.defined() && x2.is_cuda()) return at::_addmm_activation(bias, x2, right);
+  return (bias.defined() ? torch::addmm(bias, x2, right) : torch::mm(x2, right)).relu_();
+}
 
 namespace {
 
@@ -192,8 +198,8 @@ SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
     const auto w = tensors[l.weight].to(c);
     const auto right = l.fan_in_fan_out ? w : w.t();
     torch::Tensor y;
-    if (plan.relu && !l.rank && l.bias >= 0 && x.is_cuda()) {
-      y = at::_addmm_activation(tensors[l.bias].to(c), r.x2, right);  // cuBLASLt's bias + ReLU epilogue
+    if (plan.relu && !l.rank) {
+      y = detail::relu_product(l.bias >= 0 ? tensors[l.bias].to(c) : torch::Tensor(), r.x2, right);
     } else if (l.rank) {
       // PEFT's base(x) + lora_B(lora_A(x)) * scaling, the adapter's rank-r product first: it only writes its
       // output (bias + scaling * a_l @ B^T), and the layer's own product then adds into it, reading it in its
@@ -209,7 +215,6 @@ SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
       if (plan.relu) y.relu_();
     } else {
       y = l.bias >= 0 ? torch::addmm(tensors[l.bias].to(c), r.x2, right) : torch::mm(r.x2, right);
-      if (plan.relu) y.relu_();
     }
     shape.back() = y.size(1);
     r.ys.push_back(y.view(shape));

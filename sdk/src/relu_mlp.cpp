@@ -12,6 +12,7 @@
 
 #include "ablate/sdk/linear.hpp"
 #include "cuda/relu_gemm.hpp"
+#include "relu_product.hpp"
 
 namespace ablate::sdk {
 
@@ -124,12 +125,7 @@ Forward mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch
     }
   }
   if (!f.h.defined()) {
-    // torch's ops, as forward_shared(relu) runs them: CUDA's bias + ReLU epilogue where there is a bias.
-    if (b1c.defined() && x.is_cuda()) {
-      f.h = at::_addmm_activation(b1c, f.x2, w1c.t());
-    } else {
-      f.h = (b1c.defined() ? torch::addmm(b1c, f.x2, w1c.t()) : torch::mm(f.x2, w1c.t())).relu_();
-    }
+    f.h = detail::relu_product(b1c, f.x2, w1c.t());  // torch's ops, as forward_shared(relu) runs them
   }
   auto y = b2.numel() ? torch::addmm(b2.to(c), f.h, w2c.t()) : torch::mm(f.h, w2c.t());
   auto shape = x.sizes().vec();
