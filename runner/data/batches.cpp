@@ -16,7 +16,14 @@ Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, 
       loss_on_text_(loss_on_text),
       vocab_size_(vocab_size),
       vocab_origin_(std::move(vocab_origin)),
-      image_token_(image_token) {}
+      image_token_(image_token) {
+  // Padding is embedded too (its positions are masked, not skipped).
+  if (const auto pad = tokenizer_.pad_id(); pad >= vocab_size_) {
+    throw sdk::InputError(vocab_origin_ + ": the padding token '" + tokenizer_.token(pad) + "' has id " + std::to_string(pad) +
+                          ", past the backbone's vocab_size " + std::to_string(vocab_size_) +
+                          " (the tokenizer and config.json disagree)");
+  }
+}
 
 torch::Tensor to_device_async(const torch::Tensor& t, const torch::Device& device) {
   if (t.device() == device) return t;
@@ -35,10 +42,11 @@ Example Collator::prepare(sdk::Sample sample, bool with_pixels) const {
   ex.prompt_ids = tokenizer_.encode(sample.prompt, /*add_special_tokens=*/true);
   ex.target_ids = tokenizer_.encode(sample.target, false);
   if (tokenizer_.eos_id() >= 0) ex.target_ids.push_back(tokenizer_.eos_id());
-  // transformers would stop here with an IndexError from the embedding; this says which token and why.
+  // transformers would stop here with an IndexError from the embedding; this says which token and why. A
+  // negative id can only come from a tokenizer.json post-processor's special token.
   for (const auto* ids : {&ex.prompt_ids, &ex.target_ids}) {
     for (const auto id : *ids) {
-      if ((id < 0 || id >= vocab_size_) && id != image_token_) {
+      if ((id < 0 || id >= vocab_size_) && (id != image_token_ || image_token_ < 0)) {
         throw sdk::InputError(vocab_origin_ + ": sample '" + sample.id + "': the tokenizer gives '" + tokenizer_.token(id) +
                               "' id " + std::to_string(id) + ", past the backbone's vocab_size " +
                               std::to_string(vocab_size_) + " (the tokenizer and config.json disagree)");

@@ -515,20 +515,19 @@ class PreTokenizerSequence : public PreTokenizer {
 // ---------------------------------------------------------------- models
 
 // Ids are u32 in tokenizers, which refuses a file with any other: so does this (a negative id would reach the
-// embedding as an index).
+// embedding as an index). `where` names the field.
+std::int64_t u32_id(const Json& id, const std::string& where) {
+  // Parsed files hold non-negative integers as unsigned; tokenizers made in memory hold them signed.
+  const bool u32 = id.is_number_unsigned() ? id.get<std::uint64_t>() <= 0xFFFFFFFFull
+                   : id.is_number_integer() && id.get<std::int64_t>() >= 0 && id.get<std::int64_t>() <= 0xFFFFFFFFll;
+  if (!u32) throw std::runtime_error(where + ": id must be an integer from 0 to 4294967295, got " + id.dump());
+  return id.get<std::int64_t>();
+}
+
 std::unordered_map<std::string, std::int64_t> read_vocab(const Json& j) {
   if (!j.is_object()) throw std::runtime_error("model.vocab: expected an object of token: id");
   std::unordered_map<std::string, std::int64_t> vocab;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    const auto& id = it.value();
-    // Parsed files hold non-negative integers as unsigned; tokenizers made in memory hold them signed.
-    const bool u32 = id.is_number_unsigned() ? id.get<std::uint64_t>() <= 0xFFFFFFFFull
-                     : id.is_number_integer() && id.get<std::int64_t>() >= 0 && id.get<std::int64_t>() <= 0xFFFFFFFFll;
-    if (!u32) {
-      throw std::runtime_error("model.vocab[" + Json(it.key()).dump() + "]: id must be an integer from 0 to 4294967295, got " + id.dump());
-    }
-    vocab[it.key()] = id.get<std::int64_t>();
-  }
+  for (auto it = j.begin(); it != j.end(); ++it) vocab[it.key()] = u32_id(it.value(), "model.vocab[" + Json(it.key()).dump() + "]");
   return vocab;
 }
 
@@ -739,8 +738,10 @@ class Template : public PostProcessor {
       } else {
         const auto name = item.at("SpecialToken").at("id").get<std::string>();
         const auto& special = j.at("special_tokens").at(name);
-        pieces_.push_back(special.at("ids").get<std::vector<std::int64_t>>());
-        pieces_.back().insert(pieces_.back().begin(), -1);  // marks a special piece
+        const auto& ids = special.at("ids");
+        if (!ids.is_array()) throw std::runtime_error("post_processor.special_tokens[" + Json(name).dump() + "].ids: expected an array");
+        pieces_.push_back({-1});  // marks a special piece
+        for (const auto& id : ids) pieces_.back().push_back(u32_id(id, "post_processor.special_tokens[" + Json(name).dump() + "].ids"));
       }
     }
   }

@@ -99,16 +99,19 @@ class BadInputTest(TempDirTest):
         self.assertIn("</s>", original["model"]["vocab"])
         toml = self.write("weights.toml", "\n".join(('backbone = { plugin = "opt", weights = "export" }' if l.startswith("backbone =")
                                                      else l) for l in tiny_experiment("bad").splitlines()))
-        for eos, message in ((-4, 'tokenizer.json: model.vocab["</s>"]: id must be an integer from 0 to 4294967295, got -4'),
-                             (vocab_size + 7, f"export: sample 'val-0': the tokenizer gives '</s>' id {vocab_size + 7}, "
-                                              f"past the backbone's vocab_size {vocab_size}")):
-            with self.subTest(eos=eos):
+        for token, eos, message in (
+                ("</s>", -4, 'tokenizer.json: model.vocab["</s>"]: id must be an integer from 0 to 4294967295, got -4'),
+                ("</s>", vocab_size + 7, f"export: sample 'val-0': the tokenizer gives '</s>' id {vocab_size + 7}, "
+                                         f"past the backbone's vocab_size {vocab_size}"),
+                ("<pad>", vocab_size + 2, f"export: the padding token '<pad>' has id {vocab_size + 2}, past the "
+                                          f"backbone's vocab_size {vocab_size}")):
+            with self.subTest(token=token, id=eos):
                 edited = json.loads(json.dumps(original))
-                edited["model"]["vocab"]["</s>"] = eos
+                edited["model"]["vocab"][token] = eos
                 (folder / "tokenizer.json").write_text(json.dumps(edited))
                 # Found once the run has started (the backbone is built, then the samples encoded): the progress
                 # lines come first, the error is the last line, and the run is kept as failed with the reason.
-                db = self.dir / f"tok{eos}.db"
+                db = self.dir / f"tok{token[1:-1]}{eos}.db"
                 out = run([toml, "--db", db])
                 self.assertEqual(out.returncode, 2, out.stderr)
                 last = out.stderr.strip().splitlines()[-1]

@@ -115,6 +115,11 @@ TEST_CASE("the word-level tokenizer encodes, decodes and round-trips through its
     CHECK_THROWS_WITH(sdk::Tokenizer::from_file(dir / "ids.json"),
                       Catch::Contains(std::string(R"(ids.json: model.vocab["b"]: id must be an integer from 0 to 4294967295, got )") + id));
   }
+  write_file(dir / "post.json", R"({"model": {"type": "WordLevel", "unk_token": "a", "vocab": {"a": 0, "<s>": 1}},
+    "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+      {"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {"<s>": {"id": "<s>", "ids": [-1], "tokens": ["<s>"]}}}})");
+  CHECK_THROWS_WITH(sdk::Tokenizer::from_file(dir / "post.json"),
+                    Catch::Contains(R"(post.json: post_processor.special_tokens["<s>"].ids: id must be an integer from 0 to 4294967295, got -1)"));
 }
 
 TEST_CASE("images: PNG round-trips, corrupt files are named, resize keeps size-preserving calls exact", "[sdk][image]") {
