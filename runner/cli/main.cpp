@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include <boost/program_options.hpp>
+#include <c10/util/Logging.h>
 
 #include "ablate/sdk/error.hpp"
 #include "cli/commands.hpp"
@@ -253,6 +254,7 @@ int dispatch(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  FLAGS_caffe2_use_fatal_for_enforce = false;
   try {
     return dispatch(argc, argv);
   } catch (const sdk::InputError& e) {

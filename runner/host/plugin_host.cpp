@@ -8,13 +8,29 @@
 #include <boost/dll/shared_library.hpp>
 #include <c10/util/Exception.h>
 
+#include "ablate/sdk/weights.hpp"
+
 namespace ablate {
 
 namespace fs = std::filesystem;
 
 std::string describe_exception(const std::exception& e) {
-  if (const auto* c10 = dynamic_cast<const c10::Error*>(&e)) return c10->what_without_backtrace();
-  return e.what();
+  // A size in a config or in the data that this machine cannot hold: say so, not where in torch it showed.
+  const std::string hint = " (a size in the model's config or in the data too large for this machine?)";
+  if (dynamic_cast<const std::bad_alloc*>(&e)) return "out of memory" + hint;
+  if (const auto* c10 = dynamic_cast<const c10::Error*>(&e)) {
+    const std::string message = c10->what_without_backtrace();
+    const std::string tried = "can't allocate memory: you tried to allocate ";
+    if (const auto at = message.find(tried); at != std::string::npos) {
+      std::ostringstream os;
+      os.precision(1);
+      os << "out of memory: tried to allocate " << std::fixed << std::strtod(message.c_str() + at + tried.size(), nullptr) / (1 << 30)
+         << " GiB" << hint;
+      return os.str();
+    }
+    return message;
+  }
+  return sdk::json_error_text(e);
 }
 
 namespace {

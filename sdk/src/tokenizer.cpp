@@ -30,7 +30,10 @@ nlohmann::json added_token(std::int64_t id, const std::string& content, bool spe
 // A special token named in tokenizer_config.json: a string or {"content": ...}.
 std::string token_name(const nlohmann::json& v) {
   if (v.is_string()) return v.get<std::string>();
-  if (v.is_object() && v.contains("content")) return v["content"].get<std::string>();
+  if (v.is_object() && v.contains("content")) {
+    if (!v["content"].is_string()) throw std::runtime_error("a special token's content must be a string, got " + v["content"].dump());
+    return v["content"].get<std::string>();
+  }
   return {};
 }
 
@@ -219,18 +222,25 @@ struct Tokenizer::State {
       model = tok::make_model(doc["model"]);
       post_processor = tok::make_post_processor(doc.value("post_processor", nlohmann::json()));
       decoder = tok::make_decoder(doc.value("decoder", nlohmann::json()));
+      read_added_tokens();
     } catch (const InputError&) {
       throw;
     } catch (const std::exception& e) {
-      throw InputError(origin + ": " + e.what());
+      throw InputError(origin + ": " + json_error_text(e));
     }
-    // Added tokens: an id of the vocabulary when the content is in it, else the next free id counted from
-    // the vocabulary's size, in file order (the `id` field is not trusted, as tokenizers does not).
+  }
+
+  // Added tokens: an id of the vocabulary when the content is in it, else the next free id counted from
+  // the vocabulary's size, in file order (the `id` field is not trusted, as tokenizers does not).
+  void read_added_tokens() {
+    const auto& list = doc.contains("added_tokens") && !doc["added_tokens"].is_null() ? doc["added_tokens"] : nlohmann::json::array();
+    if (!list.is_array()) throw std::runtime_error("added_tokens: expected an array, got " + list.dump());
     added.clear();
     added_ids.clear();
     added_by_id.clear();
     std::int64_t next_id = model->size();
-    for (const auto& a : doc.value("added_tokens", nlohmann::json::array())) {
+    for (const auto& a : list) {
+      if (!a.is_object()) throw std::runtime_error("added_tokens: each entry must be an object, got " + a.dump());
       Added t{a.value("content", std::string()), "", -1, a.value("special", false), a.value("normalized", !a.value("special", false)),
               a.value("lstrip", false), a.value("rstrip", false), a.value("single_word", false)};
       if (t.content.empty()) continue;
@@ -301,24 +311,43 @@ Tokenizer Tokenizer::from_folder(const std::filesystem::path& dir) {
   } else {
     throw InputError(dir.string() + ": no tokenizer.json or tokenizer.model");
   }
+  // tokenizer_config.json's own errors name it (tokenizer.json's are named inside from_json and build).
+  try {
+    return with_config(doc, origin, cfg, !std::filesystem::exists(json_file));
+  } catch (const InputError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw InputError(cfg_file.string() + ": " + json_error_text(e));
+  }
+}
+
+Tokenizer Tokenizer::with_config(nlohmann::json doc, const std::string& origin, const nlohmann::json& cfg, bool from_model_file) {
+  if (!cfg.is_object()) throw std::runtime_error("expected a JSON object, got " + cfg.dump());
   // Added tokens that only tokenizer_config.json lists (LLaVA's <image>, say).
   if (cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
     std::set<std::string> have;
-    for (const auto& a : doc.value("added_tokens", nlohmann::json::array())) have.insert(a.value("content", std::string()));
+    for (const auto& a : doc.value("added_tokens", nlohmann::json::array())) {
+      if (a.is_object()) have.insert(a.value("content", std::string()));
+    }
     std::vector<std::pair<std::int64_t, nlohmann::json>> extra;
     for (auto it = cfg["added_tokens_decoder"].begin(); it != cfg["added_tokens_decoder"].end(); ++it) {
+      const auto& key = it.key();
+      if (key.empty() || key.size() > 10 || key.find_first_not_of("0123456789") != std::string::npos) {
+        throw std::runtime_error("added_tokens_decoder: key '" + key + "' is not a token id");
+      }
+      if (!it.value().is_object()) throw std::runtime_error("added_tokens_decoder['" + key + "']: expected an object");
       const auto content = it.value().value("content", std::string());
       if (content.empty() || have.count(content)) continue;
       auto entry = it.value();
-      entry["id"] = std::stoll(it.key());
-      extra.emplace_back(std::stoll(it.key()), entry);
+      entry["id"] = std::stoll(key);
+      extra.emplace_back(std::stoll(key), entry);
     }
     std::sort(extra.begin(), extra.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     for (auto& [id, entry] : extra) doc["added_tokens"].push_back(entry);
   }
   Tokenizer t = from_json(doc, origin);
   const auto cls = cfg.value("tokenizer_class", std::string());
-  const bool llama = cls == "LlamaTokenizer" || cls == "LlamaTokenizerFast" || (doc["model"].value("byte_fallback", false) && !std::filesystem::exists(json_file));
+  const bool llama = cls == "LlamaTokenizer" || cls == "LlamaTokenizerFast" || (doc["model"].value("byte_fallback", false) && from_model_file);
   auto id_named = [&](const char* key, std::int64_t fallback) {
     if (!cfg.contains(key)) return fallback;
     const auto name = token_name(cfg[key]);

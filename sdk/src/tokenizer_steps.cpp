@@ -524,6 +524,13 @@ std::int64_t u32_id(const Json& id, const std::string& where) {
   return id.get<std::int64_t>();
 }
 
+// An optional string field of a model: absent or null for none, else a string (tokenizers refuses anything else).
+std::optional<std::string> optional_string(const Json& j, const char* key) {
+  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+  if (!j[key].is_string()) throw std::runtime_error(std::string("model.") + key + ": expected a string, got " + j[key].dump());
+  return j[key].get<std::string>();
+}
+
 std::unordered_map<std::string, std::int64_t> read_vocab(const Json& j) {
   if (!j.is_object()) throw std::runtime_error("model.vocab: expected an object of token: id");
   std::unordered_map<std::string, std::int64_t> vocab;
@@ -559,8 +566,8 @@ class VocabModel : public Model {
 class WordLevel : public VocabModel {
  public:
   explicit WordLevel(const Json& j) : VocabModel(j) {
-    if (j.contains("unk_token") && j["unk_token"].is_string()) {
-      auto it = vocab_.find(j["unk_token"].get<std::string>());
+    if (const auto unk = optional_string(j, "unk_token")) {
+      auto it = vocab_.find(*unk);
       if (it == vocab_.end()) unsupported("a WordLevel unk_token missing from the vocabulary");
       unk_ = it->second;
     }
@@ -580,9 +587,9 @@ class Bpe : public VocabModel {
  public:
   explicit Bpe(const Json& j) : VocabModel(j) {
     if (!j.value("dropout", Json()).is_null() && j["dropout"].get<double>() > 0) unsupported("BPE dropout");
-    if (j.contains("unk_token") && j["unk_token"].is_string()) unk_token_ = j["unk_token"].get<std::string>();
-    if (j.contains("continuing_subword_prefix") && j["continuing_subword_prefix"].is_string()) prefix_ = j["continuing_subword_prefix"];
-    if (j.contains("end_of_word_suffix") && j["end_of_word_suffix"].is_string()) suffix_ = j["end_of_word_suffix"];
+    unk_token_ = optional_string(j, "unk_token").value_or("");
+    prefix_ = optional_string(j, "continuing_subword_prefix").value_or("");
+    suffix_ = optional_string(j, "end_of_word_suffix").value_or("");
     fuse_unk_ = j.value("fuse_unk", false);
     byte_fallback_ = j.value("byte_fallback", false);
     ignore_merges_ = j.value("ignore_merges", false);
@@ -598,9 +605,11 @@ class Bpe : public VocabModel {
         }
         a = s.substr(0, space);
         b = s.substr(space + 1);
+      } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
+        a = m[0].get<std::string>();
+        b = m[1].get<std::string>();
       } else {
-        a = m.at(0).get<std::string>();
-        b = m.at(1).get<std::string>();
+        throw std::runtime_error("malformed merge " + m.dump() + " (expected \"a b\" or [\"a\", \"b\"])");
       }
       const auto ia = vocab_.find(a), ib = vocab_.find(b);
       const auto merged = vocab_.find(a + b.substr(std::min(prefix_.size(), b.size())));

@@ -11,6 +11,7 @@
 #include <functional>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "ablate/sdk/error.hpp"
 
@@ -82,7 +83,24 @@ void write_atomically(const fs::path& file, const std::function<void(std::ofstre
 
 }  // namespace
 
+std::string json_error_text(const std::exception& e) {
+  // "[json.exception.type_error.302] type must be string, but is number": the tag means nothing to a user.
+  const std::string what = e.what();
+  const auto close = what.find("] ");
+  return what.rfind("[json.exception.", 0) == 0 && close != std::string::npos ? what.substr(close + 2) : what;
+}
+
+void require_regular_file(const fs::path& file) {
+  std::error_code ec;
+  const auto status = fs::status(file, ec);
+  if (ec || !fs::exists(status)) throw InputError(file.string() + ": cannot open (missing or unreadable)");
+  // A folder would fail later as a read error naming nothing; a FIFO or a device would block or never end.
+  if (fs::is_directory(status)) throw InputError(file.string() + ": is a folder, not a file");
+  if (!fs::is_regular_file(status)) throw InputError(file.string() + ": not a regular file");
+}
+
 nlohmann::json read_json(const fs::path& file) {
+  require_regular_file(file);
   std::ifstream in(file);
   if (!in) throw InputError(file.string() + ": cannot open (missing or unreadable)");
   try {
@@ -90,6 +108,8 @@ nlohmann::json read_json(const fs::path& file) {
   } catch (const nlohmann::json::parse_error& e) {
     // e.byte is the position the parser stopped at.
     throw InputError(file.string() + ": malformed JSON at byte " + std::to_string(e.byte));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(file.string() + ": " + json_error_text(e));  // a number too large for a double
   }
 }
 
@@ -98,6 +118,7 @@ void write_json(const fs::path& file, const nlohmann::json& value) {
 }
 
 TensorMap read_safetensors(const fs::path& file) {
+  require_regular_file(file);
   int fd = ::open(file.c_str(), O_RDONLY);
   if (fd < 0) throw InputError(file.string() + ": cannot open (missing or unreadable)");
   struct stat st {};
@@ -123,29 +144,84 @@ TensorMap read_safetensors(const fs::path& file) {
     header = nlohmann::json::parse(bytes + 8, bytes + 8 + header_len);
   } catch (const nlohmann::json::parse_error& e) {
     throw InputError(file.string() + ": malformed safetensors header at byte " + std::to_string(8 + e.byte));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(file.string() + ": safetensors header: " + json_error_text(e));
   }
   if (!header.is_object()) throw InputError(file.string() + ": safetensors header is not a JSON object");
   const std::size_t data_start = 8 + header_len;
   const std::size_t data_size = map->size - data_start;
 
-  TensorMap out;
+  // The header as the safetensors library validates it: integer shapes and offsets, and tensors that tile the
+  // data exactly (in offset order, no gap, no overlap, nothing after the last). What that library refuses is
+  // refused here, so that a file loads in both or in neither.
+  auto bad = [&](const std::string& tensor, const std::string& what) {
+    return InputError(file.string() + ": tensor '" + tensor + "' " + what);
+  };
+  auto natural = [](const nlohmann::json& v) {
+    return v.is_number_unsigned() || (v.is_number_integer() && v.get<std::int64_t>() >= 0);
+  };
+  struct Entry {
+    std::string name;
+    torch::ScalarType type;
+    std::vector<std::int64_t> shape;
+    std::uint64_t begin, end;
+  };
+  std::vector<Entry> entries;
   for (auto it = header.begin(); it != header.end(); ++it) {
-    if (it.key() == "__metadata__") continue;
     const auto& info = it.value();
+    if (it.key() == "__metadata__") {
+      const bool strings = info.is_object() && std::all_of(info.begin(), info.end(), [](const auto& v) { return v.is_string(); });
+      if (!strings) throw InputError(file.string() + ": __metadata__ must be an object of strings");
+      continue;
+    }
     if (!info.is_object() || !info.contains("dtype") || !info.contains("shape") || !info.contains("data_offsets")) {
-      throw InputError(file.string() + ": tensor '" + it.key() + "' lacks dtype, shape or data_offsets");
+      throw bad(it.key(), "lacks dtype, shape or data_offsets");
     }
-    auto type = dtype_of(info["dtype"].get<std::string>(), file, it.key());
-    std::vector<std::int64_t> shape = info["shape"].get<std::vector<std::int64_t>>();
-    auto offsets = info["data_offsets"].get<std::vector<std::uint64_t>>();
-    std::int64_t numel = 1;
-    for (auto d : shape) numel *= d;
-    const auto expected = static_cast<std::uint64_t>(numel) * c10::elementSize(type);
-    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] > data_size || offsets[1] - offsets[0] != expected) {
-      throw InputError(file.string() + ": tensor '" + it.key() + "' has data offsets that do not match its shape " +
-                       shape_string(shape) + " or lie outside the file");
+    if (!info["dtype"].is_string()) throw bad(it.key(), "has a dtype that is not a string: " + info["dtype"].dump());
+    Entry e{it.key(), dtype_of(info["dtype"].get<std::string>(), file, it.key()), {}, 0, 0};
+    const auto& shape = info["shape"];
+    if (!shape.is_array() || !std::all_of(shape.begin(), shape.end(), natural)) {
+      throw bad(it.key(), "has a shape that is not a list of non-negative integers: " + shape.dump());
     }
-    void* ptr = const_cast<std::uint8_t*>(bytes + data_start + offsets[0]);
+    // Bytes, with overflow checked: a forged shape must not wrap around to a size that matches the offsets.
+    std::uint64_t bytes_needed = c10::elementSize(e.type);
+    for (const auto& d : shape) {
+      const auto n = d.get<std::uint64_t>();
+      if (n != 0 && bytes_needed > (std::uint64_t{1} << 62) / n) throw bad(it.key(), "has a shape too large: " + shape.dump());
+      bytes_needed *= n;
+      e.shape.push_back(static_cast<std::int64_t>(n));
+    }
+    const auto& offsets = info["data_offsets"];
+    if (!offsets.is_array() || offsets.size() != 2 || !natural(offsets[0]) || !natural(offsets[1])) {
+      throw bad(it.key(), "has data_offsets that are not two non-negative integers: " + offsets.dump());
+    }
+    e.begin = offsets[0].get<std::uint64_t>();
+    e.end = offsets[1].get<std::uint64_t>();
+    if (e.end < e.begin || e.end > data_size || e.end - e.begin != bytes_needed) {
+      throw bad(it.key(), "has data offsets that do not match its shape " + shape_string(e.shape) + " or lie outside the file");
+    }
+    entries.push_back(std::move(e));
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return std::tie(a.begin, a.end) < std::tie(b.begin, b.end);
+  });
+  std::uint64_t covered = 0;
+  for (const auto& e : entries) {
+    if (e.begin != covered) {
+      throw bad(e.name, e.begin < covered ? "overlaps the tensor before it" : "starts after a gap in the data");
+    }
+    covered = e.end;
+  }
+  if (covered != data_size) {
+    throw InputError(file.string() + ": " + std::to_string(data_size - covered) + " bytes after the last tensor's data");
+  }
+
+  TensorMap out;
+  for (auto& e : entries) {
+    const auto type = e.type;
+    const auto& shape = e.shape;
+    const auto expected = e.end - e.begin;
+    void* ptr = const_cast<std::uint8_t*>(bytes + data_start + e.begin);
     torch::Tensor t;
     if (reinterpret_cast<std::uintptr_t>(ptr) % c10::elementSize(type) != 0) {
       // Misaligned data cannot be viewed in place; copy it into an aligned buffer.
@@ -154,7 +230,7 @@ TensorMap read_safetensors(const fs::path& file) {
     } else {
       t = torch::from_blob(ptr, shape, [map](void*) {}, torch::TensorOptions().dtype(type));
     }
-    out.emplace(it.key(), std::move(t));
+    out.emplace(e.name, std::move(t));
   }
   return out;
 }
@@ -168,7 +244,12 @@ TensorMap read_weights(const fs::path& dir) {
       throw InputError(index.string() + ": no weight_map object");
     }
     std::set<std::string> shards;
-    for (auto it = doc["weight_map"].begin(); it != doc["weight_map"].end(); ++it) shards.insert(it.value().get<std::string>());
+    for (auto it = doc["weight_map"].begin(); it != doc["weight_map"].end(); ++it) {
+      if (!it.value().is_string()) {
+        throw InputError(index.string() + ": weight_map['" + it.key() + "']: expected a shard's file name, got " + it.value().dump());
+      }
+      shards.insert(it.value().get<std::string>());
+    }
     TensorMap all;
     for (const auto& shard : shards) {
       for (auto& [name, t] : read_safetensors(dir / shard)) all.emplace(name, std::move(t));

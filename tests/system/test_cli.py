@@ -295,6 +295,18 @@ class RunOutcomesTest(TempDirTest):
         self.assertEqual(rows[1][0], "done")
         self.assertIn("failed: projector/explode: forward: boom in forward", out.stderr)
 
+    def test_a_model_too_large_for_memory_fails_its_run_and_the_grid_goes_on(self):
+        # torch's CPU allocator reports failure through an "enforce" that this wheel makes fatal (abort, no line):
+        # the runner turns that off, so it is an exception, and the run fails saying what it tried to allocate.
+        text = tiny_experiment("huge", steps=2, every=2, extra='[grid]\n"model.backbone.config.ffn_dim" = [1099511627776, 32]\n')
+        db = self.dir / "r.db"
+        out = run([self.write("huge.toml", text), "--db", db])
+        self.assertEqual(out.returncode, 1, out.stderr)
+        rows = query(db, "SELECT status, error FROM runs ORDER BY cell_index")
+        self.assertEqual([r[0] for r in rows], ["failed", "done"])
+        self.assertIn("backbone/opt: construct: out of memory: tried to allocate 65536.0 GiB", rows[0][1])
+        self.assertIn("failed: backbone/opt: construct: out of memory", out.stderr)
+
     def test_divergence_marks_the_run_and_the_grid_goes_on(self):
         toml = self.write("div.toml", tiny_experiment(
             "div", steps=20, every=10, extra='[grid]\n"train.lr" = [1e30, 1e-3]\n'))

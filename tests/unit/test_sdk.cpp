@@ -78,6 +78,48 @@ TEST_CASE("malformed safetensors and JSON name the file and the problem", "[sdk]
   write_file(dir / "c.json", "{\"a\": ");
   CHECK_THROWS_WITH(sdk::read_json(dir / "c.json"), Catch::Contains("c.json: malformed JSON at byte"));
   CHECK_THROWS_WITH(sdk::read_weights(dir / "nowhere"), Catch::Contains("no model.safetensors"));
+  write_file(dir / "big.json", R"({"vocab_size": 1e400})");
+  CHECK_THROWS_WITH(sdk::read_json(dir / "big.json"), Catch::EndsWith("big.json: number overflow parsing '1e400'"));
+  std::filesystem::create_directories(dir / "folder.json");
+  CHECK_THROWS_WITH(sdk::read_json(dir / "folder.json"), Catch::EndsWith("folder.json: is a folder, not a file"));
+}
+
+// A safetensors file from its header text and data bytes.
+void write_safetensors_raw(const std::filesystem::path& file, const std::string& header, std::size_t data_bytes) {
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+  write_file(file, bytes + header + std::string(data_bytes, '\0'));
+}
+
+TEST_CASE("safetensors headers are held to what the safetensors library accepts", "[sdk][weights][errors]") {
+  TempDir dir;
+  const auto f = dir / "t.safetensors";
+  // Two float32 tensors of 2 x 2: 16 bytes each, tiling 32 bytes.
+  auto two = [](const std::string& a_shape, const std::string& a_offsets, const std::string& b_offsets, const std::string& extra = "") {
+    return R"({"a": {"dtype": "F32", "shape": )" + a_shape + R"(, "data_offsets": )" + a_offsets + R"(}, "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": )" +
+           b_offsets + "}" + extra + "}";
+  };
+  write_safetensors_raw(f, two("[2, 2]", "[0, 16]", "[16, 32]"), 32);
+  CHECK(sdk::read_safetensors(f).size() == 2);
+  write_safetensors_raw(f, two("[2, 2]", "[16, 32]", "[0, 16]"), 32);  // stored out of name order: fine
+  CHECK(sdk::read_safetensors(f).size() == 2);
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {two("[2.0, 2]", "[0, 16]", "[16, 32]"), "tensor 'a' has a shape that is not a list of non-negative integers: [2.0,2]"},
+      {two("[-2, -2]", "[0, 16]", "[16, 32]"), "tensor 'a' has a shape that is not a list of non-negative integers"},
+      {two("[4294967296, 4294967296]", "[0, 16]", "[16, 32]"), "tensor 'a' has a shape too large"},
+      {two("[2, 2]", "[0.5, 16.5]", "[16, 32]"), "tensor 'a' has data_offsets that are not two non-negative integers"},
+      {two("[2, 2]", "[0, 16]", "[8, 24]"), "tensor 'b' overlaps the tensor before it"},
+      {two("[2, 2]", "[0, 16]", "[16, 32]", R"(, "__metadata__": {"format": 5})"), "__metadata__ must be an object of strings"},
+      {R"({"a": {"dtype": 7, "shape": [2, 2], "data_offsets": [0, 16]}})", "tensor 'a' has a dtype that is not a string: 7"},
+  };
+  for (const auto& [header, message] : refused) {
+    write_safetensors_raw(f, header, 32);
+    CHECK_THROWS_WITH(sdk::read_safetensors(f), Catch::Contains("t.safetensors: " + message));
+  }
+  write_safetensors_raw(f, two("[2, 2]", "[0, 16]", "[20, 36]"), 36);
+  CHECK_THROWS_WITH(sdk::read_safetensors(f), Catch::Contains("tensor 'b' starts after a gap in the data"));
+  write_safetensors_raw(f, two("[2, 2]", "[0, 16]", "[16, 32]"), 40);
+  CHECK_THROWS_WITH(sdk::read_safetensors(f), Catch::Contains("t.safetensors: 8 bytes after the last tensor's data"));
 }
 
 TEST_CASE("loading by name is strict and lists missing, unexpected and mis-shaped tensors", "[sdk][weights][errors]") {

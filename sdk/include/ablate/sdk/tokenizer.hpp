@@ -54,6 +54,8 @@ class Tokenizer {
   void save_folder(const std::filesystem::path& dir) const;
 
  private:
+  /// from_folder's second half: tokenizer_config.json's added tokens and special-token names applied to `doc`.
+  static Tokenizer with_config(nlohmann::json doc, const std::string& origin, const nlohmann::json& cfg, bool from_model_file);
   struct State;
   std::unique_ptr<State> s_;
 };
