@@ -74,6 +74,11 @@ class BadInputTest(TempDirTest):
                  for l in tiny_experiment("bad").splitlines()]
         return self.write(name, "\n".join(lines))
 
+    def test_empty_weights_path(self):
+        # Read as "no weights", it used to build a default-sized OPT (125m) from scratch.
+        f = self.write("empty.toml", self.weights_experiment("x").read_text().replace('weights = "w"', 'weights = ""'))
+        self.expect_bad([f], "empty.toml:", "model.backbone.weights: an empty path")
+
     def test_malformed_config_json_in_weights(self):
         (self.dir / "w").mkdir()
         (self.dir / "w" / "config.json").write_text('{"hidden_size": ')
@@ -306,6 +311,22 @@ class RunOutcomesTest(TempDirTest):
         self.assertEqual([r[0] for r in rows], ["failed", "done"])
         self.assertIn("backbone/opt: construct: out of memory: tried to allocate 65536.0 GiB", rows[0][1])
         self.assertIn("failed: backbone/opt: construct: out of memory", out.stderr)
+
+    def test_repeated_sample_ids_are_stored_apart(self):
+        # LLaVA's instruction mixes repeat ids; generations are stored by id, so a repeat gets a suffix.
+        Image.new("RGB", (20, 20), (30, 30, 200)).save(self.dir / "blue.png")
+        (self.dir / "llava.json").write_text(json.dumps([
+            {"id": "same", "image": "blue.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                 {"from": "gpt", "value": answer}]}
+            for answer in ("blue", "dark blue", "navy")]))
+        text = tiny_experiment("repeat", steps=2, every=2)
+        text = re.sub(r"^eval = .*$", 'eval = { plugin = "llava_json", file = "llava.json", image_folder = "." }', text, flags=re.M)
+        db = self.dir / "r.db"
+        out = run([self.write("repeat.toml", text), "--db", db])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("eval: 2 repeated sample ids stored with a suffix ('same' -> 'same~2', ...)", out.stderr)
+        rows = query(db, "SELECT DISTINCT sample_id FROM samples ORDER BY sample_id")
+        self.assertEqual(rows, [("same",), ("same~2",), ("same~3",)])
 
     def test_divergence_marks_the_run_and_the_grid_goes_on(self):
         toml = self.write("div.toml", tiny_experiment(
