@@ -12,6 +12,7 @@
 
 #include "ablate/sdk/encoder.hpp"
 #include "ablate/sdk/error.hpp"
+#include "ablate/sdk/weights.hpp"
 
 namespace ablate::sdk {
 
@@ -178,6 +179,8 @@ Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& or
 }
 
 Image read_image(const std::filesystem::path& file) {
+  // A FIFO would block the open; a link to /dev/zero would be read until memory runs out.
+  if (std::error_code ec; std::filesystem::exists(file, ec)) require_regular_file(file);
   std::ifstream in(file, std::ios::binary);
   if (!in) throw InputError(file.string() + ": cannot open image (missing or unreadable)");
   std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -94,7 +94,6 @@ void require_regular_file(const fs::path& file) {
   std::error_code ec;
   const auto status = fs::status(file, ec);
   if (ec || !fs::exists(status)) throw InputError(file.string() + ": cannot open (missing or unreadable)");
-  // A folder would fail later as a read error naming nothing; a FIFO or a device would block or never end.
   if (fs::is_directory(status)) throw InputError(file.string() + ": is a folder, not a file");
   if (!fs::is_regular_file(status)) throw InputError(file.string() + ": not a regular file");
 }

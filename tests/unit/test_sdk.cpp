@@ -183,4 +183,9 @@ TEST_CASE("images: PNG round-trips, corrupt files are named, resize keeps size-p
   std::vector<std::uint8_t> broken(png.begin(), png.begin() + 20);
   CHECK_THROWS_WITH(sdk::decode_image(broken, "pic.png"), Catch::StartsWith("pic.png: "));
   CHECK_THROWS_WITH(sdk::decode_image({1, 2, 3, 4}, "x.bin"), "x.bin: not a PNG or JPEG image");
+  // Not regular files: read to the end, /dev/zero would take all memory (and a FIFO would block).
+  std::filesystem::create_symlink("/dev/zero", dir / "zero.png");
+  CHECK_THROWS_WITH(sdk::read_image(dir / "zero.png"), Catch::EndsWith("zero.png: not a regular file"));
+  std::filesystem::create_directories(dir / "folder.png");
+  CHECK_THROWS_WITH(sdk::read_image(dir / "folder.png"), Catch::EndsWith("folder.png: is a folder, not a file"));
 }

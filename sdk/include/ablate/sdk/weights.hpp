@@ -18,6 +18,9 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 
 /// Reads a JSON file; throws InputError "FILE: ..." if it is missing or malformed.
 nlohmann::json read_json(const std::filesystem::path& file);
+/// Throws InputError "FILE: ..." unless `file` is a regular file (after links): a folder, a FIFO or a device
+/// would fail later without its name, block, or never end.
+void require_regular_file(const std::filesystem::path& file);
 /// An exception's text for a user: nlohmann's "[json.exception.type_error.302] " tag is dropped.
 std::string json_error_text(const std::exception& e);
 /// Writes JSON with two-space indentation, atomically (temporary file, then rename).
