@@ -141,6 +141,26 @@ class BadInputTest(TempDirTest):
         out = run([self.write("inline.toml", inline), "--db", self.dir / "inline.db"])
         self.assertEqual(out.returncode, 0, out.stderr)
 
+    def test_dataset_files_that_cannot_be_read_as_such(self):
+        # A number past a double's range (nlohmann throws out_of_range, not parse_error), and an image that is a
+        # link to /dev/zero (read to the end, it took all memory). Found once the run starts: the last line counts.
+        Image.new("RGB", (20, 20), (30, 30, 200)).save(self.dir / "blue.png")
+        os.symlink("/dev/zero", self.dir / "zero.png")
+        turns = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "blue"}]
+        (self.dir / "big.json").write_text('[{"id": 1e400, "image": "blue.png", "conversations": ' + json.dumps(turns) + "}]")
+        (self.dir / "zero.json").write_text(json.dumps([{"id": "z", "image": "zero.png", "conversations": turns}]))
+        for name, message in (("big", "big.json: number overflow parsing '1e400'"), ("zero", "sample z: ")):
+            with self.subTest(name):
+                text = re.sub(r"^eval = .*$", f'eval = {{ plugin = "llava_json", file = "{name}.json", image_folder = "." }}',
+                              tiny_experiment(name, steps=2, every=2), flags=re.M)
+                out = run([self.write(f"{name}.toml", text), "--db", self.dir / f"{name}.db"], timeout=120)
+                self.assertEqual(out.returncode, 2, out.stderr)
+                last = out.stderr.strip().splitlines()[-1]
+                self.assertTrue(last.startswith("runner: "), last)
+                self.assertIn(message, last)
+                if name == "zero":
+                    self.assertIn("zero.png: not a regular file", last)
+
     def test_requires_cycle(self):
         a = self.experiment("a.toml", 'name = "bad"', 'name = "a"\nrequires = ["b.toml"]')
         self.experiment("b.toml", 'name = "bad"', 'name = "b"\nrequires = ["a.toml"]')

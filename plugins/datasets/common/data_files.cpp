@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "ablate/sdk/component.hpp"
+#include "ablate/sdk/weights.hpp"
 
 namespace ablate::plugins::data {
 
@@ -27,7 +28,20 @@ std::pair<std::size_t, std::size_t> line_col(std::string_view text, std::size_t 
   return {line, offset - line_start + 1};
 }
 
+namespace {
+
+// Neither a file nor a folder: a FIFO would block the open, a device (a link to /dev/zero) would be read until
+// memory runs out.
+bool special_file(const fs::path& file) {
+  std::error_code ec;
+  const auto status = fs::status(file, ec);
+  return !ec && fs::exists(status) && !fs::is_regular_file(status) && !fs::is_directory(status);
+}
+
+}  // namespace
+
 std::string read_text(const fs::path& file) {
+  if (special_file(file)) throw sdk::InputError(file.string() + ": not a regular file");
   std::ifstream in(file, std::ios::binary);
   if (!in || fs::is_directory(file)) throw sdk::InputError(file.string() + ": cannot open (missing or unreadable)");
   std::ostringstream os;
@@ -206,6 +220,8 @@ JsonText::JsonText(std::string file, std::string text, std::size_t first_line)
     const auto [line, col] = line_col(text_, e.byte > 0 ? e.byte - 1 : 0);
     throw sdk::InputError(file_ + ":" + std::to_string(line + first_line_ - 1) + ":" + std::to_string(col) +
                           ": malformed JSON: " + parse_problem(e.what()));
+  } catch (const sdk::Json::exception& e) {
+    throw sdk::InputError(file_ + ": " + sdk::json_error_text(e));  // a number too large for a double: no position
   }
 }
 
@@ -309,6 +325,7 @@ sdk::Image decode_image(const std::vector<std::uint8_t>& bytes, const std::strin
 }
 
 sdk::Image load_image(const fs::path& file, const std::string& sample_id) {
+  if (special_file(file)) throw sdk::SampleError(sample_id, "sample " + sample_id + ": " + file.string() + ": not a regular file");
   std::ifstream in(file, std::ios::binary);
   if (!in || fs::is_directory(file)) {
     throw sdk::SampleError(sample_id, "sample " + sample_id + ": " + file.string() + ": cannot open image (missing or unreadable)");
