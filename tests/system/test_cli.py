@@ -141,6 +141,30 @@ class BadInputTest(TempDirTest):
         out = run([self.write("inline.toml", inline), "--db", self.dir / "inline.db"])
         self.assertEqual(out.returncode, 0, out.stderr)
 
+    def test_preprocessor_config_values(self):
+        # An exported encoder's preprocessor_config.json, edited: values transformers' image processors refuse, and
+        # a wrong type, each named with the file (they used to fail the run with a JSON library message, exit 1).
+        done = run([self.write("enc.toml", tiny_experiment("enc", steps=2, every=2, extra='\n[export]\nencoder = "enc"\n')),
+                    "--db", self.dir / "enc.db"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        config_file = self.dir / "enc" / "preprocessor_config.json"
+        original = json.loads(config_file.read_text())
+        text = "\n".join(('encoder = { plugin = "clip_vit", weights = "enc" }' if l.startswith("encoder =") else l)
+                         for l in tiny_experiment("pre", steps=2, every=2).splitlines())
+        toml = self.write("pre.toml", text)
+        for key, value, message in (("crop_size", {"height": 0, "width": 0}, "height: expected an image side from 1 to 65536 pixels"),
+                                    ("image_mean", [0.5, 0.5], "image_mean: expected three numbers (R, G, B), got [0.5,0.5]"),
+                                    ("resample", 99, "resample: expected one of Pillow's filters 0 to 5, got 99"),
+                                    ("rescale_factor", "1/255", "preprocessor_config.json: type must be number, but is string")):
+            with self.subTest(key):
+                config_file.write_text(json.dumps({**original, key: value}))
+                out = run([toml, "--db", self.dir / f"pre-{key}.db"])
+                self.assertEqual(out.returncode, 2, out.stderr)
+                last = out.stderr.strip().splitlines()[-1]
+                self.assertTrue(last.startswith("runner: "), last)
+                self.assertIn("preprocessor_config.json: ", last)
+                self.assertIn(message, last)
+
     def test_dataset_files_that_cannot_be_read_as_such(self):
         # A number past a double's range (nlohmann throws out_of_range, not parse_error), and an image that is a
         # link to /dev/zero (read to the end, it took all memory). Found once the run starts: the last line counts.

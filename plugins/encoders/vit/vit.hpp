@@ -4,6 +4,8 @@
 // ViT encoder takes, weight loading that accepts both key layouts, and image specs from
 // preprocessor_config.json.
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 
 #include <torch/torch.h>
@@ -187,30 +189,50 @@ inline void load_vision_weights(torch::nn::Module& module, const std::filesystem
 /// Overrides `spec` with what a Hugging Face preprocessor_config.json says.
 inline void read_preprocessor(const std::filesystem::path& file, sdk::ImageSpec& spec) {
   auto j = sdk::read_json(file);
+  if (!j.is_object()) throw sdk::InputError(file.string() + ": expected a JSON object");
+  // A side of 1 to 65536 pixels (transformers refuses sizes of 0 or less; larger ones only exhaust memory).
   auto size_of = [&](const sdk::Json& v, const char* key) -> std::int64_t {
-    if (v.is_number_integer()) return v.get<std::int64_t>();
-    if (v.is_object() && v.contains(key)) return v[key].get<std::int64_t>();
-    throw sdk::InputError(file.string() + ": cannot read '" + key + "' from " + v.dump());
-  };
-  if (j.contains("size")) {
-    const auto& size = j["size"];
-    if (size.is_object() && size.contains("height")) {
-      spec.shortest_edge = 0;  // resize straight to height x width
-      spec.height = size_of(size, "height");
-      spec.width = size_of(size, "width");
-    } else {
-      spec.shortest_edge = size_of(size, "shortest_edge");
+    const auto& n = v.is_object() && v.contains(key) ? v[key] : v;
+    if (!n.is_number_integer() || n.get<std::int64_t>() < 1 || n.get<std::int64_t>() > 65536) {
+      throw sdk::InputError(file.string() + ": " + key + ": expected an image side from 1 to 65536 pixels, got " + v.dump());
     }
+    return n.get<std::int64_t>();
+  };
+  try {
+    if (j.contains("size")) {
+      const auto& size = j["size"];
+      if (size.is_object() && size.contains("height")) {
+        spec.shortest_edge = 0;  // resize straight to height x width
+        spec.height = size_of(size, "height");
+        spec.width = size_of(size, "width");
+      } else {
+        spec.shortest_edge = size_of(size, "shortest_edge");
+      }
+    }
+    spec.center_crop = j.value("do_center_crop", spec.center_crop);
+    if (spec.center_crop && j.contains("crop_size")) {
+      spec.height = size_of(j["crop_size"], "height");
+      spec.width = j["crop_size"].is_object() ? size_of(j["crop_size"], "width") : spec.height;
+    }
+    spec.resample = j.value("resample", spec.resample);
+    spec.rescale_factor = j.value("rescale_factor", spec.rescale_factor);
+    if (spec.resample < 0 || spec.resample > 5) {
+      throw sdk::InputError(file.string() + ": resample: expected one of Pillow's filters 0 to 5, got " + std::to_string(spec.resample));
+    }
+    auto three = [&](const char* key) {
+      const auto& v = j[key];
+      if (!v.is_array() || v.size() != 3 || !std::all_of(v.begin(), v.end(), [](const auto& x) { return x.is_number(); })) {
+        throw sdk::InputError(file.string() + ": " + key + ": expected three numbers (R, G, B), got " + v.dump());
+      }
+      return v.get<std::array<double, 3>>();
+    };
+    if (j.contains("image_mean")) spec.mean = three("image_mean");
+    if (j.contains("image_std")) spec.std = three("image_std");
+  } catch (const sdk::InputError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw sdk::InputError(file.string() + ": " + sdk::json_error_text(e));  // a field of another type
   }
-  spec.center_crop = j.value("do_center_crop", spec.center_crop);
-  if (spec.center_crop && j.contains("crop_size")) {
-    spec.height = size_of(j["crop_size"], "height");
-    spec.width = j["crop_size"].is_object() ? size_of(j["crop_size"], "width") : spec.height;
-  }
-  spec.resample = j.value("resample", spec.resample);
-  spec.rescale_factor = j.value("rescale_factor", spec.rescale_factor);
-  if (j.contains("image_mean")) spec.mean = j["image_mean"].get<std::array<double, 3>>();
-  if (j.contains("image_std")) spec.std = j["image_std"].get<std::array<double, 3>>();
 }
 
 }  // namespace ablate::plugins::vit
