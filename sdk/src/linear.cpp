@@ -177,6 +177,16 @@ struct SharedProducts {
   torch::Tensor a;                ///< the joint LoRA A product [N, total_rank] (undefined without an adapter)
 };
 
+// Every adapter's A matrix stacked in the plan's order, [total_rank, in] in the compute type: the joint A
+// product's right-hand side forward, and what x's gradient takes from all adapters at once backward.
+torch::Tensor joint_lora_a(const SharedPlan& plan, at::TensorList tensors) {
+  std::vector<torch::Tensor> as;
+  for (const auto& l : plan.layers) {
+    if (l.rank) as.push_back(tensors[l.lora_A]);
+  }
+  return (as.size() == 1 ? as.front() : torch::cat(as)).to(plan.dtype);
+}
+
 // The forward products; `tensors` is x followed by the parameters, as the plan's indices say.
 SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
@@ -184,14 +194,7 @@ SharedProducts shared_products(const SharedPlan& plan, at::TensorList tensors) {
   const auto& x = tensors.front();
   SharedProducts r;
   r.x2 = x.reshape({-1, x.size(-1)}).to(c);
-  if (plan.total_rank > 0) {
-    std::vector<torch::Tensor> as;
-    for (const auto& l : plan.layers) {
-      if (l.rank) as.push_back(tensors[l.lora_A]);
-    }
-    const auto joint = as.size() == 1 ? as.front().to(c) : torch::cat(as).to(c);
-    r.a = torch::mm(r.x2, joint.t());
-  }
+  if (plan.total_rank > 0) r.a = torch::mm(r.x2, joint_lora_a(plan, tensors).t());
   auto shape = x.sizes().vec();
   for (const auto& l : plan.layers) {
     // x @ W^T, with W stored [out, in], or [in, out] for fan_in_fan_out.
@@ -289,16 +292,13 @@ class SharedLinears : public torch::autograd::Function<SharedLinears> {
     }
     torch::Tensor dx;
     if (ga.defined()) {
-      std::vector<torch::Tensor> as;  // the adapters' A matrices in the joint product's column order
       for (const auto& l : plan.layers) {
-        if (!l.rank) continue;
-        as.push_back(tensors[l.lora_A]);
-        if (ctx->needs_input_grad(l.lora_A)) out[l.lora_A] = torch::mm(ga.narrow(1, l.a_offset, l.rank).t(), x2);
+        if (l.rank && ctx->needs_input_grad(l.lora_A)) out[l.lora_A] = torch::mm(ga.narrow(1, l.a_offset, l.rank).t(), x2);
       }
       // Every adapter's share of x's gradient in one rank-sum product, first: it only writes dx, and each layer's
       // product below adds into dx in its epilogue. (Per adapter, and after them, each would be a pass that reads
       // and writes all of dx.)
-      if (want_dx) dx = torch::mm(ga, (as.size() == 1 ? as.front() : torch::cat(as)).to(c));
+      if (want_dx) dx = torch::mm(ga, joint_lora_a(plan, tensors));
     }
     for (const auto& [g, w] : dx_terms) {
       if (dx.defined()) dx.addmm_(g, w);

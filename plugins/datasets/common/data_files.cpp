@@ -28,22 +28,10 @@ std::pair<std::size_t, std::size_t> line_col(std::string_view text, std::size_t 
   return {line, offset - line_start + 1};
 }
 
-namespace {
-
-// Neither a file nor a folder: a FIFO would block the open, a device (a link to /dev/zero) would be read until
-// memory runs out.
-bool special_file(const fs::path& file) {
-  std::error_code ec;
-  const auto status = fs::status(file, ec);
-  return !ec && fs::exists(status) && !fs::is_regular_file(status) && !fs::is_directory(status);
-}
-
-}  // namespace
-
 std::string read_text(const fs::path& file) {
-  if (special_file(file)) throw sdk::InputError(file.string() + ": not a regular file");
+  sdk::require_regular_file(file);  // a FIFO would block the open, a device (/dev/zero) never end
   std::ifstream in(file, std::ios::binary);
-  if (!in || fs::is_directory(file)) throw sdk::InputError(file.string() + ": cannot open (missing or unreadable)");
+  if (!in) throw sdk::InputError(file.string() + ": cannot open (missing or unreadable)");
   std::ostringstream os;
   os << in.rdbuf();
   return os.str();
@@ -316,22 +304,27 @@ std::optional<fs::path> ImageRoot::resolve(const std::string& name) const {
   return p;
 }
 
-sdk::Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& origin, const std::string& sample_id) {
+namespace {
+
+// An image's InputError (which names its file or origin) as the sample's error, for on_bad_sample to decide on.
+template <class Read>
+sdk::Image for_sample(const std::string& sample_id, Read&& read) {
   try {
-    return sdk::decode_image(bytes, origin);
+    return read();
   } catch (const sdk::InputError& e) {
     throw sdk::SampleError(sample_id, "sample " + sample_id + ": " + e.what());
   }
 }
 
+}  // namespace
+
+sdk::Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& origin, const std::string& sample_id) {
+  return for_sample(sample_id, [&] { return sdk::decode_image(bytes, origin); });
+}
+
 sdk::Image load_image(const fs::path& file, const std::string& sample_id) {
-  if (special_file(file)) throw sdk::SampleError(sample_id, "sample " + sample_id + ": " + file.string() + ": not a regular file");
-  std::ifstream in(file, std::ios::binary);
-  if (!in || fs::is_directory(file)) {
-    throw sdk::SampleError(sample_id, "sample " + sample_id + ": " + file.string() + ": cannot open image (missing or unreadable)");
-  }
-  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return decode_image(bytes, file.string(), sample_id);
+  // sdk::read_image refuses a FIFO or a device (a link to /dev/zero) before reading it.
+  return for_sample(sample_id, [&] { return sdk::read_image(file); });
 }
 
 sdk::Image no_image() { return sdk::Image::from_shape({0, 0, 3}); }

@@ -10,7 +10,6 @@ int add_layer_norm_forward(const ForwardArgs&, void*) { return 1; }
 int add_layer_norm_backward(const BackwardArgs&, void*) { return 1; }
 const char* error_string(int) { return "built without CUDA kernels"; }
 
-std::int64_t relu_mask_bytes(std::int64_t rows, std::int64_t features) { return (features + 127) / 128 * 16 * rows; }
 bool relu_gemm_available() { return false; }
 int relu_linear_forward(const ReluForwardArgs&, void*) { return kNoLibrary; }
 int relu_grad_backward(const ReluBackwardArgs&, void*) { return kNoLibrary; }

@@ -101,8 +101,6 @@ struct Product {
   cudaDataType_t type;
 };
 
-std::int64_t mask_ld(std::int64_t features) { return (features + 127) / 128 * 128; }
-
 cudaDataType_t data_type(GemmType t) { return t == GemmType::f16 ? CUDA_R_16F : CUDA_R_16BF; }
 
 Product forward_product(const ReluForwardArgs& a) {
@@ -125,7 +123,7 @@ int describe(const Product& p, Described& out) {
   };
   const std::int32_t transa = p.transa, transb = CUBLAS_OP_N;
   const std::uint32_t epilogue = p.epilogue;
-  const std::int64_t aux_ld = mask_ld(p.m);
+  const std::int64_t aux_ld = relu_mask_ld(p.m);
   if (int s = set(CUBLASLT_MATMUL_DESC_TRANSA, transa)) return s;
   if (int s = set(CUBLASLT_MATMUL_DESC_TRANSB, transb)) return s;
   if (int s = set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue)) return s;
@@ -240,8 +238,6 @@ int run(const Product& p, const void* a, const void* b, void* d, void* workspace
 void* const kFake = reinterpret_cast<void*>(std::uintptr_t{1} << 20);
 
 }  // namespace
-
-std::int64_t relu_mask_bytes(std::int64_t rows, std::int64_t features) { return mask_ld(features) / 8 * rows; }
 
 bool relu_gemm_available() { return lt().ok; }
 

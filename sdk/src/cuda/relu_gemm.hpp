@@ -42,8 +42,12 @@ struct ReluBackwardArgs {
   int device;
 };
 
-/// Bytes of the mask: cuBLASLt keeps each row's bits with a stride of a multiple of 128 bits.
-std::int64_t relu_mask_bytes(std::int64_t rows, std::int64_t features);
+/// The mask's stride in bits between rows of h: cuBLASLt wants a multiple of 128.
+constexpr std::int64_t relu_mask_ld(std::int64_t features) { return (features + 127) / 128 * 128; }
+/// Bytes of the mask.
+constexpr std::int64_t relu_mask_bytes(std::int64_t rows, std::int64_t features) {
+  return relu_mask_ld(features) / 8 * rows;
+}
 /// Whether cuBLASLt is there to call: torch's own libcublasLt, already loaded in the process (no second copy
 /// is ever loaded beside it), with every function these products call.
 bool relu_gemm_available();
