@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <random>
+#include <set>
 
 #include "ablate/sdk/error.hpp"
 #include "ablate/sdk/image.hpp"
@@ -18,11 +19,12 @@ Collator::Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, 
       vocab_origin_(std::move(vocab_origin)),
       image_token_(image_token) {
   // Padding is embedded too (its positions are masked, not skipped).
-  if (const auto pad = tokenizer_.pad_id(); pad >= vocab_size_) {
-    throw sdk::InputError(vocab_origin_ + ": the padding token '" + tokenizer_.token(pad) + "' has id " + std::to_string(pad) +
-                          ", past the backbone's vocab_size " + std::to_string(vocab_size_) +
-                          " (the tokenizer and config.json disagree)");
-  }
+  if (const auto pad = tokenizer_.pad_id(); pad >= vocab_size_) refuse_id("the padding token '" + tokenizer_.token(pad) + "' has", pad);
+}
+
+void Collator::refuse_id(const std::string& what, std::int64_t id) const {
+  throw sdk::InputError(vocab_origin_ + ": " + what + " id " + std::to_string(id) + ", past the backbone's vocab_size " +
+                        std::to_string(vocab_size_) + " (the tokenizer and config.json disagree)");
 }
 
 torch::Tensor to_device_async(const torch::Tensor& t, const torch::Device& device) {
@@ -47,9 +49,7 @@ Example Collator::prepare(sdk::Sample sample, bool with_pixels) const {
   for (const auto* ids : {&ex.prompt_ids, &ex.target_ids}) {
     for (const auto id : *ids) {
       if ((id < 0 || id >= vocab_size_) && (id != image_token_ || image_token_ < 0)) {
-        throw sdk::InputError(vocab_origin_ + ": sample '" + sample.id + "': the tokenizer gives '" + tokenizer_.token(id) +
-                              "' id " + std::to_string(id) + ", past the backbone's vocab_size " +
-                              std::to_string(vocab_size_) + " (the tokenizer and config.json disagree)");
+        refuse_id("sample '" + sample.id + "': the tokenizer gives '" + tokenizer_.token(id) + "'", id);
       }
     }
   }
@@ -157,6 +157,23 @@ std::size_t SampleOrder::at(std::uint64_t n) {
     epoch_ = epoch;
   }
   return perm_[n % count_];
+}
+
+std::string make_sample_ids_unique(std::vector<Example>& examples) {
+  std::set<std::string> seen;
+  std::size_t renamed = 0;
+  std::string first;
+  for (auto& e : examples) {
+    auto& id = e.sample.id;
+    if (seen.insert(id).second) continue;
+    std::string unique;
+    for (int k = 2; !seen.insert(unique = id + "~" + std::to_string(k)).second; ++k) {
+    }
+    if (renamed++ == 0) first = "'" + id + "' -> '" + unique + "'";
+    id = unique;
+  }
+  if (renamed == 0) return {};
+  return std::to_string(renamed) + " repeated sample ids stored with a suffix (" + first + (renamed > 1 ? ", ..." : "") + ")";
 }
 
 }  // namespace ablate

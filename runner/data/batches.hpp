@@ -87,7 +87,15 @@ class Collator {
   std::int64_t vocab_size_;
   std::string vocab_origin_;
   std::int64_t image_token_;
+
+  /// Throws the InputError for an id past the embedding: "ORIGIN: <what> id N, past the backbone's vocab_size".
+  [[noreturn]] void refuse_id(const std::string& what, std::int64_t id) const;
 };
+
+/// Stored generations are keyed by sample id, and real instruction mixes repeat ids (LLaVA's, or two datasets of
+/// an eval mixture): a repeat gets "~2", "~3"... in order, the same in every run of the same data. Returns a line
+/// saying what was renamed (empty if nothing was).
+std::string make_sample_ids_unique(std::vector<Example>& examples);
 
 /// A host tensor on `device`. On CUDA it is pinned first, so that the copy is queued behind the device's work
 /// instead of waiting for it (a copy from pageable memory synchronises the stream).

@@ -191,7 +191,7 @@ PluginRef plugin_ref(sdk::Options& table, sdk::Kind kind, const std::string& poi
   ref.id = table.require<std::string>("plugin");
   ref.version = host.require(kind, ref.id, table.where("plugin") + ": " + table.display() + ".plugin").version;
   // Plugins read an empty weights path as none and would build a default-sized model from scratch.
-  if (table.has("weights") && table.get<std::string>("weights", "x").empty()) {
+  if (table.has("weights") && table.require<std::string>("weights").empty()) {
     table.fail("weights", "an empty path (leave weights out to build the model from its config)");
   }
   host.parse(kind, ref.id, table);

@@ -483,23 +483,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   for (std::size_t i = 0; i < eval_set.size(); ++i) {
     if (auto sample = eval_set.get(i)) eval_examples.push_back(collator.prepare(std::move(*sample)));
   }
-  // Stored generations are keyed by sample id. Real instruction mixes repeat ids (LLaVA's, or two datasets of an
-  // eval mixture): a repeat gets "~2", "~3"... in eval order, the same in every run of the same data.
-  {
-    std::set<std::string> seen;
-    std::size_t renamed = 0;
-    std::string first;
-    for (auto& e : eval_examples) {
-      auto& id = e.sample.id;
-      if (seen.insert(id).second) continue;
-      std::string unique;
-      for (int k = 2; !seen.insert(unique = id + "~" + std::to_string(k)).second; ++k) {
-      }
-      if (renamed++ == 0) first = "'" + id + "' -> '" + unique + "'";
-      id = unique;
-    }
-    if (renamed > 0) out << "  eval: " << renamed << " repeated sample ids stored with a suffix (" << first << (renamed > 1 ? ", ..." : "") << ")\n";
-  }
+  if (const auto renamed = make_sample_ids_unique(eval_examples); !renamed.empty()) out << "  eval: " << renamed << "\n";
   // [train] tf32: float32 matrix products on TF32 tensor cores on CUDA during this run (its feature cache and
   // evaluations included), as torch.backends.cuda.matmul.allow_tf32 = True (cuDNN's convolutions use TF32 by
   // torch's default already); the previous setting comes back when the run ends.
