@@ -69,14 +69,30 @@ class BadInputTest(TempDirTest):
     def test_missing_experiment_file(self):
         self.expect_bad([self.dir / "nowhere.toml"], "nowhere.toml: cannot open experiment")
 
+    def expect_bad_once_running(self, args, db, *fragments):
+        """Bad input found once a run has started (a component built, samples encoded): progress lines come
+        first, the error is the last line, exit 2."""
+        out = run([*args, "--db", db], timeout=120)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        last = out.stderr.strip().splitlines()[-1]
+        self.assertTrue(last.startswith("runner: "), last)
+        for f in fragments:
+            self.assertIn(f, last)
+        return last
+
+    @staticmethod
+    def with_weights(text, part, folder):
+        """Experiment text whose `part` (backbone: opt, encoder: clip_vit) reads its weights from `folder`."""
+        plugin = {"backbone": "opt", "encoder": "clip_vit"}[part]
+        return "\n".join((f'{part} = {{ plugin = "{plugin}", weights = "{folder}" }}' if l.startswith(f"{part} =") else l)
+                         for l in text.splitlines())
+
     def weights_experiment(self, name):
-        lines = [('backbone = { plugin = "opt", weights = "w" }' if l.startswith("backbone =") else l)
-                 for l in tiny_experiment("bad").splitlines()]
-        return self.write(name, "\n".join(lines))
+        return self.write(name, self.with_weights(tiny_experiment("bad"), "backbone", "w"))
 
     def test_empty_weights_path(self):
         # Read as "no weights", it used to build a default-sized OPT (125m) from scratch.
-        f = self.write("empty.toml", self.weights_experiment("x").read_text().replace('weights = "w"', 'weights = ""'))
+        f = self.write("empty.toml", self.with_weights(tiny_experiment("bad"), "backbone", ""))
         self.expect_bad([f], "empty.toml:", "model.backbone.weights: an empty path")
 
     def test_malformed_config_json_in_weights(self):
@@ -102,8 +118,7 @@ class BadInputTest(TempDirTest):
         vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
         original = json.loads((folder / "tokenizer.json").read_text())
         self.assertIn("</s>", original["model"]["vocab"])
-        toml = self.write("weights.toml", "\n".join(('backbone = { plugin = "opt", weights = "export" }' if l.startswith("backbone =")
-                                                     else l) for l in tiny_experiment("bad").splitlines()))
+        toml = self.write("weights.toml", self.with_weights(tiny_experiment("bad"), "backbone", "export"))
         for token, eos, message in (
                 ("</s>", -4, 'tokenizer.json: model.vocab["</s>"]: id must be an integer from 0 to 4294967295, got -4'),
                 ("</s>", vocab_size + 7, f"export: sample 'val-0': the tokenizer gives '</s>' id {vocab_size + 7}, "
@@ -117,11 +132,7 @@ class BadInputTest(TempDirTest):
                 # Found once the run has started (the backbone is built, then the samples encoded): the progress
                 # lines come first, the error is the last line, and the run is kept as failed with the reason.
                 db = self.dir / f"tok{token[1:-1]}{eos}.db"
-                out = run([toml, "--db", db])
-                self.assertEqual(out.returncode, 2, out.stderr)
-                last = out.stderr.strip().splitlines()[-1]
-                self.assertTrue(last.startswith("runner: "), last)
-                self.assertIn(message, last)
+                self.expect_bad_once_running([toml], db, message)
                 self.assertEqual(query(db, "SELECT status FROM runs"), [("failed",)])
                 self.assertIn(message, query(db, "SELECT error FROM runs")[0][0])
         # The inline layout's "<image>" is replaced by the image before the embedding, so its id may lie past
@@ -136,9 +147,7 @@ class BadInputTest(TempDirTest):
         inline = tiny_experiment("inline", steps=2, every=2).replace('layout = "prefix"', 'layout = "inline"')
         llava = '{ plugin = "llava_json", file = "llava.json", image_folder = "." }'
         inline = re.sub(r"^(train|eval) = .*$", lambda m: f"{m.group(1)} = {llava}", inline, flags=re.M)
-        inline = "\n".join(('backbone = { plugin = "opt", weights = "export" }' if l.startswith("backbone =") else l)
-                           for l in inline.splitlines())
-        out = run([self.write("inline.toml", inline), "--db", self.dir / "inline.db"])
+        out = run([self.write("inline.toml", self.with_weights(inline, "backbone", "export")), "--db", self.dir / "inline.db"])
         self.assertEqual(out.returncode, 0, out.stderr)
 
     def test_preprocessor_config_values(self):
@@ -149,21 +158,14 @@ class BadInputTest(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         config_file = self.dir / "enc" / "preprocessor_config.json"
         original = json.loads(config_file.read_text())
-        text = "\n".join(('encoder = { plugin = "clip_vit", weights = "enc" }' if l.startswith("encoder =") else l)
-                         for l in tiny_experiment("pre", steps=2, every=2).splitlines())
-        toml = self.write("pre.toml", text)
+        toml = self.write("pre.toml", self.with_weights(tiny_experiment("pre", steps=2, every=2), "encoder", "enc"))
         for key, value, message in (("crop_size", {"height": 0, "width": 0}, "height: expected an image side from 1 to 65536 pixels"),
                                     ("image_mean", [0.5, 0.5], "image_mean: expected three numbers (R, G, B), got [0.5,0.5]"),
                                     ("resample", 99, "resample: expected one of Pillow's filters 0 to 5, got 99"),
                                     ("rescale_factor", "1/255", "preprocessor_config.json: type must be number, but is string")):
             with self.subTest(key):
                 config_file.write_text(json.dumps({**original, key: value}))
-                out = run([toml, "--db", self.dir / f"pre-{key}.db"])
-                self.assertEqual(out.returncode, 2, out.stderr)
-                last = out.stderr.strip().splitlines()[-1]
-                self.assertTrue(last.startswith("runner: "), last)
-                self.assertIn("preprocessor_config.json: ", last)
-                self.assertIn(message, last)
+                self.expect_bad_once_running([toml], self.dir / f"pre-{key}.db", "preprocessor_config.json: ", message)
 
     def test_dataset_files_that_cannot_be_read_as_such(self):
         # A number past a double's range (nlohmann throws out_of_range, not parse_error), and an image that is a
@@ -177,11 +179,7 @@ class BadInputTest(TempDirTest):
             with self.subTest(name):
                 text = re.sub(r"^eval = .*$", f'eval = {{ plugin = "llava_json", file = "{name}.json", image_folder = "." }}',
                               tiny_experiment(name, steps=2, every=2), flags=re.M)
-                out = run([self.write(f"{name}.toml", text), "--db", self.dir / f"{name}.db"], timeout=120)
-                self.assertEqual(out.returncode, 2, out.stderr)
-                last = out.stderr.strip().splitlines()[-1]
-                self.assertTrue(last.startswith("runner: "), last)
-                self.assertIn(message, last)
+                last = self.expect_bad_once_running([self.write(f"{name}.toml", text)], self.dir / f"{name}.db", message)
                 if name == "zero":
                     self.assertIn("zero.png: not a regular file", last)
 
