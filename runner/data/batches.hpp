@@ -68,8 +68,8 @@ class Collator {
  public:
   /// `vocab_size`: the backbone's embedding rows; an id the tokenizer gives past them is bad input, named
   /// after `vocab_origin` (the backbone's weights folder, or the experiment file), not an indexing error.
-  /// `image_token`: the inline layout's placeholder id (-1 if none), replaced by the image before embedding, so
-  /// it may lie past them (a tokenizer's added "<image>").
+  /// `image_token`: the inline layout's image token id (-1 if none); the image takes its place before the
+  /// embedding, so it may lie past the rows (a tokenizer's added "<image>").
   Collator(const sdk::Tokenizer& tokenizer, const sdk::ImageSpec& spec, std::int64_t max_text_tokens, bool loss_on_text,
            std::int64_t vocab_size, std::string vocab_origin, std::int64_t image_token);
   /// `with_pixels` false: the encoder's features come from the feature cache, the image is not prepared.

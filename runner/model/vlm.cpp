@@ -146,10 +146,10 @@ Sequence VlmModel::assemble(const torch::Tensor& pixels, const torch::Tensor& id
   const auto b = ids.size(0), t = ids.size(1);
 
   auto image = image_embeddings(pixels, features);
-  // The inline placeholder's own embedding is dropped below. An added "<image>" may lie past the embedding's rows;
-  // it is then embedded as id 0, as transformers' LLaVA does.
-  const bool placeholder_past_rows = layout_ == Layout::inline_ && image_token_ >= bb.vocab_size();
-  auto text = guarded(backbone_.plugin, "embed", [&] { return bb.embed(placeholder_past_rows ? ids.masked_fill(ids == image_token_, 0) : ids); });
+  // In the inline layout the image token's own embedding is dropped below (the image takes its place). An added
+  // "<image>" may lie past the embedding's rows; it is then embedded as id 0, as transformers' LLaVA does.
+  const bool image_token_past_rows = layout_ == Layout::inline_ && image_token_ >= bb.vocab_size();
+  auto text = guarded(backbone_.plugin, "embed", [&] { return bb.embed(image_token_past_rows ? ids.masked_fill(ids == image_token_, 0) : ids); });
   image = image.to(text.dtype());
   const auto n = image.size(1);
   auto long_opts = ids.options();
