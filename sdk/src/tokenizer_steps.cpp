@@ -637,7 +637,10 @@ class Bpe : public VocabModel {
       if (!word.empty()) word.back().next = idx;
       word.push_back({id, idx - 1, -1, len});
     };
-    std::optional<std::pair<std::int64_t, std::size_t>> unk;  // pending unknown (id, bytes)
+    // A pending unknown token: its id (-1: none) and how many bytes it covers. Two plain variables rather than
+    // an optional pair, which GCC 12 reports as maybe-uninitialized.
+    std::int64_t unk = -1;
+    std::size_t unk_bytes = 0;
     const auto chars = unicode::decode(w);
     for (std::size_t i = 0; i < chars.size(); ++i) {
       const std::string c = unicode::encode(chars[i]);
@@ -645,10 +648,8 @@ class Bpe : public VocabModel {
       if (i > 0 && !prefix_.empty()) s = prefix_ + s;
       if (i + 1 == chars.size() && !suffix_.empty()) s += suffix_;
       if (auto it = vocab_.find(s); it != vocab_.end()) {
-        if (unk) {
-          add(unk->first, unk->second);
-          unk.reset();
-        }
+        if (unk >= 0) add(unk, unk_bytes);
+        unk = -1;
         add(it->second, c.size());
         continue;
       }
@@ -668,16 +669,17 @@ class Bpe : public VocabModel {
       }
       if (!unk_token_.empty()) {
         const auto unk_id = vocab_.at(unk_token_);
-        if (unk && fuse_unk_) {
-          unk->second += c.size();
+        if (unk >= 0 && fuse_unk_) {
+          unk_bytes += c.size();
         } else {
-          if (unk) add(unk->first, unk->second);
-          unk = std::make_pair(unk_id, c.size());
+          if (unk >= 0) add(unk, unk_bytes);
+          unk = unk_id;
+          unk_bytes = c.size();
         }
       }
       // No unknown token and no fallback: the character is dropped, as the Rust implementation does.
     }
-    if (unk) add(unk->first, unk->second);
+    if (unk >= 0) add(unk, unk_bytes);
     merge_all(word);
     std::vector<std::int64_t> out;
     for (const auto& s : word) {
