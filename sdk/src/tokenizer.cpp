@@ -22,6 +22,15 @@ namespace {
 
 const char* const kMetaspace = "\xE2\x96\x81";  // U+2581, SentencePiece's word boundary
 
+// A member by reference, null when absent: a type error inside it then names its whole path in the file
+// ("added_tokens/0/special"). json::value() would hand back a copy, and the path would start at the copy.
+const nlohmann::json& member(const nlohmann::json& object, const char* key) {
+  static const nlohmann::json kNull;
+  if (!object.is_object()) return kNull;
+  const auto it = object.find(key);
+  return it == object.end() ? kNull : *it;
+}
+
 nlohmann::json added_token(std::int64_t id, const std::string& content, bool special, bool normalized = false) {
   return {{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
           {"normalized", normalized}, {"special", special}};
@@ -216,12 +225,12 @@ struct Tokenizer::State {
 
   void build(const std::string& origin) {
     try {
-      normalizer = tok::make_normalizer(doc.value("normalizer", nlohmann::json()));
-      pre_tokenizer = tok::make_pre_tokenizer(doc.value("pre_tokenizer", nlohmann::json()));
+      normalizer = tok::make_normalizer(member(doc, "normalizer"));
+      pre_tokenizer = tok::make_pre_tokenizer(member(doc, "pre_tokenizer"));
       if (!doc.contains("model") || !doc["model"].is_object()) throw std::runtime_error("no \"model\" object");
       model = tok::make_model(doc["model"]);
-      post_processor = tok::make_post_processor(doc.value("post_processor", nlohmann::json()));
-      decoder = tok::make_decoder(doc.value("decoder", nlohmann::json()));
+      post_processor = tok::make_post_processor(member(doc, "post_processor"));
+      decoder = tok::make_decoder(member(doc, "decoder"));
       read_added_tokens();
     } catch (const InputError&) {
       throw;
@@ -233,8 +242,8 @@ struct Tokenizer::State {
   // Added tokens: an id of the vocabulary when the content is in it, else the next free id counted from
   // the vocabulary's size, in file order (the `id` field is not trusted, as tokenizers does not).
   void read_added_tokens() {
-    const auto& list = doc.contains("added_tokens") && !doc["added_tokens"].is_null() ? doc["added_tokens"] : nlohmann::json::array();
-    if (!list.is_array()) throw std::runtime_error("added_tokens: expected an array, got " + list.dump());
+    const auto& list = member(doc, "added_tokens");
+    if (!list.is_array() && !list.is_null()) throw std::runtime_error("added_tokens: expected an array, got " + list.dump());
     added.clear();
     added_ids.clear();
     added_by_id.clear();

@@ -84,13 +84,32 @@ void write_atomically(const fs::path& file, const std::function<void(std::ofstre
 }  // namespace
 
 std::string json_error_text(const std::exception& e) {
-  // "[json.exception.type_error.302] type must be string, but is number": the tag means nothing to a user.
-  const std::string what = e.what();
+  // "[json.exception.type_error.302] (/model/vocab/a) type must be string, but is number": the tag means
+  // nothing to a user; the JSON pointer (JSON_DIAGNOSTICS, set for every target in sdk/CMakeLists.txt) says
+  // which value is wrong, and reads "model/vocab/a: type must be string, but is number".
+  std::string what = e.what();
   const auto close = what.find("] ");
-  return what.rfind("[json.exception.", 0) == 0 && close != std::string::npos ? what.substr(close + 2) : what;
+  if (what.rfind("[json.exception.", 0) == 0 && close != std::string::npos) what = what.substr(close + 2);
+  const auto end = what.find(") ");
+  if (what.rfind("(", 0) == 0 && end != std::string::npos) {
+    const std::size_t from = what.rfind("(/", 0) == 0 ? 2 : 1;  // the pointer without its leading '/'
+    what = what.substr(from, end - from) + ": " + what.substr(end + 2);
+  }
+  return what;
+}
+
+std::string show_nul(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    if (c == '\0') out += "\\0";
+    else out += c;
+  }
+  return out;
 }
 
 void require_regular_file(const fs::path& file) {
+  // A name from a TOML or JSON file may hold "\u0000": the system would open the name up to it.
+  if (file.native().find('\0') != std::string::npos) throw InputError(show_nul(file.native()) + ": a file name with a NUL character");
   std::error_code ec;
   const auto status = fs::status(file, ec);
   if (ec || !fs::exists(status)) throw InputError(file.string() + ": cannot open (missing or unreadable)");

@@ -14,11 +14,17 @@
 
 #include "ablate/sdk/registry.hpp"
 
+// nlohmann::json's layout depends on JSON_DIAGNOSTICS, and Json values cross the plugin boundary. The SDK's
+// CMake target sets it for everything that links it; a plugin built some other way must set it too.
+#if !defined(JSON_DIAGNOSTICS) || !JSON_DIAGNOSTICS
+#error "ablate's SDK is built with JSON_DIAGNOSTICS=1: link the ablate_sdk CMake target (ablate_add_plugin does), or define it"
+#endif
+
 namespace ablate::sdk {
 
 inline constexpr std::uint32_t kAbiMagic = 0x41424c54;  // "ABLT"
 /// Bumped whenever an SDK interface or struct changes layout.
-inline constexpr std::uint32_t kSdkAbiVersion = 5;
+inline constexpr std::uint32_t kSdkAbiVersion = 6;  // 6: nlohmann::json with JSON_DIAGNOSTICS
 
 /// What must match exactly between host and plugin: the SDK is a C++ interface (vtables, std::string,
 /// std::function and libtorch types cross the boundary), so the same SDK ABI, libtorch, compiler and

@@ -21,6 +21,9 @@ nlohmann::json read_json(const std::filesystem::path& file);
 /// Throws InputError "FILE: ..." unless `file` is a regular file (after links): a folder, a FIFO or a device
 /// would fail later without its name, block, or never end.
 void require_regular_file(const std::filesystem::path& file);
+/// `name` with each NUL character written as \0, for a message: a name read from JSON or TOML may hold one,
+/// and the message, printed as a C string, would end there.
+std::string show_nul(const std::string& name);
 /// An exception's text for a user: nlohmann's "[json.exception.type_error.302] " tag is dropped.
 std::string json_error_text(const std::exception& e);
 /// Writes JSON with two-space indentation, atomically (temporary file, then rename).
