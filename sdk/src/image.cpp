@@ -1,5 +1,6 @@
 #include "ablate/sdk/image.hpp"
 
+#include <algorithm>
 #include <csetjmp>
 #include <cmath>
 #include <cstdio>
@@ -130,9 +131,23 @@ void jpeg_error_exit(j_common_ptr cinfo) {
   std::longjmp(err->jump, 1);
 }
 
+// Pillow's CMYK JPEG -> RGB, for the same pixels: it reads the samples inverted (rawmode "CMYK;I", Adobe's
+// convention, which it assumes for every CMYK JPEG), then cmyk2rgb gives each channel
+// (255 - k) - c * (255 - k) / 255 with its rounded division by 255.
+void cmyk_to_rgb(const std::uint8_t* cmyk, std::uint8_t* rgb, std::size_t width) {
+  auto muldiv255 = [](int a, int b) {
+    const int t = a * b + 128;
+    return ((t >> 8) + t) >> 8;
+  };
+  for (std::size_t x = 0; x < width; ++x, cmyk += 4, rgb += 3) {
+    const int nk = cmyk[3];  // 255 - k, k being the inverted sample
+    for (int c = 0; c < 3; ++c) rgb[c] = static_cast<std::uint8_t>(std::clamp(nk - muldiv255(255 - cmyk[c], nk), 0, 255));
+  }
+}
+
 // libjpeg reports errors through longjmp: nothing with a destructor is created between setjmp and the end
-// of decoding in this function, so the jump skips no C++ clean-up.
-std::string decode_jpeg_into(const std::vector<std::uint8_t>& bytes, Image& out) {
+// of decoding in this function (the buffers are the caller's), so the jump skips no C++ clean-up.
+std::string decode_jpeg_into(const std::vector<std::uint8_t>& bytes, Image& out, std::vector<std::uint8_t>& cmyk_row) {
   jpeg_decompress_struct cinfo{};
   JpegError err{};
   cinfo.err = jpeg_std_error(&err.mgr);
@@ -149,12 +164,19 @@ std::string decode_jpeg_into(const std::vector<std::uint8_t>& bytes, Image& out)
     jpeg_destroy_decompress(&cinfo);
     return too_many_pixels(width, height);
   }
-  cinfo.out_color_space = JCS_RGB;  // grey and YCbCr both come out as RGB, as PIL's convert("RGB") gives
+  // Grey and YCbCr come out as RGB, as PIL's convert("RGB") gives. CMYK and YCCK (print workflows, Photoshop)
+  // come out as CMYK and are converted below as Pillow does.
+  const bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
+  cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
   jpeg_start_decompress(&cinfo);
   out.resize({static_cast<std::size_t>(cinfo.output_height), static_cast<std::size_t>(cinfo.output_width), std::size_t{3}});
+  // One CMYK row at a time, in the caller's buffer (like `out`, so that a jump destroys nothing).
+  cmyk_row.resize(cmyk ? static_cast<std::size_t>(cinfo.output_width) * 4 : 0);
   while (cinfo.output_scanline < cinfo.output_height) {
-    JSAMPROW row = out.data() + static_cast<std::size_t>(cinfo.output_scanline) * cinfo.output_width * 3;
+    std::uint8_t* rgb = out.data() + static_cast<std::size_t>(cinfo.output_scanline) * cinfo.output_width * 3;
+    JSAMPROW row = cmyk ? cmyk_row.data() : rgb;
     jpeg_read_scanlines(&cinfo, &row, 1);
+    if (cmyk) cmyk_to_rgb(cmyk_row.data(), rgb, cinfo.output_width);
   }
   jpeg_finish_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
@@ -172,7 +194,8 @@ Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& or
   }
   if (bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) {
     Image out;
-    if (auto problem = decode_jpeg_into(bytes, out); !problem.empty()) throw InputError(origin + ": " + problem);
+    std::vector<std::uint8_t> cmyk_row;
+    if (auto problem = decode_jpeg_into(bytes, out, cmyk_row); !problem.empty()) throw InputError(origin + ": " + problem);
     return out;
   }
   throw InputError(origin + ": not a PNG or JPEG image");

@@ -1,6 +1,6 @@
 """Image preprocessing parity: pixel values within 1e-2 of transformers' CLIPImageProcessor and
 SiglipImageProcessor (their PIL implementations, which is what transformers runs without torchvision) on images
-of odd sizes, JPEG and PNG (RGB, grey, palette, with alpha), made here with Pillow."""
+of odd sizes, JPEG (RGB and CMYK) and PNG (RGB, grey, palette, with alpha), made here with Pillow."""
 import subprocess
 import unittest
 
@@ -51,6 +51,11 @@ def make_images(folder, seed=0):
         jpeg = folder / f"{i:02d}-q75.jpg"
         image.save(jpeg, quality=75)
         paths.append(jpeg)
+        if i % 4 == 0:
+            # CMYK, as print workflows save JPEGs (Pillow writes Adobe's inverted samples); they read as RGB.
+            cmyk = folder / f"{i:02d}-cmyk.jpg"
+            image.convert("CMYK").save(cmyk, quality=90)
+            paths.append(cmyk)
     return paths
 
 
