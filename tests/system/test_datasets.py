@@ -349,6 +349,9 @@ class DatasetPluginsTest(unittest.TestCase):
             ("unknown_key", "llava_json", dict(llava, turn="all"), "turn"),
             ("bad_turns", "llava_json", dict(llava, turns="last"), "turns"),
             ("bad_prompt", "vqa", dict(self.cases["ok"]["vqa"]["options"], prompt="Q: {questoin}"), "questoin"),
+            # A pad no file name can hold (it used to build a string of that many zeros, a billion here).
+            ("wide_pad", "vqa", dict(self.cases["ok"]["vqa"]["options"], image_pattern="{image_id:01000000000}.jpg"),
+             "image_pattern: field {image_id:01000000000}: pads to more digits than a file name can hold"),
             ("vizwiz_no_question_types", "vqa", dict(self.cases["ok"]["vizwiz"]["options"], question_types=["what"]), "question_types"),
             ("missing_file", "coco_captions", {"file": "nowhere.json"}, "nowhere.json"),
             ("check_images", "llava_json", dict(llava, check_images=True), "missing.jpg"),

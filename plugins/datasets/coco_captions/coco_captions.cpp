@@ -71,8 +71,7 @@ class CocoCaptions : public data::ItemDataset<CocoCaptionsItem> {
       ++read;
       const Pointer im = Pointer("/images") / i;
       const auto name = doc.string(im, "file_name");
-      const auto path = root_.resolve(name);
-      if (!path) doc.fail(im / "file_name", "'" + name + "' is empty or outside the image folder " + root_.path().string());
+      const auto path = root_.resolve(doc, im / "file_name", name);
       if (captions[i].empty()) {
         ++no_captions;
         continue;
@@ -81,7 +80,7 @@ class CocoCaptions : public data::ItemDataset<CocoCaptionsItem> {
       item.image_id = doc.integer(im, "id");
       item.id = std::to_string(item.image_id);
       item.file_name = name;
-      item.image = path->string();
+      item.image = path.string();
       auto index = static_cast<std::size_t>(o.target_index);
       if (index >= captions[i].size()) {
         index = captions[i].size() - 1;

@@ -296,11 +296,13 @@ ImageRoot::ImageRoot(const fs::path& root) : root_(fs::absolute(root).lexically_
   if (!root_.has_filename()) root_ = root_.parent_path();
 }
 
-std::optional<fs::path> ImageRoot::resolve(const std::string& name) const {
-  if (name.empty() || name.find('\0') != std::string::npos) return std::nullopt;
+fs::path ImageRoot::resolve(const JsonText& doc, const Pointer& at, const std::string& name) const {
+  if (name.find('\0') != std::string::npos) doc.fail(at, "'" + sdk::show_nul(name) + "': an image name with a NUL character");
   const auto p = (root_ / name).lexically_normal();
   const auto rel = p.lexically_relative(root_);
-  if (rel.empty() || *rel.begin() == ".." || rel == ".") return std::nullopt;
+  if (name.empty() || rel.empty() || *rel.begin() == ".." || rel == ".") {
+    doc.fail(at, "'" + name + "' is empty or outside the image folder " + root_.string());
+  }
   return p;
 }
 
@@ -401,6 +403,10 @@ Template::Template(std::string text, const std::vector<std::string>& fields) {
       const auto spec = field.substr(name.size() + 1);
       if (spec.size() < 2 || spec[0] != '0' || spec.find_first_not_of("0123456789") != std::string::npos) {
         throw std::invalid_argument("field {" + field + "}: the only format is :0N (zero-padded to N digits)");
+      }
+      // A file name has at most 255 bytes (NAME_MAX): a wider pad names no file, and a huge one exhausted memory.
+      if (spec.size() > 4 || std::stoi(spec) > 255) {
+        throw std::invalid_argument("field {" + field + "}: pads to more digits than a file name can hold (at most 255)");
       }
     }
     if (!literal.empty()) pieces_.push_back({literal, false});

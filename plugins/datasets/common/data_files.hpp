@@ -91,8 +91,9 @@ class ImageRoot {
  public:
   ImageRoot() = default;
   explicit ImageRoot(const std::filesystem::path& root);
-  /// The file `name` names, or nothing when it is empty or escapes the root.
-  std::optional<std::filesystem::path> resolve(const std::string& name) const;
+  /// The file `name` (read at `at` in `doc`) names. Fails there, naming the problem, when it is empty, holds
+  /// a NUL character or escapes the root.
+  std::filesystem::path resolve(const JsonText& doc, const Pointer& at, const std::string& name) const;
   const std::filesystem::path& path() const { return root_; }
 
  private:

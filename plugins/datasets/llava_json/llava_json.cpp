@@ -77,9 +77,7 @@ class LlavaJson : public data::ItemDataset<LlavaJsonItem> {
       const auto id = doc.id(entry, "id");
       std::string image_path;
       if (const auto* image = doc.maybe(entry, "image", value_t::string)) {
-        const auto p = root_.resolve(image->get<std::string>());
-        if (!p) doc.fail(entry / "image", "'" + image->get<std::string>() + "' is empty or outside the image folder " + root_.path().string());
-        image_path = p->string();
+        image_path = root_.resolve(doc, entry / "image", image->get<std::string>()).string();
       } else {
         ++text_only;
       }

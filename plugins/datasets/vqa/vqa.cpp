@@ -223,9 +223,7 @@ class Vqa : public data::ItemDataset<VqaItem> {
   }
 
   std::string image_path(const data::JsonText& doc, const Pointer& at, const std::string& name) const {
-    const auto p = root_.resolve(name);
-    if (!p) doc.fail(at, "image '" + name + "' is empty or outside the image folder " + root_.path().string());
-    return p->string();
+    return root_.resolve(doc, at, name).string();
   }
 
   std::vector<Answer> answers_of(const data::JsonText& doc, const Pointer& entry, std::vector<std::string>& references) const {
