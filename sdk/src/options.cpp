@@ -185,6 +185,27 @@ std::int64_t Options::size(std::string_view key, std::int64_t fallback, std::int
   return v;
 }
 
+std::optional<std::int64_t> Options::nullable_size(std::string_view key, std::int64_t min) {
+  const Json* v = find(key);
+  if (!v || v->is_null()) {
+    note(key, Json());
+    return std::nullopt;
+  }
+  return size(key, 0, min);
+}
+
+double Options::non_negative(std::string_view key, double fallback) {
+  const auto v = get(key, fallback);
+  if (!(v >= 0.0)) fail(key, "must be 0 or more, got " + Json(v).dump());
+  return v;
+}
+
+double Options::positive(std::string_view key, double fallback) {
+  const auto v = get(key, fallback);
+  if (!(v > 0.0)) fail(key, "must be above 0, got " + Json(v).dump());
+  return v;
+}
+
 double Options::probability(std::string_view key, double fallback) {
   const auto p = get(key, fallback);
   if (!(p >= 0.0 && p < 1.0)) fail(key, "must be a probability in [0, 1), got " + Json(p).dump());

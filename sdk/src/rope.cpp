@@ -13,31 +13,59 @@ RopeConfig RopeConfig::from_hf(Options& o) {
   const auto top_theta = o.maybe<double>("rope_theta");
   const auto& scaling = o.raw("rope_scaling");
   const auto& params = o.raw("rope_parameters");
+  if (!scaling.is_null() && !scaling.is_object()) o.fail("rope_scaling", "expected a table, got " + scaling.dump());
+  if (!params.is_null() && !params.is_object()) o.fail("rope_parameters", "expected a table, got " + params.dump());
+  const char* section = scaling.is_object() ? "rope_scaling" : "rope_parameters";
   const Json& j = scaling.is_object() ? scaling : params;
-  if (!j.is_null() && !j.is_object()) o.fail(scaling.is_null() ? "rope_parameters" : "rope_scaling", "expected a table");
-  auto num = [&](const char* key) -> std::optional<double> {
-    if (j.is_object() && j.contains(key) && j[key].is_number()) return j[key].get<double>();
-    return std::nullopt;
+  auto bad = [&](const char* key, const char* want) {
+    o.fail(section, std::string(key) + ": expected " + want + ", got " + j[key].dump());
   };
+  // Absent and null both mean "the default", as transformers reads them.
+  auto given = [&](const char* key) { return j.is_object() && j.contains(key) && !j[key].is_null(); };
+  auto num = [&](const char* key) -> std::optional<double> {
+    if (!given(key)) return std::nullopt;
+    if (!j[key].is_number()) bad(key, "a number");
+    return j[key].get<double>();
+  };
+  auto above_zero = [&](const char* key, double v) {
+    if (!(v > 0.0)) o.fail(section, std::string(key) + ": must be above 0, got " + Json(v).dump());
+    return v;
+  };
+  for (const char* key : {"rope_type", "type"}) {
+    if (given(key) && !j[key].is_string()) bad(key, "a string");
+  }
   if (j.is_object()) c.type = j.value("rope_type", j.value("type", std::string("default")));
   c.theta = num("rope_theta").value_or(top_theta.value_or(10000.0));
-  c.factor = num("factor").value_or(1.0);
+  // A theta of 0 or less gives infinite or NaN frequencies, and transformers trains on NaN without a word.
+  if (!(c.theta > 0.0)) {
+    if (num("rope_theta")) above_zero("rope_theta", c.theta);
+    o.fail("rope_theta", "must be above 0, got " + Json(c.theta).dump());
+  }
+  c.factor = above_zero("factor", num("factor").value_or(1.0));
   c.partial_rotary_factor = num("partial_rotary_factor").value_or(o.get("partial_rotary_factor", 1.0));
-  c.original_max_position_embeddings = static_cast<std::int64_t>(num("original_max_position_embeddings").value_or(0));
-  c.low_freq_factor = num("low_freq_factor").value_or(c.low_freq_factor);
-  c.high_freq_factor = num("high_freq_factor").value_or(c.high_freq_factor);
+  if (!(c.partial_rotary_factor > 0.0 && c.partial_rotary_factor <= 1.0)) {
+    o.fail("partial_rotary_factor", "must be above 0 and at most 1, got " + Json(c.partial_rotary_factor).dump());
+  }
+  const auto original = num("original_max_position_embeddings").value_or(0);
+  if (!(original >= 0.0 && original == std::floor(original))) bad("original_max_position_embeddings", "a whole number of positions");
+  c.original_max_position_embeddings = static_cast<std::int64_t>(original);
+  c.low_freq_factor = above_zero("low_freq_factor", num("low_freq_factor").value_or(c.low_freq_factor));
+  c.high_freq_factor = above_zero("high_freq_factor", num("high_freq_factor").value_or(c.high_freq_factor));
   c.attention_factor = num("attention_factor");
   c.mscale = num("mscale");
   c.mscale_all_dim = num("mscale_all_dim");
   // transformers reads beta_fast / beta_slow with `or`: zero or null gives the default.
   if (auto v = num("beta_fast"); v && *v != 0) c.beta_fast = *v;
   if (auto v = num("beta_slow"); v && *v != 0) c.beta_slow = *v;
-  if (j.is_object() && j.contains("truncate") && j["truncate"].is_boolean()) c.truncate = j["truncate"].get<bool>();
+  if (given("truncate")) {
+    if (!j["truncate"].is_boolean()) bad("truncate", "a boolean");
+    c.truncate = j["truncate"].get<bool>();
+  }
   if (c.type != "default" && c.type != "linear" && c.type != "dynamic" && c.type != "yarn" && c.type != "llama3") {
-    o.fail("rope_parameters", "rope_type \"" + c.type + "\" is not supported (default, linear, dynamic, yarn, llama3)");
+    o.fail(section, "rope_type \"" + c.type + "\" is not supported (default, linear, dynamic, yarn, llama3)");
   }
   if ((c.type == "linear" || c.type == "dynamic" || c.type == "llama3") && !num("factor")) {
-    o.fail("rope_parameters", "rope_type \"" + c.type + "\" needs a factor");
+    o.fail(section, "rope_type \"" + c.type + "\" needs a factor");
   }
   return c;
 }

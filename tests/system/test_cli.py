@@ -135,6 +135,12 @@ class BadInputTest(TempDirTest):
                 self.expect_bad_once_running([toml], db, message)
                 self.assertEqual(query(db, "SELECT status FROM runs"), [("failed",)])
                 self.assertIn(message, query(db, "SELECT error FROM runs")[0][0])
+        # A value of the wrong type is named by its place in the file (nlohmann's JSON_DIAGNOSTICS).
+        edited = json.loads(json.dumps(original))
+        edited["added_tokens"][0]["special"] = "yes"
+        (folder / "tokenizer.json").write_text(json.dumps(edited))
+        self.expect_bad_once_running([toml], self.dir / "tok-type.db",
+                                     "tokenizer.json: added_tokens/0/special: type must be boolean, but is string")
         # The inline layout's "<image>" is replaced by the image before the embedding, so its id may lie past
         # vocab_size (transformers' LLaVA zeroes such ids before embedding): an added token the vocab lacks.
         edited = json.loads(json.dumps(original))
@@ -158,11 +164,20 @@ class BadInputTest(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         config_file = self.dir / "enc" / "preprocessor_config.json"
         original = json.loads(config_file.read_text())
+        side = json.loads((self.dir / "enc" / "config.json").read_text())["image_size"]
         toml = self.write("pre.toml", self.with_weights(tiny_experiment("pre", steps=2, every=2), "encoder", "enc"))
         for key, value, message in (("crop_size", {"height": 0, "width": 0}, "height: expected an image side from 1 to 65536 pixels"),
                                     ("image_mean", [0.5, 0.5], "image_mean: expected three numbers (R, G, B), got [0.5,0.5]"),
                                     ("resample", 99, "resample: expected one of Pillow's filters 0 to 5, got 99"),
-                                    ("rescale_factor", "1/255", "preprocessor_config.json: type must be number, but is string")):
+                                    # The value's key, from nlohmann's JSON_DIAGNOSTICS.
+                                    ("rescale_factor", "1/255", "preprocessor_config.json: rescale_factor: type must be number, but is string"),
+                                    # Used to give NaN pixels, then a NaN loss.
+                                    ("image_std", [0.5, 0, 0.5], "image_std: a channel's deviation of 0 divides by zero"),
+                                    # Used to fail at the forward pass (exit 1): the position embeddings have one row
+                                    # per patch of an image_size square.
+                                    ("crop_size", {"height": side + 8, "width": side + 8},
+                                     f"images of {side + 8} x {side + 8} pixels, but the encoder takes {side} x {side}"),
+                                    ("do_center_crop", False, "do_center_crop is false, so images would keep their aspect ratio")):
             with self.subTest(key):
                 config_file.write_text(json.dumps({**original, key: value}))
                 self.expect_bad_once_running([toml], self.dir / f"pre-{key}.db", "preprocessor_config.json: ", message)
@@ -175,7 +190,10 @@ class BadInputTest(TempDirTest):
         turns = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "blue"}]
         (self.dir / "big.json").write_text('[{"id": 1e400, "image": "blue.png", "conversations": ' + json.dumps(turns) + "}]")
         (self.dir / "zero.json").write_text(json.dumps([{"id": "z", "image": "zero.png", "conversations": turns}]))
-        for name, message in (("big", "big.json: number overflow parsing '1e400'"), ("zero", "sample z: ")):
+        # A NUL in an image's name: the message used to stop at it.
+        (self.dir / "nul.json").write_text(json.dumps([{"id": "n", "image": "blue\u0000.png", "conversations": turns}]))
+        for name, message in (("big", "big.json: number overflow parsing '1e400'"), ("zero", "sample z: "),
+                              ("nul", "nul.json:1:23: [0].image: 'blue\\0.png': an image name with a NUL character")):
             with self.subTest(name):
                 text = re.sub(r"^eval = .*$", f'eval = {{ plugin = "llava_json", file = "{name}.json", image_folder = "." }}',
                               tiny_experiment(name, steps=2, every=2), flags=re.M)
@@ -247,6 +265,31 @@ class BadInputTest(TempDirTest):
         self.expect_bad([f], "patch.toml:", "patch_size: must be at least 1, got 0")
         f = self.experiment("dropout.toml", "dropout = 0.0", "dropout = 2.0")
         self.expect_bad([f], "dropout.toml:", "dropout: must be a probability in [0, 1), got 2.0")
+
+    def test_config_values_that_would_give_nan(self):
+        # transformers builds these models and trains on NaN (or on a rope silently left out) without a word.
+        f = self.experiment("eps.toml", "patch_size = 8", "patch_size = 8, layer_norm_eps = -1e-5")
+        self.expect_bad([f], "eps.toml:", "model.encoder.config.layer_norm_eps: must be 0 or more, got -1e-05")
+        # LLaMA and GPT-2 take their tokenizer from a weights folder, whose config.json is read as the run starts.
+        llama = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+        gpt2 = dict(n_embd=16, n_layer=1, n_head=2, n_positions=64)
+        for name, plugin, config, message in (
+                ("theta", "llama", {**llama, "rope_theta": 0.0}, "config.json: rope_theta: must be above 0, got 0.0"),
+                ("nested", "llama", {**llama, "rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+                 "config.json: rope_parameters: rope_theta: must be above 0, got -1.0"),
+                ("scaling", "llama", {**llama, "rope_scaling": "linear"}, 'config.json: rope_scaling: expected a table, got "linear"'),
+                ("factor", "llama", {**llama, "rope_parameters": {"rope_type": "linear", "factor": "2"}},
+                 'config.json: rope_parameters: factor: expected a number, got "2"'),
+                ("rms", "llama", {**llama, "rms_norm_eps": -1e-6}, "config.json: rms_norm_eps: must be 0 or more"),
+                ("kv", "llama", {**llama, "num_key_value_heads": "2"}, "config.json: num_key_value_heads: expected an integer, got a string"),
+                ("inner", "gpt2", {**gpt2, "n_inner": -4}, "config.json: n_inner: must be at least 1, got -4")):
+            with self.subTest(name):
+                folder = self.dir / name
+                folder.mkdir()
+                (folder / "config.json").write_text(json.dumps(config))
+                (folder / "model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")  # no tensors
+                text = re.sub(r"^backbone = .*$", f'backbone = {{ plugin = "{plugin}", weights = "{name}" }}', tiny_experiment("bad"), flags=re.M)
+                self.expect_bad_once_running([self.write(f"{name}.toml", text)], self.dir / f"{name}.db", message)
 
     def test_training_values_out_of_range(self):
         for name, before, after, message in [

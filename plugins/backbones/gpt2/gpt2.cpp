@@ -41,13 +41,12 @@ struct Gpt2Config {
     c.n_embd = o.size("n_embd", c.n_embd);
     c.n_layer = o.size("n_layer", c.n_layer, 0);
     c.n_head = o.size("n_head", c.n_head);
-    const auto& inner = o.raw("n_inner");
-    c.n_inner = inner.is_number_integer() ? inner.get<std::int64_t>() : 0;
+    c.n_inner = o.nullable_size("n_inner").value_or(0);
     c.activation_function = o.get("activation_function", c.activation_function);
     c.resid_pdrop = o.probability("resid_pdrop", c.resid_pdrop);
     c.embd_pdrop = o.probability("embd_pdrop", c.embd_pdrop);
     c.attn_pdrop = o.probability("attn_pdrop", c.attn_pdrop);
-    c.layer_norm_epsilon = o.get("layer_norm_epsilon", c.layer_norm_epsilon);
+    c.layer_norm_epsilon = o.non_negative("layer_norm_epsilon", c.layer_norm_epsilon);
     c.initializer_range = o.get("initializer_range", c.initializer_range);
     c.scale_attn_weights = o.get("scale_attn_weights", c.scale_attn_weights);
     c.scale_attn_by_inverse_layer_idx = o.get("scale_attn_by_inverse_layer_idx", c.scale_attn_by_inverse_layer_idx);

@@ -44,13 +44,11 @@ struct LlamaConfig {
     c.intermediate_size = o.size("intermediate_size", c.intermediate_size);
     c.num_hidden_layers = o.size("num_hidden_layers", c.num_hidden_layers, 0);
     c.num_attention_heads = o.size("num_attention_heads", c.num_attention_heads);
-    const auto& kv = o.raw("num_key_value_heads");
-    c.num_key_value_heads = kv.is_number_integer() ? kv.get<std::int64_t>() : c.num_attention_heads;
-    const auto& hd = o.raw("head_dim");
-    c.head_dim = hd.is_number_integer() ? hd.get<std::int64_t>() : c.hidden_size / c.num_attention_heads;
+    c.num_key_value_heads = o.nullable_size("num_key_value_heads").value_or(c.num_attention_heads);
+    c.head_dim = o.nullable_size("head_dim").value_or(c.hidden_size / c.num_attention_heads);
     c.hidden_act = o.get("hidden_act", c.hidden_act);
     c.max_position_embeddings = o.size("max_position_embeddings", c.max_position_embeddings);
-    c.rms_norm_eps = o.get("rms_norm_eps", c.rms_norm_eps);
+    c.rms_norm_eps = o.non_negative("rms_norm_eps", c.rms_norm_eps);
     c.initializer_range = o.get("initializer_range", c.initializer_range);
     c.tie_word_embeddings = o.get("tie_word_embeddings", c.tie_word_embeddings);
     c.attention_bias = o.get("attention_bias", c.attention_bias);
@@ -67,8 +65,7 @@ struct LlamaConfig {
     c.bos_token_id = id("bos_token_id", c.bos_token_id);
     c.eos_token_id = id("eos_token_id", c.eos_token_id);
     c.pad_token_id = id("pad_token_id", c.pad_token_id);
-    if (c.num_key_value_heads < 1) o.fail("num_key_value_heads", "must be at least 1");
-    if (c.head_dim < 1) o.fail("head_dim", "must be at least 1");
+    if (c.head_dim < 1) o.fail("num_attention_heads", "must not exceed hidden_size (head_dim would be 0)");
     if (c.num_attention_heads % c.num_key_value_heads != 0) o.fail("num_key_value_heads", "must divide num_attention_heads");
     if (c.hidden_act != "silu") o.fail("hidden_act", "unsupported activation '" + c.hidden_act + "' (silu)");
     return c;

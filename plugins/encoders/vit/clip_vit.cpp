@@ -118,7 +118,7 @@ class ClipVit : public sdk::Encoder {
       load_vision_weights(*model_, dir);
     }
     spec_.height = spec_.width = spec_.shortest_edge = config_.image_size;  // CLIP's defaults, mean and std
-    if (!dir.empty() && std::filesystem::exists(dir / "preprocessor_config.json")) read_preprocessor(dir / "preprocessor_config.json", spec_);
+    if (!dir.empty() && std::filesystem::exists(dir / "preprocessor_config.json")) read_preprocessor(dir / "preprocessor_config.json", spec_, config_.image_size);
     layer_ = feature_index(o.feature_layer, config_.num_hidden_layers, "clip_vit");
   }
 

@@ -82,7 +82,7 @@ class Siglip : public sdk::Encoder {
     spec_.center_crop = false;
     spec_.mean = {0.5, 0.5, 0.5};
     spec_.std = {0.5, 0.5, 0.5};
-    if (std::filesystem::exists(dir / "preprocessor_config.json")) read_preprocessor(dir / "preprocessor_config.json", spec_);
+    if (std::filesystem::exists(dir / "preprocessor_config.json")) read_preprocessor(dir / "preprocessor_config.json", spec_, config_.image_size);
     layer_ = feature_index(o.feature_layer, config_.num_hidden_layers, "siglip");
   }
 

@@ -35,7 +35,7 @@ struct VitConfig {
     image_size = o.size("image_size", image_size);
     patch_size = o.size("patch_size", patch_size);
     hidden_act = o.get("hidden_act", hidden_act);
-    layer_norm_eps = o.get("layer_norm_eps", layer_norm_eps);
+    layer_norm_eps = o.non_negative("layer_norm_eps", layer_norm_eps);
     attention_dropout = o.probability("attention_dropout", attention_dropout);
     if (hidden_size % num_attention_heads != 0) o.fail("num_attention_heads", "must divide hidden_size");
     if (image_size % patch_size != 0) o.fail("patch_size", "must divide image_size");
@@ -186,8 +186,9 @@ inline void load_vision_weights(torch::nn::Module& module, const std::filesystem
   sdk::load_state(module, tensors, dir.string(), true, ignored);
 }
 
-/// Overrides `spec` with what a Hugging Face preprocessor_config.json says.
-inline void read_preprocessor(const std::filesystem::path& file, sdk::ImageSpec& spec) {
+/// Overrides `spec` with what a Hugging Face preprocessor_config.json says. The images it makes must be the
+/// encoder's `image_size` square (its position embeddings have one row per patch of that size).
+inline void read_preprocessor(const std::filesystem::path& file, sdk::ImageSpec& spec, std::int64_t image_size) {
   auto j = sdk::read_json(file);
   if (!j.is_object()) throw sdk::InputError(file.string() + ": expected a JSON object");
   // A side of 1 to 65536 pixels (transformers refuses sizes of 0 or less; larger ones only exhaust memory).
@@ -228,10 +229,22 @@ inline void read_preprocessor(const std::filesystem::path& file, sdk::ImageSpec&
     };
     if (j.contains("image_mean")) spec.mean = three("image_mean");
     if (j.contains("image_std")) spec.std = three("image_std");
+    if (std::any_of(spec.std.begin(), spec.std.end(), [](double v) { return v == 0.0; })) {
+      throw sdk::InputError(file.string() + ": image_std: a channel's deviation of 0 divides by zero, got " + j["image_std"].dump());
+    }
   } catch (const sdk::InputError&) {
     throw;
   } catch (const std::exception& e) {
     throw sdk::InputError(file.string() + ": " + sdk::json_error_text(e));  // a field of another type
+  }
+  const auto side = std::to_string(image_size);
+  if (!spec.center_crop && spec.shortest_edge > 0) {
+    throw sdk::InputError(file.string() + ": do_center_crop is false, so images would keep their aspect ratio, but the encoder takes " +
+                          side + " x " + side + " pixels (config.json's image_size)");
+  }
+  if (spec.height != image_size || spec.width != image_size) {
+    throw sdk::InputError(file.string() + ": images of " + std::to_string(spec.height) + " x " + std::to_string(spec.width) +
+                          " pixels, but the encoder takes " + side + " x " + side + " (config.json's image_size)");
   }
 }
 

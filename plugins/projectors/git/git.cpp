@@ -16,7 +16,7 @@ struct GitProjectorOptions {
   std::string weights;  ///< a safetensors file or folder with this projector's tensors (GIT's git.visual_projection. allowed)
   static GitProjectorOptions parse(sdk::Options& o) {
     GitProjectorOptions x;
-    x.layer_norm_eps = o.get("layer_norm_eps", x.layer_norm_eps);
+    x.layer_norm_eps = o.non_negative("layer_norm_eps", x.layer_norm_eps);
     x.weights = o.get("weights", x.weights);
     return x;
   }

@@ -56,8 +56,17 @@ class Options {
   /// get() for a size or a count (a width, a number of heads or layers): OptionError unless it is at least
   /// `min`, so that a zero or negative one is reported with its file instead of reaching a division or a shape.
   std::int64_t size(std::string_view key, std::int64_t fallback, std::int64_t min = 1);
+  /// size() for a key that config.json may hold as null to mean "derive it" (GPT-2's n_inner, LLaMA's
+  /// head_dim): nullopt when absent or null; anything else must be an integer of at least `min`.
+  std::optional<std::int64_t> nullable_size(std::string_view key, std::int64_t min = 1);
   /// get() for a dropout probability: OptionError unless 0 <= p < 1.
   double probability(std::string_view key, double fallback);
+  /// get() for a norm's epsilon: OptionError when negative (a negative one makes the norm NaN on rows whose
+  /// variance is below it, and transformers gives NaN without a word).
+  double non_negative(std::string_view key, double fallback);
+  /// get() for a quantity that divides or is a base of a power (a rope theta, a scaling factor): OptionError
+  /// unless above 0.
+  double positive(std::string_view key, double fallback);
   /// The value of `key`; throws OptionError if absent.
   template <class T>
   T require(std::string_view key);
