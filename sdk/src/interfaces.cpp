@@ -1,6 +1,11 @@
 // Key functions of the SDK's interfaces. Defining them here puts every vtable and type_info in
 // libablate_sdk.so, so that dynamic_cast and exceptions work the same in the host and in every plugin.
 
+#include <unistd.h>
+
+#include <iomanip>
+#include <sstream>
+
 #include <torch/nn/module.h>
 
 #include "ablate/sdk/registry.hpp"
@@ -51,6 +56,17 @@ std::filesystem::path resolve_path(const std::filesystem::path& base, const std:
   std::filesystem::path p(path);
   if (p.is_absolute() || base.empty()) return p;
   return (base / p).lexically_normal();
+}
+
+void check_layers_fit(const std::string& key, std::int64_t layers, double per_layer) {
+  const double need = static_cast<double>(layers) * per_layer * 4.0;  // float32, as a stack is first built
+  const double have = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  if (have <= 0 || need <= have) return;
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(1) << key << " = " << layers << ": layers of at least "
+     << std::setprecision(0) << per_layer << " parameters each need " << std::setprecision(1) << need / (1 << 30)
+     << " GiB in float32, more than this machine's " << have / (1 << 30) << " GiB of memory";
+  throw std::runtime_error(os.str());
 }
 
 TrainTarget::TrainTarget(torch::nn::Module& root, std::string head) : root_(root), head_(std::move(head)) {

@@ -388,7 +388,7 @@ class RunOutcomesTest(TempDirTest):
     def test_a_model_too_large_for_memory_fails_its_run_and_the_grid_goes_on(self):
         # torch's CPU allocator reports failure through an "enforce" that this wheel makes fatal (abort, no line):
         # the runner turns that off, so it is an exception, and the run fails saying what it tried to allocate.
-        text = tiny_experiment("huge", steps=2, every=2, extra='[grid]\n"model.backbone.config.ffn_dim" = [1099511627776, 32]\n')
+        text = tiny_experiment("huge", steps=2, every=2, extra='[grid]\n"model.backbone.config.max_position_embeddings" = [1099511627776, 64]\n')
         db = self.dir / "r.db"
         out = run([self.write("huge.toml", text), "--db", db])
         self.assertEqual(out.returncode, 1, out.stderr)
@@ -396,6 +396,16 @@ class RunOutcomesTest(TempDirTest):
         self.assertEqual([r[0] for r in rows], ["failed", "done"])
         self.assertIn("backbone/opt: construct: out of memory: tried to allocate 65536.0 GiB", rows[0][1])
         self.assertIn("failed: backbone/opt: construct: out of memory", out.stderr)
+        # Layers small enough to allocate one by one, but too many: refused before the first is built (it used to
+        # build them for minutes, past this run's time limit, until memory ran out).
+        text = tiny_experiment("deep", steps=2, every=2, extra='[grid]\n"model.backbone.config.num_hidden_layers" = [10000000000, 1]\n')
+        db = self.dir / "deep.db"
+        out = run([self.write("deep.toml", text), "--db", db], timeout=120)
+        self.assertEqual(out.returncode, 1, out.stderr)
+        rows = query(db, "SELECT status, error FROM runs ORDER BY cell_index")
+        self.assertEqual([r[0] for r in rows], ["failed", "done"])
+        self.assertRegex(rows[0][1], r"backbone/opt: construct: num_hidden_layers = 10000000000: layers of at least 2048 "
+                                     r"parameters each need 76293\.9 GiB in float32, more than this machine's [\d.]+ GiB")
 
     def test_repeated_sample_ids_are_stored_apart(self):
         # LLaVA's instruction mixes repeat ids; generations are stored by id, so a repeat gets a suffix.

@@ -180,6 +180,8 @@ class Gpt2ModelImpl : public torch::nn::Module {
   explicit Gpt2ModelImpl(const Gpt2Config& c) {
     wte = register_module("wte", torch::nn::Embedding(c.vocab_size, c.n_embd));
     wpe = register_module("wpe", torch::nn::Embedding(c.n_positions, c.n_embd));
+    const double width = static_cast<double>(c.n_embd);
+    sdk::check_layers_fit("n_layer", c.n_layer, 4 * width * width + 2 * width * static_cast<double>(c.inner()));
     h = register_module("h", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < c.n_layer; ++i) h->push_back(Gpt2Block(c, static_cast<std::size_t>(i)));
     ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.n_embd}).eps(c.layer_norm_epsilon)));

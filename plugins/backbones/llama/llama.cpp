@@ -180,6 +180,10 @@ class LlamaModelImpl : public torch::nn::Module {
  public:
   explicit LlamaModelImpl(const LlamaConfig& c) {
     embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+    const double h = static_cast<double>(c.hidden_size), hd = static_cast<double>(c.head_dim);
+    sdk::check_layers_fit("num_hidden_layers", c.num_hidden_layers,
+                          2 * h * hd * static_cast<double>(c.num_attention_heads + c.num_key_value_heads) +
+                              3 * h * static_cast<double>(c.intermediate_size));
     layers = register_module("layers", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(LlamaDecoderLayer(c, static_cast<std::size_t>(i)));
     norm = register_module("norm", sdk::RMSNorm(c.hidden_size, c.rms_norm_eps));

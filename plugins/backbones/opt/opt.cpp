@@ -203,6 +203,8 @@ class OptDecoderImpl : public torch::nn::Module {
     if (c.do_layer_norm_before && !c.remove_final_layer_norm) {
       final_layer_norm = register_module("final_layer_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size})));
     }
+    const double h = static_cast<double>(c.hidden_size);
+    sdk::check_layers_fit("num_hidden_layers", c.num_hidden_layers, 4 * h * h + 2 * h * static_cast<double>(c.ffn_dim));
     layers = register_module("layers", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(OptDecoderLayer(c, static_cast<std::size_t>(i)));
   }

@@ -123,6 +123,8 @@ TORCH_MODULE(EncoderLayer);
 class EncoderImpl : public torch::nn::Module {
  public:
   explicit EncoderImpl(const VitConfig& c) {
+    const double h = static_cast<double>(c.hidden_size);
+    sdk::check_layers_fit("num_hidden_layers", c.num_hidden_layers, 4 * h * h + 2 * h * static_cast<double>(c.intermediate_size));
     layers = register_module("layers", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(EncoderLayer(c));
   }

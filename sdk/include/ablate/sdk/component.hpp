@@ -49,4 +49,11 @@ class Component {
 /// Resolves `path` against `base` unless it is absolute.
 std::filesystem::path resolve_path(const std::filesystem::path& base, const std::string& path);
 
+/// Throws std::runtime_error (the run fails, the grid goes on) before a layer stack is built when `layers`
+/// layers of at least `per_layer` float32 parameters each would not fit in this machine's memory. Sizes that
+/// large fail at once on their first allocation; a count that large (num_hidden_layers = 10000000, a typo)
+/// would otherwise build small layer after small layer for minutes before memory runs out. `key` names the
+/// count in config.json.
+void check_layers_fit(const std::string& key, std::int64_t layers, double per_layer);
+
 }  // namespace ablate::sdk
