@@ -200,12 +200,6 @@ double Options::non_negative(std::string_view key, double fallback) {
   return v;
 }
 
-double Options::positive(std::string_view key, double fallback) {
-  const auto v = get(key, fallback);
-  if (!(v > 0.0)) fail(key, "must be above 0, got " + Json(v).dump());
-  return v;
-}
-
 double Options::probability(std::string_view key, double fallback) {
   const auto p = get(key, fallback);
   if (!(p >= 0.0 && p < 1.0)) fail(key, "must be a probability in [0, 1), got " + Json(p).dump());

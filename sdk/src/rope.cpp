@@ -37,10 +37,8 @@ RopeConfig RopeConfig::from_hf(Options& o) {
   if (j.is_object()) c.type = j.value("rope_type", j.value("type", std::string("default")));
   c.theta = num("rope_theta").value_or(top_theta.value_or(10000.0));
   // A theta of 0 or less gives infinite or NaN frequencies, and transformers trains on NaN without a word.
-  if (!(c.theta > 0.0)) {
-    if (num("rope_theta")) above_zero("rope_theta", c.theta);
-    o.fail("rope_theta", "must be above 0, got " + Json(c.theta).dump());
-  }
+  if (num("rope_theta")) above_zero("rope_theta", c.theta);
+  else if (!(c.theta > 0.0)) o.fail("rope_theta", "must be above 0, got " + Json(c.theta).dump());
   c.factor = above_zero("factor", num("factor").value_or(1.0));
   c.partial_rotary_factor = num("partial_rotary_factor").value_or(o.get("partial_rotary_factor", 1.0));
   if (!(c.partial_rotary_factor > 0.0 && c.partial_rotary_factor <= 1.0)) {

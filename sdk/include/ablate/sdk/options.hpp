@@ -64,9 +64,6 @@ class Options {
   /// get() for a norm's epsilon: OptionError when negative (a negative one makes the norm NaN on rows whose
   /// variance is below it, and transformers gives NaN without a word).
   double non_negative(std::string_view key, double fallback);
-  /// get() for a quantity that divides or is a base of a power (a rope theta, a scaling factor): OptionError
-  /// unless above 0.
-  double positive(std::string_view key, double fallback);
   /// The value of `key`; throws OptionError if absent.
   template <class T>
   T require(std::string_view key);
