@@ -6,9 +6,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <optional>
 #include <iostream>
+#include <memory>
 #include <set>
 #include <thread>
 
@@ -40,10 +42,11 @@ extern "C" void on_signal(int) { g_interrupted.store(true); }
 /// ends however it ends.
 class DbLock {
  public:
-  explicit DbLock(const fs::path& db) {
-    const auto file = db.string() + ".lock";
-    fd_ = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd_ < 0) throw sdk::InputError(file + ": cannot create the lock file");
+  explicit DbLock(const fs::path& db) : file_(db.string() + ".lock") {
+    fd_ = ::open(file_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    created_ = fd_ >= 0;
+    if (!created_ && errno == EEXIST) fd_ = ::open(file_.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd_ < 0) throw sdk::InputError(file_ + ": cannot create the lock file");
     if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
       ::close(fd_);
       throw sdk::InputError(db.string() + ": in use by another runner (wait for it, or use --db elsewhere)");
@@ -52,9 +55,18 @@ class DbLock {
   ~DbLock() {
     if (fd_ >= 0) ::close(fd_);
   }
+  /// The database was refused (not SQLite, another program's, a newer schema): a lock file this runner
+  /// made is removed, so a refused run leaves the folder as it found it. Unlinked while still held, so a
+  /// runner that opened it meanwhile has been told "in use" rather than locking a file no one else sees.
+  void abandon() {
+    if (created_) ::unlink(file_.c_str());
+    created_ = false;
+  }
 
  private:
+  std::string file_;
   int fd_ = -1;
+  bool created_ = false;
 };
 
 // Every experiment in the `requires` chain, requirements first, each once; cycles are an error.
@@ -175,7 +187,15 @@ int run(const Common& common, const RunArgs& args) {
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!common.db.parent_path().empty()) fs::create_directories(common.db.parent_path());
   DbLock lock(common.db);
-  store::Store db(common.db);
+  const auto opened = [&] {
+    try {
+      return std::make_unique<store::Store>(common.db);
+    } catch (...) {
+      lock.abandon();
+      throw;
+    }
+  }();
+  store::Store& db = *opened;
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
 

@@ -351,6 +351,7 @@ class BadInputTest(TempDirTest):
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertIn("notes.db", out.stderr)
         self.assertEqual(digest(other), before)
+        self.assertFalse((self.dir / "notes.db.lock").exists())  # the lock file the refused run made is gone
 
     def test_another_programs_sqlite_file_is_left_as_it_was(self):
         # Refused before its journal mode is switched to WAL (which rewrites the header).
@@ -365,6 +366,12 @@ class BadInputTest(TempDirTest):
             self.assertEqual(out.returncode, 2, out.stderr)
             self.assertIn("theirs.db: not an ablate results database", out.stderr)
             self.assertEqual(digest(other), before)
+            self.assertFalse((self.dir / "theirs.db.lock").exists())
+        # A lock file that was there before the run (a finished runner's) is left where it was.
+        (self.dir / "theirs.db.lock").write_text("")
+        out = run([self.dir / "ok.toml", "--db", other])
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertTrue((self.dir / "theirs.db.lock").exists())
 
     def test_compare_and_replay_of_unknown_things(self):
         self.expect_bad(["compare", "nope"], "no experiment named 'nope'", "good")
