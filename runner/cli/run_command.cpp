@@ -23,6 +23,7 @@
 #include "cli/commands.hpp"
 #include "grid/experiment.hpp"
 #include "host/plugin_host.hpp"
+#include "model/device.hpp"
 #include "model/feature_cache.hpp"
 #include "revision.hpp"
 #include "store/store.hpp"
@@ -111,19 +112,6 @@ void print_cells(const Experiment& ex, std::ostream& out) {
   }
 }
 
-// "cuda" and "auto" become cuda:0, where libtorch puts them: tensors then compare equal to the run's device.
-torch::Device pick_device(const std::string& name) {
-  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  try {
-    torch::Device d(name);
-    if (d.is_cuda() && !torch::cuda::is_available()) throw sdk::InputError("--device " + name + ": no CUDA device is available");
-    if (d.is_cuda() && !d.has_index()) d = torch::Device(torch::kCUDA, 0);
-    return d;
-  } catch (const c10::Error&) {
-    throw sdk::InputError("--device " + name + ": not a device (cpu, cuda, cuda:N, auto)");
-  }
-}
-
 // A cell is a chain of runs: its earlier stages (or the training run before a decoding sweep), then itself.
 std::vector<const Cell*> chain_of(const Cell& cell) {
   std::vector<const Cell*> chain;
@@ -203,6 +191,7 @@ int run(const Common& common, const RunArgs& args) {
   ::gethostname(hostname, sizeof hostname - 1);
   RunContext ctx(db, host);
   ctx.device = device;
+  ctx.device_label = describe_device(device);
   ctx.results_dir = common.db.parent_path().empty() ? fs::path(".") : common.db.parent_path();
   // One data thread starved a GPU at batch 32 (bench/: 174 ms a step against 84 ms with 12); the batches and
   // their order do not depend on the count.
@@ -308,7 +297,7 @@ int run(const Common& common, const RunArgs& args) {
           parent = run_id;
           continue;
         }
-        std::cerr << prefix << " run " << run_id << " key " << short_key(stage.key) << " on " << device.str() << "\n";
+        std::cerr << prefix << " run " << run_id << " key " << short_key(stage.key) << " on " << ctx.device_label << "\n";
         ctx.progress_prefix = prefix;
         Outcome outcome;
         try {

@@ -476,7 +476,7 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
   }
   ctx.store.truncate_after(run_id, start == 0 ? -1 : start);
   if (start > 0) out << "  resuming from the checkpoint at step " << start << "\n";
-  ctx.store.start_run(run_id, ctx.device.str(), ctx.hostname, ctx.revision, model->image_tokens());
+  ctx.store.start_run(run_id, ctx.device_label.empty() ? ctx.device.str() : ctx.device_label, ctx.hostname, ctx.revision, model->image_tokens());
 
   // ---- evaluation
   std::vector<Example> eval_examples;

@@ -35,6 +35,7 @@ struct RunContext {
   store::Store& store;
   const PluginHost& host;
   torch::Device device = torch::kCPU;
+  std::string device_label;  // describe_device(device), as the log and runs.device show it; empty: device.str()
   std::filesystem::path results_dir;  ///< checkpoints go under results_dir/checkpoints
   int workers = 1;                     ///< data worker threads
   const std::atomic<bool>* interrupted = nullptr;

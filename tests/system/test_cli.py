@@ -379,6 +379,22 @@ class BadInputTest(TempDirTest):
 
 
 class RunOutcomesTest(TempDirTest):
+    def test_the_run_records_the_cpu_kernels_it_ran(self):
+        # The same seed repeats bit for bit on one machine, not across CPUs whose vector instructions differ (an
+        # AVX2 machine sums in another order than an AVX-512 one): the run says which kernels it used.
+        import torch
+        capability = torch.backends.cpu.get_cpu_capability()  # the same libtorch the runner links
+        db = self.dir / "r.db"
+        out = run([self.write("ok.toml", tiny_experiment("ok", steps=2, every=2)), "--db", db, "--device", "cpu"])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(query(db, "SELECT device FROM runs"), [(f"cpu ({capability})",)])
+        self.assertIn(f"key {query(db, 'SELECT substr(cell_key, 1, 12) FROM runs')[0][0]} on cpu ({capability})", out.stderr)
+        # ATEN_CPU_CAPABILITY chooses lower ones, and the record follows.
+        db2 = self.dir / "r2.db"
+        out = run([self.dir / "ok.toml", "--db", db2, "--device", "cpu"], env={"ATEN_CPU_CAPABILITY": "default"})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(query(db2, "SELECT device FROM runs"), [("cpu (DEFAULT)",)])
+
     def test_plugin_failure_marks_one_run_and_the_grid_goes_on(self):
         toml = self.write("explode.toml", tiny_experiment(
             "explode", steps=4, every=2,
