@@ -60,7 +60,7 @@ def make_images(folder, seed=0):
 
 
 class PreprocessingParityTest(TempDirTest):
-    def compare(self, encoder, model, processor):
+    def compare(self, encoder, model, processor, tolerance=1e-2):
         model.save_pretrained(self.dir / encoder)
         processor.save_pretrained(self.dir / encoder)
         images = self.dir / "images"
@@ -77,13 +77,25 @@ class PreprocessingParityTest(TempDirTest):
             self.assertEqual(tuple(got.shape), tuple(ref.shape), path.name)
             diff = (got - ref).abs().max().item()
             worst = max(worst, diff)
-            self.assertLessEqual(diff, 1e-2, path.name)
+            self.assertLessEqual(diff, tolerance, path.name)
         print(f"{encoder}: {len(paths)} images, max abs difference {worst:.3g}")
 
     def test_clip_image_processor(self):
         model = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                  image_size=56, patch_size=14))
         self.compare("clip_vit", model, CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}))
+
+    def test_steps_the_config_turns_off(self):
+        # do_rescale and do_normalize false: transformers hands the resized pixels on as 0..255 floats. Resizing
+        # matches Pillow's within one grey level (so within 1.0 here; the CLIP test's 1e-2 is that level scaled).
+        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 image_size=56, patch_size=14))
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                          do_rescale=False, do_normalize=False)
+        self.compare("clip_vit", model, processor, tolerance=1.0)
+        # Only normalisation off: 0..1.
+        self.compare("clip_vit", model, CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                              do_normalize=False), tolerance=1e-2 / 255 * 1.01)
 
     def test_siglip_image_processor(self):
         model = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -177,7 +177,10 @@ class BadInputTest(TempDirTest):
                                     # per patch of an image_size square.
                                     ("crop_size", {"height": side + 8, "width": side + 8},
                                      f"images of {side + 8} x {side + 8} pixels, but the encoder takes {side} x {side}"),
-                                    ("do_center_crop", False, "do_center_crop is false, so images would keep their aspect ratio")):
+                                    ("do_center_crop", False, "do_center_crop is false, so images would keep their aspect ratio"),
+                                    # transformers takes any truthy value; a string here is a mistake, not "true".
+                                    ("do_normalize", "false", 'do_normalize: expected true or false, got "false"'),
+                                    ("do_resize", False, "do_resize is false, but images of every size must become the encoder's")):
             with self.subTest(key):
                 config_file.write_text(json.dumps({**original, key: value}))
                 self.expect_bad_once_running([toml], self.dir / f"pre-{key}.db", "preprocessor_config.json: ", message)

@@ -212,7 +212,20 @@ inline void read_preprocessor(const std::filesystem::path& file, sdk::ImageSpec&
         spec.shortest_edge = size_of(size, "shortest_edge");
       }
     }
-    spec.center_crop = j.value("do_center_crop", spec.center_crop);
+    // A step whose do_* flag is false is skipped by transformers; one that is absent runs.
+    auto flag = [&](const char* key) {
+      if (!j.contains(key)) return true;
+      if (!j[key].is_boolean()) throw sdk::InputError(file.string() + ": " + key + ": expected true or false, got " + j[key].dump());
+      return j[key].get<bool>();
+    };
+    // The encoder takes one image size (image_size), so images reach it resized; a config that says not to
+    // resize describes images already of that size, which this cannot know.
+    if (!flag("do_resize")) {
+      throw sdk::InputError(file.string() + ": do_resize is false, but images of every size must become the encoder's " +
+                            std::to_string(image_size) + " x " + std::to_string(image_size) + " pixels (set it true)");
+    }
+    flag("do_convert_rgb");  // images are always decoded to RGB (transformers fails on grey ones without it)
+    spec.center_crop = j.contains("do_center_crop") ? flag("do_center_crop") : spec.center_crop;
     if (spec.center_crop && j.contains("crop_size")) {
       spec.height = size_of(j["crop_size"], "height");
       spec.width = j["crop_size"].is_object() ? size_of(j["crop_size"], "width") : spec.height;
@@ -231,6 +244,13 @@ inline void read_preprocessor(const std::filesystem::path& file, sdk::ImageSpec&
     };
     if (j.contains("image_mean")) spec.mean = three("image_mean");
     if (j.contains("image_std")) spec.std = three("image_std");
+    // Skipped steps as the identity: a factor of 1 (pixels stay 0..255, as transformers leaves them), a mean
+    // of 0 and a deviation of 1; both give the same floats as skipping.
+    if (!flag("do_rescale")) spec.rescale_factor = 1.0;
+    if (!flag("do_normalize")) {
+      spec.mean = {0.0, 0.0, 0.0};
+      spec.std = {1.0, 1.0, 1.0};
+    }
     if (std::any_of(spec.std.begin(), spec.std.end(), [](double v) { return v == 0.0; })) {
       throw sdk::InputError(file.string() + ": image_std: a channel's deviation of 0 divides by zero, got " + j["image_std"].dump());
     }
