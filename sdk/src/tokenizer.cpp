@@ -357,10 +357,22 @@ Tokenizer Tokenizer::with_config(nlohmann::json doc, const std::string& origin, 
   Tokenizer t = from_json(doc, origin);
   const auto cls = cfg.value("tokenizer_class", std::string());
   const bool llama = cls == "LlamaTokenizer" || cls == "LlamaTokenizerFast" || (doc["model"].value("byte_fallback", false) && from_model_file);
+  // null: the model has no such token. transformers refuses another type, and adds a name the vocabulary
+  // lacks as a new token (its id past every row the model was trained with); either is refused here by name.
   auto id_named = [&](const char* key, std::int64_t fallback) {
     if (!cfg.contains(key)) return fallback;
-    const auto name = token_name(cfg[key]);
-    return name.empty() ? -1 : t.token_to_id(name);
+    const auto& v = cfg[key];
+    if (!v.is_null() && !v.is_string() && !(v.is_object() && v.contains("content"))) {
+      throw std::runtime_error(std::string(key) + ": expected a token (a string or {\"content\": ...}) or null, got " + v.dump());
+    }
+    const auto name = token_name(v);
+    if (name.empty()) return std::int64_t{-1};
+    const auto id = t.token_to_id(name);
+    if (id < 0) {
+      throw std::runtime_error(std::string(key) + ": '" + name + "' is not a token of " + origin +
+                               " (transformers would add it as a new token, with an embedding row never trained)");
+    }
+    return id;
   };
   t.s_->bos = id_named("bos_token", t.s_->bos);
   t.s_->eos = id_named("eos_token", t.s_->eos);

@@ -155,6 +155,16 @@ class BadInputTest(TempDirTest):
         inline = re.sub(r"^(train|eval) = .*$", lambda m: f"{m.group(1)} = {llava}", inline, flags=re.M)
         out = run([self.write("inline.toml", self.with_weights(inline, "backbone", "export")), "--db", self.dir / "inline.db"])
         self.assertEqual(out.returncode, 0, out.stderr)
+        # tokenizer_config.json's special tokens: transformers refuses other types, and adds a name the vocabulary
+        # lacks as a new token whose embedding row was never trained. Both used to mean "no such token", silently.
+        (folder / "tokenizer.json").write_text(json.dumps(original))
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        for key, value, message in (("pad_token", 0, "tokenizer_config.json: pad_token: expected a token (a string or "
+                                                      '{"content": ...}) or null, got 0'),
+                                    ("eos_token", "<end>", "tokenizer_config.json: eos_token: '<end>' is not a token of ")):
+            with self.subTest(key):
+                (folder / "tokenizer_config.json").write_text(json.dumps({**config, key: value}))
+                self.expect_bad_once_running([toml], self.dir / f"tc-{key}.db", message)
 
     def test_preprocessor_config_values(self):
         # An exported encoder's preprocessor_config.json, edited: values transformers' image processors refuse, and
