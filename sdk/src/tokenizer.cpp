@@ -36,14 +36,16 @@ nlohmann::json added_token(std::int64_t id, const std::string& content, bool spe
           {"normalized", normalized}, {"special", special}};
 }
 
-// A special token named in tokenizer_config.json: a string or {"content": ...}.
-std::string token_name(const nlohmann::json& v) {
+// A special token named in tokenizer_config.json under `key`: a string or {"content": ...}; null (the model
+// has no such token) gives "". transformers refuses any other type, and so does this.
+std::string token_name(const char* key, const nlohmann::json& v) {
+  if (v.is_null()) return {};
   if (v.is_string()) return v.get<std::string>();
   if (v.is_object() && v.contains("content")) {
     if (!v["content"].is_string()) throw std::runtime_error("a special token's content must be a string, got " + v["content"].dump());
     return v["content"].get<std::string>();
   }
-  return {};
+  throw std::runtime_error(std::string(key) + ": expected a token (a string or {\"content\": ...}) or null, got " + v.dump());
 }
 
 nlohmann::json template_post(const std::string& bos, std::int64_t bos_id, bool add_bos, const std::string& eos,
@@ -75,8 +77,8 @@ void apply_llama_tokenizer(nlohmann::json& doc, const nlohmann::json& cfg, std::
                              {{"type", "Fuse"}}};
   if (add_prefix_space) decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
   doc["decoder"] = {{"type", "Sequence"}, {"decoders", decoders}};
-  doc["post_processor"] = template_post(token_name(cfg.value("bos_token", nlohmann::json("<s>"))), bos_id,
-                                        cfg.value("add_bos_token", false), token_name(cfg.value("eos_token", nlohmann::json("</s>"))),
+  doc["post_processor"] = template_post(token_name("bos_token", cfg.value("bos_token", nlohmann::json("<s>"))), bos_id,
+                                        cfg.value("add_bos_token", false), token_name("eos_token", cfg.value("eos_token", nlohmann::json("</s>"))),
                                         eos_id, cfg.value("add_eos_token", false));
 }
 
@@ -357,15 +359,11 @@ Tokenizer Tokenizer::with_config(nlohmann::json doc, const std::string& origin, 
   Tokenizer t = from_json(doc, origin);
   const auto cls = cfg.value("tokenizer_class", std::string());
   const bool llama = cls == "LlamaTokenizer" || cls == "LlamaTokenizerFast" || (doc["model"].value("byte_fallback", false) && from_model_file);
-  // null: the model has no such token. transformers refuses another type, and adds a name the vocabulary
-  // lacks as a new token (its id past every row the model was trained with); either is refused here by name.
+  // transformers adds a name the vocabulary lacks as a new token (its id past every row the model was trained
+  // with): refused here by name, as token_name refuses another type.
   auto id_named = [&](const char* key, std::int64_t fallback) {
     if (!cfg.contains(key)) return fallback;
-    const auto& v = cfg[key];
-    if (!v.is_null() && !v.is_string() && !(v.is_object() && v.contains("content"))) {
-      throw std::runtime_error(std::string(key) + ": expected a token (a string or {\"content\": ...}) or null, got " + v.dump());
-    }
-    const auto name = token_name(v);
+    const auto name = token_name(key, cfg[key]);
     if (name.empty()) return std::int64_t{-1};
     const auto id = t.token_to_id(name);
     if (id < 0) {
