@@ -6,11 +6,11 @@
 namespace ablate {
 
 AppliedStrategies apply_strategies(torch::nn::Module& root, const std::string& head, const std::vector<StrategyStep>& steps,
-                                   const TrainConfig& train) {
+                                   const TrainConfig& train, const std::map<std::string, std::string>& model_types) {
   for (auto& p : root.parameters()) p.set_requires_grad(false);
   AppliedStrategies out;
   out.settings.push_back({"train", train.lr, train.weight_decay});
-  sdk::TrainTarget target(root, head);
+  sdk::TrainTarget target(root, head, model_types);
   for (const auto& s : steps) {
     std::size_t group = 0;
     if (s.group.lr || s.group.weight_decay) {
@@ -25,6 +25,17 @@ AppliedStrategies apply_strategies(torch::nn::Module& root, const std::string& h
     }
   }
   out.groups = target.groups();
+  return out;
+}
+
+std::map<std::string, std::string> model_types_of(const std::map<std::string, const sdk::Component*>& components) {
+  std::map<std::string, std::string> out;
+  for (const auto& [name, component] : components) {
+    const auto config = component->hf_config();
+    if (config.is_object() && config.contains("model_type") && config["model_type"].is_string()) {
+      out[name] = config["model_type"].get<std::string>();
+    }
+  }
   return out;
 }
 

@@ -10,6 +10,7 @@
 
 #include <torch/nn/module.h>
 
+#include "ablate/sdk/component.hpp"
 #include "ablate/sdk/strategy.hpp"
 #include "grid/experiment.hpp"
 #include "train/optimizer.hpp"
@@ -32,8 +33,12 @@ struct AppliedStrategies {
 
 /// Freezes every parameter of `root` (whose children are encoder / projector / backbone), then applies
 /// the strategies in order. Throws InputError when a strategy adds nothing to train and sets no group
-/// of its own (["full", "head"]: the head already trains).
+/// of its own (["full", "head"]: the head already trains). `model_types`: each child's Hugging Face
+/// model_type (model_types_of), for strategies whose defaults depend on it as PEFT's do.
 AppliedStrategies apply_strategies(torch::nn::Module& root, const std::string& head, const std::vector<StrategyStep>& steps,
-                                   const TrainConfig& train);
+                                   const TrainConfig& train, const std::map<std::string, std::string>& model_types);
+
+/// {name -> the `model_type` of its hf_config()} for the components that have one.
+std::map<std::string, std::string> model_types_of(const std::map<std::string, const sdk::Component*>& components);
 
 }  // namespace ablate

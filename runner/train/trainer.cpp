@@ -391,7 +391,9 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
                               sdk::locate(*cell.where, ref.pointer, experiment.file.string()), ref.qualified(),
                               cell.strategy_groups[i]});
   }
-  const auto applied = apply_strategies(*model, model->head(), strategy_steps, tc);
+  const auto applied = apply_strategies(
+      *model, model->head(), strategy_steps, tc,
+      model_types_of({{"encoder", &model->encoder()}, {"projector", &model->projector()}, {"backbone", &model->backbone()}}));
   const auto& settings = applied.settings;
   const auto& groups = applied.groups;
   for (const auto& part : tc.gradient_checkpointing) {

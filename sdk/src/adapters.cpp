@@ -64,6 +64,28 @@ LoraConfig PeftConfig::for_module(const std::string& name) const {
   return c;
 }
 
+Json peft_default_targets(const std::string& model_type) {
+  // Copied from peft 0.21.2's utils/constants.py, entry for entry, so that a third-party backbone plugin that
+  // reports one of these model types gets PEFT's choice too.
+  static const std::map<std::string, Json> table = {
+      {"t5", {"q", "v"}}, {"mt5", {"q", "v"}}, {"bart", {"q_proj", "v_proj"}}, {"gpt2", {"c_attn"}},
+      {"bloom", {"query_key_value"}}, {"blip-2", {"q", "v", "q_proj", "v_proj"}}, {"opt", {"q_proj", "v_proj"}},
+      {"gptj", {"q_proj", "v_proj"}}, {"gpt_neox", {"query_key_value"}}, {"gpt_neo", {"q_proj", "v_proj"}},
+      {"bert", {"query", "value"}}, {"roberta", {"query", "value"}}, {"xlm-roberta", {"query", "value"}},
+      {"electra", {"query", "value"}}, {"deberta-v2", {"query_proj", "value_proj"}}, {"deberta", {"in_proj"}},
+      {"layoutlm", {"query", "value"}}, {"llama", {"q_proj", "v_proj"}}, {"llama4", {"q_proj", "v_proj"}},
+      {"chatglm", {"query_key_value"}}, {"gpt_bigcode", {"c_attn"}}, {"mpt", {"Wqkv"}},
+      {"RefinedWebModel", {"query_key_value"}}, {"RefinedWeb", {"query_key_value"}}, {"falcon", {"query_key_value"}},
+      {"btlm", {"c_proj", "c_attn"}}, {"codegen", {"qkv_proj"}}, {"mistral", {"q_proj", "v_proj"}},
+      {"mixtral", {"q_proj", "v_proj"}}, {"stablelm", {"q_proj", "v_proj"}}, {"phi", {"q_proj", "v_proj", "fc1", "fc2"}},
+      {"gemma", {"q_proj", "v_proj"}}, {"gemma2", {"q_proj", "v_proj"}}, {"gemma3_text", {"q_proj", "v_proj"}},
+      {"gemma4", R"(.*language_model\..*\.(q_proj|v_proj))"}, {"qwen2", {"q_proj", "v_proj"}},
+      {"qwen3", {"q_proj", "v_proj"}}, {"nemotron_h", {"q_proj", "k_proj", "v_proj", "o_proj"}},
+      {"rwkv", {"key", "value", "receptance", "output"}}, {"rwkv7", {"r_proj", "k_proj", "v_proj", "o_proj", "key", "value"}}};
+  const auto it = table.find(model_type);
+  return it == table.end() ? Json(nullptr) : it->second;
+}
+
 PeftConfig read_peft_config(const fs::path& dir) {
   const auto file = dir / "adapter_config.json";
   if (!fs::exists(file)) throw InputError(dir.string() + ": not a PEFT adapter folder (no adapter_config.json)");

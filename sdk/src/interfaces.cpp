@@ -69,13 +69,19 @@ void check_layers_fit(const std::string& key, std::int64_t layers, double per_la
   throw std::runtime_error(os.str());
 }
 
-TrainTarget::TrainTarget(torch::nn::Module& root, std::string head) : root_(root), head_(std::move(head)) {
+TrainTarget::TrainTarget(torch::nn::Module& root, std::string head, std::map<std::string, std::string> model_types)
+    : root_(root), head_(std::move(head)), model_types_(std::move(model_types)) {
   for (const auto& item : root_.named_modules("", /*include_self=*/false)) {
     modules_.emplace_back(item.key(), item.value().get());
   }
 }
 
 TrainTarget::~TrainTarget() = default;
+
+std::string TrainTarget::model_type(const std::string& name) const {
+  const auto it = model_types_.find(name);
+  return it == model_types_.end() ? std::string() : it->second;
+}
 
 torch::nn::Module* TrainTarget::find(const std::string& name) const {
   if (name.empty()) return &root_;

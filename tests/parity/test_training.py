@@ -170,6 +170,39 @@ class PeftParityTest(TrainingParityCase):
         self.lm_case("llama-fused", "llama", make, dict(r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved),
                      dict(r=4, alpha=8, target_modules=targets, modules_to_save=saved), fused_norm=True)
 
+    def test_lora_without_target_modules_takes_peft_default(self):
+        # No target_modules: PEFT picks them by the model's model_type (GPT-2's fused c_attn, OPT's and LLaMA's q_proj
+        # and v_proj); ablate must adapt the same layers. For a vision tower PEFT has no default and asks for them;
+        # ablate takes q_proj and v_proj there (README), checked last.
+        backbones = {
+            "opt": lambda: OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)),
+            "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+            "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        }
+        for plugin, make in backbones.items():
+            with self.subTest(plugin):
+                torch.manual_seed(0)
+                base = make()
+                folder = self.save_base(f"default-{plugin}", base)
+                expected = sorted(peft_name(n) for n, p in get_peft_model(copy.deepcopy(base), LoraConfig(r=4)).named_parameters()
+                                  if p.requires_grad)
+                ids, mask, positions, labels = self.text_batch(base.config.vocab_size)
+                ours = self.train_probe("backbone", plugin, folder, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                        {"strategy": [{"plugin": "lora", "r": 4}], "grads": True})
+                trained = sorted(k.removeprefix("grad:") for k in ours if k.startswith("grad:"))
+                print(f"{plugin}: PEFT's default adapts {sorted({n.split('.')[-3] for n in expected})}")
+                self.assertEqual(trained, expected)
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                image_size=16, patch_size=8))
+        with self.assertRaisesRegex(ValueError, "target_modules"):
+            get_peft_model(copy.deepcopy(clip), LoraConfig(r=4))
+        folder = self.save_base("default-clip", clip)
+        ours = self.train_probe("encoder", "clip_vit", folder, {"pixels": torch.randn(2, 3, 16, 16), "probe": torch.randn(2, 5, 32)},
+                                {"strategy": [{"plugin": "lora", "component": "encoder", "r": 4}], "grads": True})
+        self.assertEqual({k.split(".")[-3] for k in ours if k.startswith("grad:")}, {"q_proj", "v_proj"})
+
     def test_gpt2_lora_on_conv1d(self):
         make = lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                                   embd_pdrop=0.0, attn_pdrop=0.0))

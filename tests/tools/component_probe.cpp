@@ -146,7 +146,7 @@ int train_probe(const std::string& kind, const std::string& id, const std::strin
     const auto sid = o.require<std::string>("plugin");
     steps.push_back({host.create_strategy(sid, o, ctx), sid, "strategy[" + std::to_string(i) + "]", "probe", "strategy/" + sid, g});
   }
-  const auto applied = apply_strategies(*root, head, steps, tc);
+  const auto applied = apply_strategies(*root, head, steps, tc, model_types_of({{kind, part.get()}}));
   const torch::Device device(spec.value("device", std::string("cpu")));
   const auto precision = spec.value("precision", std::string("fp32"));
   sdk::set_fused_norm(spec.value("fused_norm", false));

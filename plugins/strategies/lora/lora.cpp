@@ -24,6 +24,7 @@ struct LoraOptions {
   std::string component = "backbone";
   std::string weights;       ///< a PEFT adapter folder to start from ("" = fresh adapters)
   std::string where;         ///< "FILE:LINE" of the table, for messages
+  bool default_targets = false;  ///< target_modules not given: PEFT's default for the component's model type
 
   static LoraOptions parse(sdk::Options& o) {
     LoraOptions x;
@@ -46,7 +47,8 @@ struct LoraOptions {
     c.lora.alpha = o.get("alpha", c.lora.alpha);
     c.lora.dropout = o.get("dropout", c.lora.dropout);
     c.lora.rslora = o.get("rslora", c.lora.rslora);
-    c.target_modules = o.get("target_modules", Json::array({"q_proj", "v_proj"}));
+    x.default_targets = !o.has("target_modules");
+    c.target_modules = o.get("target_modules", Json::array({"q_proj", "v_proj"}));  // replaced in apply() when defaulted
     c.exclude_modules = o.get("exclude", Json(nullptr));
     c.modules_to_save = o.get("modules_to_save", std::vector<std::string>{});
     if (c.lora.r <= 0) o.fail("r", "must be positive");
@@ -92,6 +94,17 @@ class Lora : public sdk::Strategy {
     const std::string head = target.head().compare(0, prefix.size(), prefix) == 0 ? target.head().substr(prefix.size()) : "";
     auto* component = target.find(o_.component);
     if (!component) throw sdk::InputError("lora: the model has no " + o_.component);
+    // No target_modules: PEFT's choice for the component's model type (GPT-2's fused c_attn, q/v
+    // elsewhere). Where PEFT has none (a vision tower, a projector) it asks for target_modules; q_proj
+    // and v_proj, the attention projections the ViT encoders name so, stay ours.
+    std::string defaulted_for;
+    if (o_.default_targets) {
+      const auto model_type = target.model_type(o_.component);
+      const auto peft_default = sdk::peft_default_targets(model_type);
+      if (!peft_default.is_null()) o_.peft.target_modules = peft_default;
+      defaulted_for = model_type.empty() ? " (the default; set target_modules)"
+                                         : " (the default for model type '" + model_type + "'; set target_modules)";
+    }
 
     // PEFT's order: excluded modules, then modules_to_save (never adapted), then targets.
     auto saved_here = [&](const std::string& name) {
@@ -128,14 +141,14 @@ class Lora : public sdk::Strategy {
     std::string available;
     for (const auto& l : linear_leaves) available += (available.empty() ? "" : ", ") + l;
     if (chosen.empty()) {
-      throw sdk::InputError(where() + "target_modules " + c.target_modules.dump() + " match no linear layer in " + o_.component +
-                            " (its linear layers end with: " + available + ")");
+      throw sdk::InputError(where() + "target_modules " + c.target_modules.dump() + defaulted_for + " match no linear layer in " +
+                            o_.component + " (its linear layers end with: " + available + ")");
     }
     if (from_options && c.target_modules.is_array()) {
       for (const auto& t : c.target_modules) {
         if (!hits.count(t.get<std::string>())) {
-          throw sdk::InputError(where() + "target_modules entry '" + t.get<std::string>() + "' matches no linear layer in " +
-                                o_.component + " (its linear layers end with: " + available + ")");
+          throw sdk::InputError(where() + "target_modules entry '" + t.get<std::string>() + "'" + defaulted_for +
+                                " matches no linear layer in " + o_.component + " (its linear layers end with: " + available + ")");
         }
       }
     }

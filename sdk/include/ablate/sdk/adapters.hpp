@@ -23,6 +23,11 @@ namespace ablate::sdk {
 /// must match. "all-linear" is handled by the caller (it depends on the layer types).
 bool peft_matches(const nlohmann::json& patterns, const std::string& name);
 
+/// PEFT's default LoRA targets for a Hugging Face `model_type` (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+/// peft 0.21: "opt" and "llama" -> ["q_proj", "v_proj"], "gpt2" -> ["c_attn"]), or null where PEFT has none
+/// and asks for target_modules (vision towers such as "clip_vision_model", projectors).
+nlohmann::json peft_default_targets(const std::string& model_type);
+
 /// What adapter_config.json says, restricted to what this runner honours (anything else it refuses).
 struct PeftConfig {
   LoraConfig lora;

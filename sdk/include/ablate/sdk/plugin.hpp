@@ -24,7 +24,7 @@ namespace ablate::sdk {
 
 inline constexpr std::uint32_t kAbiMagic = 0x41424c54;  // "ABLT"
 /// Bumped whenever an SDK interface or struct changes layout.
-inline constexpr std::uint32_t kSdkAbiVersion = 6;  // 6: nlohmann::json with JSON_DIAGNOSTICS
+inline constexpr std::uint32_t kSdkAbiVersion = 7;  // 6: nlohmann::json with JSON_DIAGNOSTICS; 7: TrainTarget's model types
 
 /// What must match exactly between host and plugin: the SDK is a C++ interface (vtables, std::string,
 /// std::function and libtorch types cross the boundary), so the same SDK ABI, libtorch, compiler and

@@ -21,7 +21,8 @@ namespace ablate::sdk {
 /// Not thread-safe; valid during Strategy::apply only.
 class TrainTarget {
  public:
-  TrainTarget(torch::nn::Module& root, std::string head);
+  /// `model_types`: each component's Hugging Face `model_type` ("backbone" -> "gpt2"), as its hf_config() says.
+  TrainTarget(torch::nn::Module& root, std::string head, std::map<std::string, std::string> model_types = {});
   ~TrainTarget();
 
   /// Every module below the root with its qualified name ("backbone.model.decoder.layers.0.fc1"), in
@@ -36,6 +37,9 @@ class TrainTarget {
   std::int64_t train(torch::nn::Module& module);
   /// Qualified name of the LM head module ("backbone.lm_head").
   const std::string& head() const { return head_; }
+  /// The Hugging Face `model_type` of component `name` ("opt", "gpt2", "clip_vision_model"), or "" when it
+  /// has none (a projector). PEFT picks its default LoRA targets by it.
+  std::string model_type(const std::string& name) const;
 
   // ---- for the host
   /// Parameters trained from now on go into optimizer group `group`.
@@ -53,6 +57,7 @@ class TrainTarget {
   std::int64_t train_parameters(const std::vector<torch::Tensor>& params);
   torch::nn::Module& root_;
   std::string head_;
+  std::map<std::string, std::string> model_types_;
   std::vector<std::pair<std::string, torch::nn::Module*>> modules_;
   std::map<const void*, std::size_t> groups_;
   std::size_t group_ = 0;
