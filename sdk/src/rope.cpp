@@ -31,8 +31,9 @@ RopeConfig RopeConfig::from_hf(Options& o) {
     if (!(v > 0.0)) o.fail(section, std::string(key) + ": must be above 0, got " + Json(v).dump());
     return v;
   };
+  // Except the type: transformers has no rotary embedding for a rope_type of None (KeyError), so null is refused.
   for (const char* key : {"rope_type", "type"}) {
-    if (given(key) && !j[key].is_string()) bad(key, "a string");
+    if (j.is_object() && j.contains(key) && !j[key].is_string()) bad(key, "a string");
   }
   if (j.is_object()) c.type = j.value("rope_type", j.value("type", std::string("default")));
   c.theta = num("rope_theta").value_or(top_theta.value_or(10000.0));

@@ -276,6 +276,9 @@ class BadInputTest(TempDirTest):
         self.expect_bad([f], "heads.toml:", "num_attention_heads: must be at least 1, got 0")
         f = self.experiment("patch.toml", "patch_size = 8", "patch_size = 0")
         self.expect_bad([f], "patch.toml:", "patch_size: must be at least 1, got 0")
+        # (2^62 / 8)^2 patches wrap around to 0 in 64 bits: the table was built empty, and a checkpoint's was blamed.
+        f = self.experiment("image.toml", "image_size = 16, patch_size = 8", "image_size = 4611686018427387904, patch_size = 8")
+        self.expect_bad([f], "image.toml:", "image_size: image_size / patch_size = 576460752303423488 patches a side: too many to count")
         f = self.experiment("dropout.toml", "dropout = 0.0", "dropout = 2.0")
         self.expect_bad([f], "dropout.toml:", "dropout: must be a probability in [0, 1), got 2.0")
 
@@ -291,6 +294,10 @@ class BadInputTest(TempDirTest):
                 ("nested", "llama", {**llama, "rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
                  "config.json: rope_parameters: rope_theta: must be above 0, got -1.0"),
                 ("scaling", "llama", {**llama, "rope_scaling": "linear"}, 'config.json: rope_scaling: expected a table, got "linear"'),
+                # transformers has no rotary embedding for a rope_type of None (KeyError); it used to fail the run
+                # with nlohmann's own words, naming no file.
+                ("type", "llama", {**llama, "rope_parameters": {"rope_type": None, "factor": 2.0}},
+                 "config.json: rope_parameters: rope_type: expected a string, got null"),
                 ("factor", "llama", {**llama, "rope_parameters": {"rope_type": "linear", "factor": "2"}},
                  'config.json: rope_parameters: factor: expected a number, got "2"'),
                 ("rms", "llama", {**llama, "rms_norm_eps": -1e-6}, "config.json: rms_norm_eps: must be 0 or more"),
