@@ -488,7 +488,11 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
   Generated out;
   out.ids.assign(static_cast<std::size_t>(b), {});
   std::vector<bool> finished(static_cast<std::size_t>(b), false);
-  const auto eos = tok.eos_id();
+  // The tokenizer's EOS (which every training target ends with) and every eos_token_id transformers' generate()
+  // would stop at for these weights (generation_config.json or config.json: Llama 3.1 has three).
+  auto stops = guarded(backbone_.plugin, "stop_ids", [&] { return bb.stop_ids(); });
+  if (tok.eos_id() >= 0) stops.push_back(tok.eos_id());
+  const auto is_stop = [&stops](std::int64_t id) { return std::find(stops.begin(), stops.end(), id) != stops.end(); };
   for (std::int64_t step = 0; step < cfg.max_new_tokens; ++step) {
     auto next = sample_next(scores, cfg, gen);
     auto next_cpu = next.cpu();  // waits for the device: the times below are real
@@ -499,7 +503,7 @@ VlmModel::Generated VlmModel::generate(const GenerationBatch& batch, const Gener
       const auto r = static_cast<std::size_t>(i);
       if (finished[r]) continue;
       ++out.new_tokens;
-      if (na[i] == eos) {
+      if (is_stop(na[i])) {
         finished[r] = true;
         continue;
       }

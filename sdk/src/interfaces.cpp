@@ -9,6 +9,7 @@
 #include <torch/nn/module.h>
 
 #include "ablate/sdk/registry.hpp"
+#include "ablate/sdk/weights.hpp"
 
 namespace ablate::sdk {
 
@@ -19,6 +20,43 @@ bool Component::set_gradient_checkpointing(bool on) { return !on; }
 Encoder::~Encoder() = default;
 Projector::~Projector() = default;
 Backbone::~Backbone() = default;
+
+std::vector<std::int64_t> eos_token_ids(Options& config, std::optional<std::int64_t> fallback) {
+  std::vector<std::int64_t> ids;
+  if (!config.has("eos_token_id")) {
+    if (fallback) ids.push_back(*fallback);
+    return ids;
+  }
+  const auto& v = config.raw("eos_token_id");
+  if (v.is_null()) return ids;
+  if (v.is_number_integer()) return {v.get<std::int64_t>()};
+  if (v.is_array()) {
+    for (const auto& id : v) {
+      if (!id.is_number_integer()) break;
+      ids.push_back(id.get<std::int64_t>());
+    }
+    if (ids.size() == v.size()) return ids;
+  }
+  config.fail("eos_token_id", "expected a token id or a list of token ids, got " + v.dump());
+}
+
+GenerationStop GenerationStop::read(const std::filesystem::path& dir, std::vector<std::int64_t> config_ids) {
+  const auto file = dir / "generation_config.json";
+  if (!std::filesystem::exists(file)) return {std::move(config_ids), nullptr};
+  auto doc = read_json(file);
+  if (!doc.is_object()) throw InputError(file.string() + ": expected a JSON object");
+  auto view = Options::of_file(doc, file.string());
+  return {eos_token_ids(view, std::nullopt), std::move(doc)};
+}
+
+Json eos_token_json(const std::vector<std::int64_t>& ids) {
+  if (ids.empty()) return nullptr;
+  return ids.size() == 1 ? Json(ids.front()) : Json(ids);
+}
+
+void GenerationStop::save(const std::filesystem::path& dir) const {
+  if (!file.is_null()) write_json(dir / "generation_config.json", file);
+}
 Strategy::~Strategy() = default;
 Dataset::~Dataset() = default;
 std::vector<std::string> Dataset::vocabulary() const { return {}; }

@@ -311,6 +311,26 @@ class BadInputTest(TempDirTest):
                 text = re.sub(r"^backbone = .*$", f'backbone = {{ plugin = "{plugin}", weights = "{name}" }}', tiny_experiment("bad"), flags=re.M)
                 self.expect_bad_once_running([self.write(f"{name}.toml", text)], self.dir / f"{name}.db", message)
 
+    def test_eos_token_ids_that_are_not_ids(self):
+        # Generation stops at config.json's eos_token_id, or generation_config.json's when the folder has one: an
+        # id, a list of ids or null. Anything else used to be taken as "none" (LLaMA) and the answers ran on.
+        llama = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+        for name, config, generation, message in (
+                ("word", {**llama, "eos_token_id": "</s>"}, None, 'config.json: eos_token_id: expected a token id or a list of token ids, got "</s>"'),
+                ("mixed", {**llama, "eos_token_id": [2, "3"]}, None, 'config.json: eos_token_id: expected a token id or a list of token ids, got [2,"3"]'),
+                ("bos", {**llama, "bos_token_id": [1]}, None, "config.json: bos_token_id: expected a token id or null, got [1]"),
+                ("generation", llama, {"eos_token_id": 2.5}, "generation_config.json: eos_token_id: expected a token id or a list of token ids, got 2.5"),
+                ("broken", llama, "{", "generation_config.json")):
+            with self.subTest(name):
+                folder = self.dir / name
+                folder.mkdir()
+                (folder / "config.json").write_text(json.dumps(config))
+                if generation is not None:
+                    (folder / "generation_config.json").write_text(generation if isinstance(generation, str) else json.dumps(generation))
+                (folder / "model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")  # no tensors
+                text = re.sub(r"^backbone = .*$", f'backbone = {{ plugin = "llama", weights = "{name}" }}', tiny_experiment("bad"), flags=re.M)
+                self.expect_bad_once_running([self.write(f"{name}.toml", text)], self.dir / f"{name}.db", message)
+
     def test_training_values_out_of_range(self):
         for name, before, after, message in [
                 ("steps", "steps = 8", "steps = 9223372036854775807", "train.steps: must be from 1 to 1000000000"),

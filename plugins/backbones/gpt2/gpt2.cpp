@@ -32,7 +32,8 @@ struct Gpt2Config {
   bool scale_attn_by_inverse_layer_idx = false;
   bool reorder_and_upcast_attn = false;
   bool tie_word_embeddings = true;
-  std::int64_t bos_token_id = 50256, eos_token_id = 50256;
+  std::int64_t bos_token_id = 50256;
+  std::vector<std::int64_t> eos_token_id{50256};
 
   static Gpt2Config from(sdk::Options& o) {
     Gpt2Config c;
@@ -53,7 +54,7 @@ struct Gpt2Config {
     c.reorder_and_upcast_attn = o.get("reorder_and_upcast_attn", c.reorder_and_upcast_attn);
     c.tie_word_embeddings = o.get("tie_word_embeddings", c.tie_word_embeddings);
     if (auto v = o.maybe<std::int64_t>("bos_token_id")) c.bos_token_id = *v;
-    if (auto v = o.maybe<std::int64_t>("eos_token_id")) c.eos_token_id = *v;
+    c.eos_token_id = sdk::eos_token_ids(o, 50256);
     if (c.n_embd % c.n_head != 0) o.fail("n_head", "must divide n_embd");
     if (c.activation_function != "gelu_new" && c.activation_function != "gelu" &&
         c.activation_function != "gelu_pytorch_tanh" && c.activation_function != "relu") {
@@ -83,7 +84,7 @@ struct Gpt2Config {
             {"reorder_and_upcast_attn", reorder_and_upcast_attn},
             {"tie_word_embeddings", tie_word_embeddings},
             {"bos_token_id", bos_token_id},
-            {"eos_token_id", eos_token_id},
+            {"eos_token_id", sdk::eos_token_json(eos_token_id)},
             {"dtype", "float32"}};
   }
 };
@@ -223,6 +224,7 @@ class Gpt2 : public sdk::Backbone {
     auto view = sdk::Options::of_file(cfg, (dir / "config.json").string());
     config_ = Gpt2Config::from(view);
     dropout_ = config_.embd_pdrop;
+    stop_ = sdk::GenerationStop::read(dir, config_.eos_token_id);
     tokenizer_ = sdk::Tokenizer::from_folder(dir);
     model_ = Gpt2LMHeadModel(config_);
     auto tensors = sdk::read_weights(dir);
@@ -239,7 +241,11 @@ class Gpt2 : public sdk::Backbone {
 
   torch::nn::Module& module() override { return *model_; }
   sdk::Json hf_config() const override { return config_.to_json(); }
-  void save_extras(const std::filesystem::path& dir) const override { tokenizer_.save_folder(dir); }
+  void save_extras(const std::filesystem::path& dir) const override {
+    tokenizer_.save_folder(dir);
+    stop_.save(dir);
+  }
+  std::vector<std::int64_t> stop_ids() const override { return stop_.eos_ids; }
   bool set_gradient_checkpointing(bool on) override {
     checkpointing_ = on;
     return true;
@@ -282,6 +288,7 @@ class Gpt2 : public sdk::Backbone {
   Gpt2Config config_;
   bool checkpointing_ = false;
   sdk::Tokenizer tokenizer_;
+  sdk::GenerationStop stop_;  ///< where generate() would stop (empty: built from scratch, the tokenizer's EOS)
   Gpt2LMHeadModel model_{nullptr};
   double dropout_;
 };

@@ -35,7 +35,8 @@ struct LlamaConfig {
   bool mlp_bias = false;
   double attention_dropout = 0.0;
   sdk::RopeConfig rope;
-  std::int64_t bos_token_id = 1, eos_token_id = 2, pad_token_id = -1;
+  std::int64_t bos_token_id = 1, pad_token_id = -1;
+  std::vector<std::int64_t> eos_token_id{2};
 
   static LlamaConfig from(sdk::Options& o) {
     LlamaConfig c;
@@ -55,15 +56,16 @@ struct LlamaConfig {
     c.mlp_bias = o.get("mlp_bias", c.mlp_bias);
     c.attention_dropout = o.probability("attention_dropout", c.attention_dropout);
     c.rope = sdk::RopeConfig::from_hf(o);
-    // An integer, a list (several EOS ids: the first is used to stop), or absent / null.
+    // bos and pad: an integer, or absent / null; eos also a list (Llama 3.1 stops at three), every one of
+    // which ends a generated answer, as in generate().
     auto id = [&](const char* key, std::int64_t fallback) {
       const auto& v = o.raw(key);
-      if (v.is_number_integer()) return v.get<std::int64_t>();
-      if (v.is_array() && !v.empty() && v[0].is_number_integer()) return v[0].get<std::int64_t>();
-      return fallback;
+      if (v.is_null()) return fallback;
+      if (!v.is_number_integer()) o.fail(key, "expected a token id or null, got " + v.dump());
+      return v.get<std::int64_t>();
     };
     c.bos_token_id = id("bos_token_id", c.bos_token_id);
-    c.eos_token_id = id("eos_token_id", c.eos_token_id);
+    c.eos_token_id = sdk::eos_token_ids(o, 2);
     c.pad_token_id = id("pad_token_id", c.pad_token_id);
     if (c.head_dim < 1) o.fail("num_attention_heads", "must not exceed hidden_size (head_dim would be 0)");
     if (c.num_attention_heads % c.num_key_value_heads != 0) o.fail("num_key_value_heads", "must divide num_attention_heads");
@@ -91,7 +93,7 @@ struct LlamaConfig {
             {"attention_dropout", attention_dropout},
             {"rope_parameters", rope.to_json()},
             {"bos_token_id", bos_token_id},
-            {"eos_token_id", eos_token_id},
+            {"eos_token_id", sdk::eos_token_json(eos_token_id)},
             {"pad_token_id", pad_token_id >= 0 ? sdk::Json(pad_token_id) : sdk::Json()},
             {"dtype", "float32"}};
   }
@@ -225,6 +227,7 @@ class Llama : public sdk::Backbone {
     if (cfg.contains("text_config")) cfg = cfg["text_config"];  // a multimodal checkpoint's language model
     auto view = sdk::Options::of_file(cfg, (dir / "config.json").string());
     config_ = LlamaConfig::from(view);
+    stop_ = sdk::GenerationStop::read(dir, config_.eos_token_id);
     tokenizer_ = sdk::Tokenizer::from_folder(dir);
     model_ = LlamaForCausalLM(config_);
     rotary_ = std::make_unique<sdk::Rotary>(config_.rope, config_.head_dim, config_.max_position_embeddings);
@@ -235,7 +238,11 @@ class Llama : public sdk::Backbone {
 
   torch::nn::Module& module() override { return *model_; }
   sdk::Json hf_config() const override { return config_.to_json(); }
-  void save_extras(const std::filesystem::path& dir) const override { tokenizer_.save_folder(dir); }
+  void save_extras(const std::filesystem::path& dir) const override {
+    tokenizer_.save_folder(dir);
+    stop_.save(dir);
+  }
+  std::vector<std::int64_t> stop_ids() const override { return stop_.eos_ids; }
   bool set_gradient_checkpointing(bool on) override {
     checkpointing_ = on;
     return true;
@@ -278,6 +285,7 @@ class Llama : public sdk::Backbone {
   LlamaConfig config_;
   bool checkpointing_ = false;
   sdk::Tokenizer tokenizer_;
+  sdk::GenerationStop stop_;  ///< where generate() would stop (empty: built from scratch, the tokenizer's EOS)
   LlamaForCausalLM model_{nullptr};
   std::unique_ptr<sdk::Rotary> rotary_;
 };

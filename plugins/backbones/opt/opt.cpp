@@ -35,7 +35,8 @@ struct OptConfig {
   bool enable_bias = true;
   bool layer_norm_elementwise_affine = true;
   bool tie_word_embeddings = true;
-  std::int64_t pad_token_id = 1, bos_token_id = 2, eos_token_id = 2;
+  std::int64_t pad_token_id = 1, bos_token_id = 2;
+  std::vector<std::int64_t> eos_token_id{2};
 
   static OptConfig from(sdk::Options& o) {
     OptConfig c;
@@ -57,7 +58,7 @@ struct OptConfig {
     c.tie_word_embeddings = o.get("tie_word_embeddings", c.tie_word_embeddings);
     c.pad_token_id = o.get("pad_token_id", c.pad_token_id);
     c.bos_token_id = o.get("bos_token_id", c.bos_token_id);
-    c.eos_token_id = o.get("eos_token_id", c.eos_token_id);
+    c.eos_token_id = sdk::eos_token_ids(o, 2);
     if (c.hidden_size % c.num_attention_heads != 0) o.fail("num_attention_heads", "must divide hidden_size");
     if (c.activation_function != "relu" && c.activation_function != "gelu") {
       o.fail("activation_function", "unsupported activation '" + c.activation_function + "' (relu, gelu)");
@@ -87,7 +88,7 @@ struct OptConfig {
             {"tie_word_embeddings", tie_word_embeddings},
             {"pad_token_id", pad_token_id},
             {"bos_token_id", bos_token_id},
-            {"eos_token_id", eos_token_id},
+            {"eos_token_id", sdk::eos_token_json(eos_token_id)},
             {"layerdrop", 0.0},
             {"use_cache", true},
             {"dtype", "float32"}};
@@ -280,6 +281,7 @@ class Opt : public sdk::Backbone {
       auto cfg = sdk::read_json(dir / "config.json");
       auto view = sdk::Options::of_file(cfg, (dir / "config.json").string());
       config_ = OptConfig::from(view);
+      stop_ = sdk::GenerationStop::read(dir, config_.eos_token_id);
       tokenizer_ = sdk::Tokenizer::from_folder(dir);
       model_ = OptForCausalLM(config_);
       auto tensors = sdk::read_weights(dir);
@@ -297,7 +299,11 @@ class Opt : public sdk::Backbone {
 
   torch::nn::Module& module() override { return *model_; }
   sdk::Json hf_config() const override { return config_.to_json(); }
-  void save_extras(const std::filesystem::path& dir) const override { tokenizer_.save_folder(dir); }
+  void save_extras(const std::filesystem::path& dir) const override {
+    tokenizer_.save_folder(dir);
+    stop_.save(dir);
+  }
+  std::vector<std::int64_t> stop_ids() const override { return stop_.eos_ids; }
   bool set_gradient_checkpointing(bool on) override {
     checkpointing_ = on;
     return true;
@@ -371,6 +377,7 @@ class Opt : public sdk::Backbone {
   OptConfig config_;
   bool checkpointing_ = false;
   sdk::Tokenizer tokenizer_;
+  sdk::GenerationStop stop_;  ///< where generate() would stop (empty: built from scratch, the tokenizer's EOS)
   OptForCausalLM model_{nullptr};
 };
 

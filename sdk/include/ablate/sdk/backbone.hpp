@@ -2,6 +2,10 @@
 // LLM backbones: token embeddings, the decoder stack with any attention mask and a KV cache, the LM head,
 // and the tokenizer the weights were trained with.
 
+#include <filesystem>
+#include <optional>
+#include <vector>
+
 #include <torch/types.h>
 
 #include "ablate/sdk/attention.hpp"
@@ -34,6 +38,27 @@ class Backbone : public Component {
   /// Name (within module()) of the module that maps hidden states to logits, e.g. "lm_head". With tied
   /// embeddings this is the embedding module that holds the shared matrix.
   virtual std::string head_module() const = 0;
+  /// Ids that end a generated answer besides the tokenizer's EOS (which the runner appends to every target):
+  /// the eos_token_id transformers' generate() stops at (GenerationStop). Empty by default.
+  virtual std::vector<std::int64_t> stop_ids() const { return {}; }
+};
+
+/// `eos_token_id` of a config as transformers reads it: one id, a list of ids (Llama 3.1's [128001, 128008,
+/// 128009]), or null (none); absent: `fallback`, the config class's default. Anything else fails naming the
+/// file and key.
+std::vector<std::int64_t> eos_token_ids(Options& config, std::optional<std::int64_t> fallback);
+/// The same ids written back as config.json holds them: null, one id, or a list.
+nlohmann::json eos_token_json(const std::vector<std::int64_t>& ids);
+
+/// Where transformers' generate() stops for the model folder `dir`: generation_config.json's eos_token_id when
+/// the folder has that file (null or absent there: nowhere), else `config_ids` (config.json's). `file` is
+/// that generation_config.json as read, for writing back on export (null: the folder has none).
+struct GenerationStop {
+  std::vector<std::int64_t> eos_ids;
+  nlohmann::json file;
+  static GenerationStop read(const std::filesystem::path& dir, std::vector<std::int64_t> config_ids);
+  /// Writes `file` back into an exported folder, as save_pretrained writes generation_config.json.
+  void save(const std::filesystem::path& dir) const;
 };
 
 }  // namespace ablate::sdk

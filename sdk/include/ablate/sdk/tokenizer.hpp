@@ -1,7 +1,7 @@
 #pragma once
-// Tokenizers read from a Hugging Face tokenizer.json. Supported models so far: WordLevel (with the
-// Whitespace or WhitespaceSplit pre-tokenizer and an optional Lowercase normalizer). Anything else is
-// refused with an error naming the file and the unsupported part.
+// Tokenizers read from a Hugging Face tokenizer.json (byte-level BPE, BPE with byte fallback, WordLevel) or a
+// SentencePiece tokenizer.model, as the README's "Plugins and the models they load" lists. Anything else
+// is refused with an error naming the file and the unsupported part.
 
 #include <cstdint>
 #include <filesystem>
