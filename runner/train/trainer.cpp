@@ -334,7 +334,11 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
     return host.create_dataset(src.plugin.id, o, bctx);
   };
   DataSources train_set(cell.train_data, make_dataset, out), eval_set(cell.eval_data, make_dataset, out);
-  if (train_set.size() == 0) throw sdk::InputError(cell.train_data.display() + ": the training set is empty");
+  // Both messages start at the experiment's line for the dataset table: the file to look at, with its options.
+  auto data_where = [&](std::size_t source) {
+    return sdk::locate(*cell.where, cell.train_data.sources[source].plugin.pointer, experiment.file.string());
+  };
+  if (train_set.size() == 0) throw sdk::InputError(data_where(0) + ": " + cell.train_data.display() + ": the training set is empty");
   bctx.vocabulary = train_set.vocabulary();
   const std::int64_t per_step = tc.batch_size * tc.grad_accum;
   // Each stage draws its own order (stage 0's is the unstaged order).
@@ -693,7 +697,10 @@ Outcome run_cell(const Experiment& experiment, const Cell& cell, std::int64_t ru
         std::optional<sdk::Sample> sample;
         std::size_t k = 0;
         for (; k < count && !sample; ++k) sample = train_set.get(source, (i + k) % count);
-        if (!sample) throw sdk::InputError(cell.train_data.sources[source].plugin.display + ": no sample of the training set can be made");
+        if (!sample) {
+          throw sdk::InputError(data_where(source) + ": " + cell.train_data.sources[source].plugin.display +
+                                ": no sample of the training set can be made (each was skipped: on_bad_sample = \"skip\")");
+        }
         rows.emplace_back(source, (i + k - 1) % count);
         examples.push_back(collator.prepare(std::move(*sample), /*with_pixels=*/features.train.empty()));
       }

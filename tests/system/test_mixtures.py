@@ -149,5 +149,24 @@ class RealFormatsMixtureTest(TempDirTest):
         self.assertRegex(line, r"^runner: data\.(train|eval)\[\d\]: sample \S+: \S+images/missing\.jpg")
 
 
+    def test_datasets_that_give_nothing_name_their_table(self):
+        # Both used to name only "data.train": the message now starts at the experiment's line for the table.
+        # (The shapes dataset beside the first gives the from-scratch backbone its vocabulary; it is hardly drawn.)
+        (self.dir / "empty").mkdir()
+        (self.dir / "none.json").write_text(json.dumps({"images": [], "annotations": []}))
+        coco = dict(self.cases["ok"]["coco"]["options"], plugin="coco_captions", on_bad_sample="skip")
+        shapes = '{ plugin = "shapes", split = "train", size = 8, image_size = 16, weight = 0.001 }'
+        table = lambda options: "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in options.items()) + " }"
+        for what, train, needle in (
+                ("every image missing", f"train = [\n  {shapes},\n  {table(dict(coco, image_folder='empty'))},\n]",
+                 r'data\.train\[1\]: no sample of the training set can be made \(each was skipped: on_bad_sample = "skip"\)$'),
+                ("no samples", f"train = {table(dict(coco, file='none.json'))}", r"data\.train: the training set is empty$")):
+            with self.subTest(what):
+                toml = self.write("nothing.toml", mixed("nothing", train, steps=2))
+                out = run([toml, "--db", self.dir / "nothing.db"])
+                self.assertEqual(out.returncode, 2, out.stderr)
+                (line,) = [l for l in out.stderr.splitlines() if l.startswith("runner:")]
+                self.assertRegex(line, r"^runner: \S*nothing\.toml:\d+: " + needle)
+
 if __name__ == "__main__":
     unittest.main()

@@ -41,7 +41,9 @@ struct VitConfig {
     if (image_size % patch_size != 0) o.fail("patch_size", "must divide image_size");
     // One position embedding per patch: (image_size / patch_size)^2 must not wrap around in 64 bits, where it
     // would build a table of a wrong (even zero) size and the message would blame the weights.
-    if (grid() > 3037000499) o.fail("image_size", "image_size / patch_size = " + std::to_string(grid()) + " patches a side: too many to count");
+    if (grid() > 3037000499) {
+      o.fail("image_size", "image_size / patch_size = " + std::to_string(grid()) + " patches a side: too many to count");
+    }
     if (hidden_act != "quick_gelu" && hidden_act != "gelu" && hidden_act != "gelu_pytorch_tanh") {
       o.fail("hidden_act", "unsupported activation '" + hidden_act + "' (quick_gelu, gelu, gelu_pytorch_tanh)");
     }
