@@ -57,6 +57,7 @@ Json eos_token_json(const std::vector<std::int64_t>& ids) {
 void GenerationStop::save(const std::filesystem::path& dir) const {
   if (!file.is_null()) write_json(dir / "generation_config.json", file);
 }
+
 Strategy::~Strategy() = default;
 Dataset::~Dataset() = default;
 std::vector<std::string> Dataset::vocabulary() const { return {}; }
