@@ -48,7 +48,9 @@ struct LoraOptions {
     c.lora.dropout = o.get("dropout", c.lora.dropout);
     c.lora.rslora = o.get("rslora", c.lora.rslora);
     x.default_targets = !o.has("target_modules");
-    c.target_modules = o.get("target_modules", Json::array({"q_proj", "v_proj"}));  // replaced in apply() when defaulted
+    // When defaulted, apply() replaces the list by the model type's; the resolved config (and so the cell key)
+    // keeps recording this one, so that experiments written before model types mattered keep their keys.
+    c.target_modules = o.get("target_modules", Json::array({"q_proj", "v_proj"}));
     c.exclude_modules = o.get("exclude", Json(nullptr));
     c.modules_to_save = o.get("modules_to_save", std::vector<std::string>{});
     if (c.lora.r <= 0) o.fail("r", "must be positive");
