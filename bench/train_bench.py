@@ -37,11 +37,13 @@ off, so both figures come from one invocation; the cache's build time is printed
 On CUDA the runner replays each step's forward and backward passes as a CUDA graph by default (--train-graph
 auto, train/train_steps.hpp; its log says whether each capture was accepted); `ablate-nograph` (in --refs by
 default on CUDA) is the same runner with eager steps (--train-graph off). `ablate-graph` (--refs graph) forces
---train-graph on, which on the CPU pads the steps without a graph to pay for it. `ablate-fused` (in --refs by
-default on CUDA) runs with --fused-norm on: OPT's residual adds, LayerNorms and the casts of their outputs in
-one pass each way (our kernels, sdk/src/cuda/add_layer_norm.cu); `ablate-relu` runs with --fused-relu on: OPT's
-fc1 writes its ReLU's mask as bits and fc2's backward product applies it (cuBLASLt epilogues,
-sdk/src/cuda/relu_gemm.cpp); `ablate-fusedall` with both. Both switches are off in the runner until measured here.
+--train-graph on, which on the CPU pads the steps without a graph to pay for it. On CUDA the runner also runs
+OPT's residual adds, LayerNorms and the casts of their outputs in one pass each way by default (--fused-norm
+auto; our kernels, sdk/src/cuda/add_layer_norm.cu): `ablate-unfused` (in --refs by default on CUDA) runs with
+--fused-norm off, `ablate-fused` with it on (the CPU's default is off). `ablate-relu` (in --refs by default on
+CUDA) runs with --fused-relu on: OPT's fc1 writes its ReLU's mask as bits and fc2's backward product applies it
+(cuBLASLt epilogues, sdk/src/cuda/relu_gemm.cpp; off by default, slower at batch 256 on an H100);
+`ablate-fusedall` with both on.
 
 Differences that favour the reference: its images are decoded and preprocessed once before timing (ablate
 decodes and preprocesses every step on its data threads), and its batches are pre-built on the host.
@@ -352,11 +354,11 @@ def run_child(cmd, log, env=None, gpu=False):
     return p.returncode, wall, usage.ru_maxrss / 1024, mem.mib()
 
 
-# system: (feature cache, --train-graph, --fused-norm, --fused-relu)
-ABLATE_SYSTEMS = {"ablate": (True, None, False, False), "nocache": (False, None, False, False),
-                  "graph": (True, "on", False, False), "nograph": (True, "off", False, False),
-                  "fused": (True, None, True, False), "relu": (True, None, False, True),
-                  "fusedall": (True, None, True, True)}
+# system: (feature cache, --train-graph, --fused-norm, --fused-relu); None: the runner's default
+ABLATE_SYSTEMS = {"ablate": (True, None, None, None), "nocache": (False, None, None, None),
+                  "graph": (True, "on", None, None), "nograph": (True, "off", None, None),
+                  "fused": (True, None, "on", None), "unfused": (True, None, "off", None),
+                  "relu": (True, None, None, "on"), "fusedall": (True, None, "on", "on")}
 
 
 def ablate_cached(system):
@@ -369,8 +371,8 @@ def run_ablate(work, args, k, system="ablate"):
     """One ablate run, as the runner runs by default ("ablate"), with its frozen-encoder feature cache off
     ("nocache": --feature-cache off), with --train-graph on ("graph": the CPU's default is off) or off
     ("nograph": eager steps; CUDA's default is on), with --fused-norm on ("fused": the residual add +
-    LayerNorm kernels), --fused-relu on ("relu": cuBLASLt's ReLU-mask epilogues in OPT's MLPs) or both
-    ("fusedall"); both switches are off by default until measured here."""
+    LayerNorm kernels; CUDA's default) or off ("unfused": torch's ops; the CPU's default), --fused-relu on
+    ("relu": cuBLASLt's ReLU-mask epilogues in OPT's MLPs; off by default) or both on ("fusedall")."""
     cache, graph, fused, relu = ABLATE_SYSTEMS[system]
     system = "ablate" if system == "ablate" else f"ablate-{system}"
     d = work / "runs" / f"{system}-{k}"
@@ -388,9 +390,9 @@ def run_ablate(work, args, k, system="ablate"):
     if graph:
         cmd += ["--train-graph", graph]
     if fused:
-        cmd += ["--fused-norm", "on"]
+        cmd += ["--fused-norm", fused]
     if relu:
-        cmd += ["--fused-relu", "on"]
+        cmd += ["--fused-relu", relu]
     rc, wall, rss, gpu = run_child(cmd, d / "log.txt", gpu=args.device.startswith("cuda"))
     if rc != 0:
         raise Failed(f"ablate run {k} failed (exit {rc}); see {d / 'log.txt'}:\n" + (d / "log.txt").read_text()[-3000:])
@@ -406,10 +408,10 @@ def run_ablate(work, args, k, system="ablate"):
 
 
 def paths_taken(log):
-    """The runner's lines saying which step path ran: CUDA graphs or why not, and whether --fused-relu's cuBLASLt
-    epilogues ran or were refused for these sizes (the fallback is torch's ops, so a timing means little
-    without them)."""
-    keep = re.compile(r"^\s*(relu_mlp: .*|training steps?: .*(graph|padded).*)$")
+    """The runner's lines saying which step path ran: CUDA graphs or why not, whether --fused-norm's kernels ran
+    (on CUDA by default), and whether --fused-relu's cuBLASLt epilogues ran or were refused for these sizes (the
+    fallback is torch's ops, so a timing means little without them)."""
+    keep = re.compile(r"^\s*(relu_mlp: .*|training steps?: .*(graph|padded).*|--fused-norm .*)$")
     return list(dict.fromkeys(m.group(1).strip() for m in map(keep.match, log.splitlines()) if m))
 
 
@@ -721,8 +723,9 @@ def main():
                     help="what runs beside ablate: eager, compile (transformers + PEFT), nocache (ablate with its "
                          "feature cache off), graph (ablate with --train-graph on: on the CPU, the padded steps "
                          "without a graph), nograph (ablate with --train-graph off: eager steps on CUDA), fused "
-                         "(ablate with --fused-norm on), relu (with --fused-relu on), fusedall (with both); "
-                         "comma-separated (default: eager,compile,nocache, and nograph,fused,relu,fusedall on CUDA)")
+                         "(ablate with --fused-norm on: CUDA's default), unfused (with --fused-norm off), relu (with "
+                         "--fused-relu on), fusedall (with both on); comma-separated (default: eager,compile,nocache, "
+                         "and nograph,unfused,relu on CUDA)")
     ap.add_argument("--compile-rounds", type=int, default=1, help="rounds that include the torch.compile reference")
     ap.add_argument("--child-timeout", type=int, default=0, help="seconds after which a run is killed (0: none)")
     ap.add_argument("--workers", type=int, default=0, help="the runner's data threads (0: its default)")
@@ -745,7 +748,7 @@ def main():
 
     resolve_common(args)
     if args.refs is None:
-        args.refs = "eager,compile,nocache" + (",nograph,fused,relu,fusedall" if args.device.startswith("cuda") else "")
+        args.refs = "eager,compile,nocache" + (",nograph,unfused,relu" if args.device.startswith("cuda") else "")
     refs = [r for r in args.refs.split(",") if r]
     if args.warmup + args.measure < 50:
         sys.exit("the loss check needs at least 50 steps (warmup + measure)")

@@ -11,7 +11,7 @@
 
 namespace ablate::cli {
 
-/// The value of an auto|on|off option (--feature-cache, --decode-graph) as Mode::automatic, on or off; bad input
+/// The value of an auto|on|off option (--feature-cache, --decode-graph, --train-graph) as Mode::automatic, on or off; bad input
 /// otherwise.
 template <class Mode>
 Mode parse_auto_on_off(const std::string& option, const std::string& value) {
@@ -38,7 +38,7 @@ struct RunArgs {
   double feature_cache_gib = -1;       ///< memory for it; < 0: a quarter of the device's
   std::string decode_graph = "auto";   ///< decode steps: auto, on (fixed-size KV cache, CUDA graph), off
   std::string train_graph = "auto";    ///< training steps: auto (graphs on CUDA, else eager), on (fixed shapes, CUDA graphs), off
-  std::string fused_norm = "off";      ///< sdk::add_layer_norm's fused path: on, off
+  std::string fused_norm = "auto";     ///< sdk::add_layer_norm's fused path: auto (on for CUDA), on, off
   std::string fused_relu = "off";      ///< sdk::relu_mlp's fused node: on, off
 };
 

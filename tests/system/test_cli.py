@@ -233,20 +233,23 @@ class BadInputTest(TempDirTest):
 
     def test_bad_fused_norm(self):
         f = self.write("ok.toml", tiny_experiment("bad"))
-        self.expect_bad([f, "--fused-norm", "maybe"], "--fused-norm maybe", "expected on or off")
+        self.expect_bad([f, "--fused-norm", "maybe"], "--fused-norm maybe", "expected auto, on or off")
 
     def test_fused_norm_trains_as_torchs_ops_do(self):
         # --fused-norm on runs OPT's residual adds and LayerNorms through sdk::add_layer_norm's fused path (on the
         # CPU its loop over rows); full finetuning, so the norms' own gradients reach the optimizer too. float32
-        # sums in another order: the losses agree to float32 rounding, compounded over the steps.
+        # sums in another order: the losses agree to float32 rounding, compounded over the steps. The default
+        # (auto) is off on the CPU (on for CUDA only): the very losses of off, and no line saying it is on.
         f = self.write("fn.toml", tiny_experiment("fn", steps=8, every=8))
         losses = {}
-        for mode in ("off", "on"):
+        for mode in ("off", "on", "auto"):
             out = run([f, "--db", self.dir / f"{mode}.db", "--fused-norm", mode])
             self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertEqual("--fused-norm on: residual add" in out.stderr, mode == "on", out.stderr)
             con = sqlite3.connect(self.dir / f"{mode}.db")
             losses[mode] = [r[0] for r in con.execute("SELECT loss FROM steps WHERE split = 'train' ORDER BY step")]
             con.close()
+        self.assertEqual(losses["auto"], losses["off"])
         self.assertEqual(len(losses["on"]), 8)
         for a, b in zip(losses["on"], losses["off"]):
             self.assertAlmostEqual(a, b, delta=1e-5 * abs(b))

@@ -65,8 +65,8 @@ PreLnStream pre_ln_block(const PreLnStream& in, Norm& ln_1, Attn&& attn, Norm& l
   return {n.stream, mlp(n.normed)};
 }
 
-/// Whether add_layer_norm() takes the fused path (off by default: its CUDA kernels are new and not yet
-/// measured on a GPU; the runner's --fused-norm sets it). Process-wide, as torch's TF32 switch is.
+/// Whether add_layer_norm() takes the fused path (off unless set: the runner's --fused-norm sets it, on for
+/// CUDA by default, where an H100 measured the kernels faster). Process-wide, as torch's TF32 switch is.
 void set_fused_norm(bool on);
 bool fused_norm();
 
