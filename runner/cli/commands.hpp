@@ -11,8 +11,8 @@
 
 namespace ablate::cli {
 
-/// The value of an auto|on|off option (--feature-cache, --decode-graph, --train-graph) as Mode::automatic, on or off; bad input
-/// otherwise.
+/// The value of an auto|on|off option (--feature-cache, --decode-graph, --train-graph, --fused-norm) as
+/// Mode::automatic, on or off; bad input otherwise.
 template <class Mode>
 Mode parse_auto_on_off(const std::string& option, const std::string& value) {
   if (value == "auto") return Mode::automatic;
