@@ -54,7 +54,7 @@ struct Gpt2Config {
     c.reorder_and_upcast_attn = o.get("reorder_and_upcast_attn", c.reorder_and_upcast_attn);
     c.tie_word_embeddings = o.get("tie_word_embeddings", c.tie_word_embeddings);
     if (auto v = o.maybe<std::int64_t>("bos_token_id")) c.bos_token_id = *v;
-    c.eos_token_id = sdk::eos_token_ids(o, 50256);
+    c.eos_token_id = sdk::eos_token_ids(o, c.eos_token_id.front());
     if (c.n_embd % c.n_head != 0) o.fail("n_head", "must divide n_embd");
     if (c.activation_function != "gelu_new" && c.activation_function != "gelu" &&
         c.activation_function != "gelu_pytorch_tanh" && c.activation_function != "relu") {

@@ -65,7 +65,7 @@ struct LlamaConfig {
       return v.get<std::int64_t>();
     };
     c.bos_token_id = id("bos_token_id", c.bos_token_id);
-    c.eos_token_id = sdk::eos_token_ids(o, 2);
+    c.eos_token_id = sdk::eos_token_ids(o, c.eos_token_id.front());
     c.pad_token_id = id("pad_token_id", c.pad_token_id);
     if (c.head_dim < 1) o.fail("num_attention_heads", "must not exceed hidden_size (head_dim would be 0)");
     if (c.num_attention_heads % c.num_key_value_heads != 0) o.fail("num_key_value_heads", "must divide num_attention_heads");

@@ -58,7 +58,7 @@ struct OptConfig {
     c.tie_word_embeddings = o.get("tie_word_embeddings", c.tie_word_embeddings);
     c.pad_token_id = o.get("pad_token_id", c.pad_token_id);
     c.bos_token_id = o.get("bos_token_id", c.bos_token_id);
-    c.eos_token_id = sdk::eos_token_ids(o, 2);
+    c.eos_token_id = sdk::eos_token_ids(o, c.eos_token_id.front());
     if (c.hidden_size % c.num_attention_heads != 0) o.fail("num_attention_heads", "must divide hidden_size");
     if (c.activation_function != "relu" && c.activation_function != "gelu") {
       o.fail("activation_function", "unsupported activation '" + c.activation_function + "' (relu, gelu)");
